@@ -1,0 +1,95 @@
+"""The on-disk spec of a compressed Linear (FORMAT_VERSION 1). This file *is* the spec: kernels are
+tested against `unpack` + `grid.dequantize_groups`.
+
+Per compressed Linear `<fqn>` with weight W [N, K], grid from its `LayerSpec` (bits b, group size g,
+G = ceil(K / g) groups, g = K when per-row):
+
+    <fqn>.qweight  int32 [N, ceil(K/32) * b]   codes, bit planes (below)
+    <fqn>.scale    scale_dtype [N, G]          per-group scale
+    <fqn>.zero     uint8 [N, G]                integer zero point, asymmetric grids only
+                                               (symmetric: zero = 2**(b-1), not stored)
+    <fqn>.bias     as the original Linear, when it has one
+
+    W_hat[n, k] = scale[n, k // g] * (code[n, k] - zero[n, k // g])
+
+Bit planes. A b-bit code is split into power-of-two planes, widest first, least significant bits
+first: 1 = [1], 2 = [2], 3 = [2, 1], 4 = [4], 5 = [4, 1], 6 = [4, 2], 7 = [4, 2, 1], 8 = [8].
+Plane j of width p holds bits [s_j, s_j + p) of every code, where s_j is the sum of the widths
+before it (3-bit: code = lo2 | hi1 << 2). A plane packs 32/p codes per int32 word along K,
+LSB-first: code k sits in word k // (32/p) at bit offset p * (k % (32/p)). Every plane covers K
+padded with zero codes to a multiple of 32, so plane j occupies ceil(K/32) * p consecutive words of
+each row and a row of qweight is planes[0] ++ planes[1] ++ ...: 32 codes take exactly b words.
+Every access is power-of-two aligned, so one kernel body serves every width (kernels.md: bit planes
+as in llama.cpp Q3_K and gemlite's W3).
+
+The safetensors header carries {"format": "compress", "format_version": "1"} and config.json's
+`quantization_config` carries the per-layer plan, so a checkpoint is self-describing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+FORMAT_VERSION = 1
+QUANT_METHOD = "compress"
+REQUIRED = ("qweight", "scale")
+OPTIONAL = ("zero", "bias")
+
+PLANES: dict[int, tuple[int, ...]] = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1), 8: (8,)}
+
+
+def packed_words(K: int, bits: int) -> int:
+    """int32 words per row of qweight."""
+    return math.ceil(K / 32) * bits
+
+
+def _to_int32(words: Tensor) -> Tensor:
+    """int64 values in [0, 2**32) -> int32 with the same bit pattern."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """codes uint8 [N, K] in [0, 2**bits) -> qweight int32 [N, ceil(K/32) * bits]."""
+    N, K = codes.shape
+    Kp = math.ceil(K / 32) * 32
+    c = torch.zeros(N, Kp, dtype=torch.int64, device=codes.device)
+    c[:, :K] = codes.to(torch.int64)
+    planes, shift = [], 0
+    for p in PLANES[bits]:
+        per_word = 32 // p
+        v = ((c >> shift) & ((1 << p) - 1)).view(N, Kp // per_word, per_word)  # [N, words, per_word]
+        offsets = torch.arange(per_word, device=codes.device, dtype=torch.int64) * p
+        planes.append(_to_int32((v << offsets).sum(dim=-1)))
+        shift += p
+    return torch.cat(planes, dim=1)
+
+
+def unpack(qweight: Tensor, bits: int, K: int) -> Tensor:
+    """qweight int32 [N, ceil(K/32) * bits] -> codes uint8 [N, K]. Exact inverse of `pack`."""
+    N = qweight.shape[0]
+    Kp = math.ceil(K / 32) * 32
+    words = qweight.to(torch.int64) & 0xFFFFFFFF
+    codes = torch.zeros(N, Kp, dtype=torch.int64, device=qweight.device)
+    start, shift = 0, 0
+    for p in PLANES[bits]:
+        per_word = 32 // p
+        n_words = Kp // per_word
+        plane = words[:, start : start + n_words]  # [N, words]
+        offsets = torch.arange(per_word, device=qweight.device, dtype=torch.int64) * p
+        v = (plane.unsqueeze(-1) >> offsets) & ((1 << p) - 1)  # [N, words, per_word]
+        codes |= v.reshape(N, Kp) << shift
+        start, shift = start + n_words, shift + p
+    return codes[:, :K].to(torch.uint8)
+
+
+def bits_per_weight(spec, N: int, K: int) -> tuple[float, float]:  # spec: LayerSpec
+    """(code bits, code + scale + zero bits) per weight, as stored (K padding included)."""
+    code = N * packed_words(K, spec.bits) * 32
+    G = spec.groups(K)
+    meta = N * G * torch.finfo(spec.torch_scale_dtype).bits
+    if not spec.symmetric:
+        meta += N * G * 8
+    return code / (N * K), (code + meta) / (N * K)

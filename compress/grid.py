@@ -1,0 +1,87 @@
+"""Uniform affine grids: choose scale/zero, quantize, dequantize. Pure functions, fp32 math.
+
+Grid of one group x (a row, or a row slice of `group_size` columns), GPTQ's min-max rule:
+
+    xmin = min(min x, 0), xmax = max(max x, 0)      # the range always holds 0
+    asymmetric: scale = (xmax - xmin) / maxq,  zero = round(-xmin / scale)
+    symmetric:  xmax = max(|xmin|, xmax), scale = 2 xmax / maxq, zero = (maxq + 1) / 2
+    q = clamp(round(x / scale) + zero, 0, maxq),  x_hat = scale * (q - zero)
+
+with maxq = 2**bits - 1. The symmetric grid is GPTQ's (3-bit: codes 0..7 mean -4s..+3s), not the
++-(2**(b-1) - 1) grid. Scales are rounded to their storage dtype *before* the zero point and the codes
+are computed, so every method quantizes against exactly the grid that the checkpoint stores.
+
+Groups run along K; `expand` maps [N, G] group parameters to [N, K] columns, a narrower last group
+included.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def maxq(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+def expand(t: Tensor, group_size: int, K: int) -> Tensor:
+    """[N, G] per-group values -> [N, K] per-column values (group of column k is k // group_size)."""
+    return t.repeat_interleave(group_size, dim=1)[:, :K]
+
+
+def choose_qparams(x: Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Min-max grid for each row of x [N, k] -> (scale [N], zero [N]), both fp32."""
+    x = x.float()
+    zeros = torch.zeros(x.shape[0], device=x.device)
+    xmin = torch.minimum(x.min(dim=1).values, zeros)
+    xmax = torch.maximum(x.max(dim=1).values, zeros)
+    if symmetric:
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)  # an all-zero group: any grid reproduces it; avoid scale 0
+    xmin, xmax = xmin.masked_fill(empty, -1.0), xmax.masked_fill(empty, 1.0)
+    scale = ((xmax - xmin) / maxq(bits)).to(scale_dtype).float()
+    scale = scale.clamp_min(torch.finfo(scale_dtype).tiny)  # storage rounding must not leave a 0 scale
+    if symmetric:
+        zero = torch.full_like(scale, float((maxq(bits) + 1) // 2))
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, maxq(bits))
+    return scale, zero
+
+
+def quantize(x: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """Codes (fp32, integer-valued) of x on the grid; scale/zero broadcast against x."""
+    return torch.clamp(torch.round(x / scale) + zero, 0, maxq(bits))
+
+
+def dequantize(q: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    return scale * (q - zero)
+
+
+def choose_qparams_groups(
+    W: Tensor, bits: int, group_size: int, symmetric: bool, scale_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Min-max grid per group of W [N, K] -> (scale [N, G], zero [N, G])."""
+    K = W.shape[1]
+    params = [choose_qparams(W[:, g : g + group_size], bits, symmetric, scale_dtype) for g in range(0, K, group_size)]
+    return torch.stack([s for s, _ in params], 1), torch.stack([z for _, z in params], 1)
+
+
+def quantize_groups(W: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int) -> Tensor:
+    """W [N, K] with per-group scale/zero [N, G] -> codes uint8 [N, K]."""
+    K = W.shape[1]
+    q = quantize(W.float(), expand(scale, group_size, K), expand(zero, group_size, K), bits)
+    return q.to(torch.uint8)
+
+
+def dequantize_groups(codes: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:
+    """codes [N, K] with per-group scale/zero [N, G] -> fp32 [N, K]. The reference decode."""
+    K = codes.shape[1]
+    return dequantize(codes.float(), expand(scale.float(), group_size, K), expand(zero.float(), group_size, K))
+
+
+def n_groups(K: int, group_size: int) -> int:
+    return math.ceil(K / group_size)

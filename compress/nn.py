@@ -1,0 +1,102 @@
+"""`CompressedLinear`: a Linear that keeps its weight packed (see `format.py`) and decodes it with the
+reference dequantize on every forward. Faster backends (kernels) plug in behind `forward`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from compress import format as fmt
+from compress import grid
+from compress.plan import LayerSpec, LayerWeight, Plan
+
+
+class CompressedLinear(nn.Module):
+    """y = x Ŵᵀ + b with Ŵ decoded from packed codes.
+
+    Buffers (N = out_features, K = in_features, b = bits, G = groups):
+        qweight  int32 [N, ceil(K/32)·b]   bit-plane packed codes
+        scale    spec.scale_dtype [N, G]   kept in its storage dtype through model.to(dtype)
+        zero     uint8 [N, G]              asymmetric grids only
+    """
+
+    def __init__(self, in_features: int, out_features: int, spec: LayerSpec, bias: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        N, K, G = out_features, in_features, spec.groups(in_features)
+        words = fmt.packed_words(K, spec.bits)
+        self.register_buffer("qweight", torch.zeros(N, words, dtype=torch.int32, device=device))
+        self.register_buffer("scale", torch.ones(N, G, dtype=spec.torch_scale_dtype, device=device))
+        if not spec.symmetric:
+            self.register_buffer("zero", torch.zeros(N, G, dtype=torch.uint8, device=device))
+        self.bias = nn.Parameter(torch.zeros(N, device=device, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_weight(cls, lw: LayerWeight, bias: Tensor | None = None) -> CompressedLinear:
+        """Pack a rounded `LayerWeight` (codes + grid) into a module on the weight's device."""
+        N, K = lw.W.shape
+        m = cls(K, N, lw.spec, bias=bias is not None, device=lw.W.device, dtype=None if bias is None else bias.dtype)
+        m.qweight.copy_(fmt.pack(lw.codes, lw.spec.bits))
+        m.scale.copy_(lw.scale.to(lw.spec.torch_scale_dtype))
+        if not lw.spec.symmetric:
+            m.zero.copy_(lw.zero.to(torch.uint8))
+        if bias is not None:
+            m.bias.data.copy_(bias)
+        return m
+
+    def codes(self) -> Tensor:
+        return fmt.unpack(self.qweight, self.spec.bits, self.in_features)
+
+    def zero_points(self) -> Tensor:
+        if self.spec.symmetric:
+            return torch.full_like(self.scale, 1 << (self.spec.bits - 1), dtype=torch.float32)
+        return self.zero.float()
+
+    def dequantize(self) -> Tensor:
+        """Ŵ fp32 [N, K]: the reference decode that every kernel must match."""
+        return grid.dequantize_groups(self.codes(), self.scale, self.zero_points(),
+                                      self.spec.group_width(self.in_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> CompressedLinear:
+        # model.to(bfloat16) must move scales but never round them: keep their storage dtype.
+        scale = self.scale
+        super()._apply(fn, recurse)
+        if self.scale.dtype != scale.dtype:
+            self.scale = scale.to(self.scale.device)
+        return self
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        g = "row" if s.group_size == -1 else s.group_size
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={s.bits}, group={g}, "
+                f"{'sym' if s.symmetric else 'asym'}, bias={self.bias is not None}")
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def swap_linears(model: nn.Module, plan: Plan) -> nn.Module:
+    """Replace every Linear named in `plan` by an empty `CompressedLinear` (works on the meta device)."""
+    for name in plan:
+        lin = get_module(model, name)
+        if not isinstance(lin, nn.Linear):
+            raise TypeError(f"{name} is {type(lin).__name__}, expected nn.Linear")
+        dev = lin.weight.device
+        dtype = lin.weight.dtype
+        set_module(model, name, CompressedLinear(lin.in_features, lin.out_features, plan[name],
+                                                 bias=lin.bias is not None, device=dev, dtype=dtype))
+    return model

@@ -1,0 +1,92 @@
+"""compress(): the stages as visible data flow over one `Plan`.
+
+    recipe ──> plan (allocate: uniform today) ──> calibration windows ──> sequential rounding ──> model
+                                                                          (GPTQ / RTN per Linear)
+
+The model is modified in place: every planned Linear becomes a packed `CompressedLinear`.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress import data, models, sequential
+from compress.errors import CompressError
+from compress.plan import Plan
+from compress.recipe import Recipe
+from compress.round import METHODS
+from compress.sequential import BlockReport, Progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Result:
+    model: nn.Module
+    plan: Plan
+    recipe: Recipe
+    blocks: list[BlockReport] = field(default_factory=list)
+    calibration: str = "none (data-free)"
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def avg_bits(self) -> tuple[float, float]:
+        return self.plan.avg_bits(self.shapes)
+
+    @property
+    def total_loss(self) -> float:
+        return sum(b.loss for b in self.blocks)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_plan(model: nn.Module, arch: models.Arch, recipe: Recipe) -> Plan:
+    """Uniform allocation: every Linear inside the blocks gets the recipe's spec, after overrides.
+    Embeddings, lm_head and norms are outside the blocks (or not Linear) and stay dense."""
+    layers = {}
+    for name, m in models.blocks_of(model, arch).named_modules():
+        if isinstance(m, nn.Linear):
+            fqn = f"{arch.blocks}.{name}"
+            spec = recipe.layer_spec(fqn)
+            if spec is not None:
+                layers[fqn] = spec
+    if not layers:
+        raise CompressError("the recipe leaves no Linear to compress (every layer is skipped)")
+    return Plan(layers)
+
+
+def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | torch.device = "cpu",
+             progress: Progress | None = None, workdir: Any = None) -> Result:
+    """Compress `model` in place following `recipe`; `workdir` (a checkpoint.WorkDir) makes it resumable."""
+    t0 = time.perf_counter()
+    arch = models.arch_of(model)
+    plan = make_plan(model, arch, recipe)
+    shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in plan}
+    method = METHODS[recipe.round.method]
+    cfg = recipe.round.config
+    c = recipe.calibrate
+    windows = None
+    if cfg.needs_hessian:
+        windows = data.calibration(tokenizer, c.dataset, c.samples, c.seqlen, c.seed,
+                                   vocab_size=model.config.vocab_size)
+        log.info("calibration: %s", windows.describe())
+    blocks = sequential.run(
+        model, arch, plan, method, cfg, None if windows is None else windows.ids,
+        batch_size=c.batch_size, true_sequential=c.true_sequential, device=device,
+        resume=None if workdir is None else workdir.load_block,
+        on_block_done=None if workdir is None else workdir.save_block,
+        progress=progress,
+    )
+    return Result(model, plan, recipe, blocks, windows.describe() if windows is not None else "none (data-free)",
+                  time.perf_counter() - t0, peak_rss_mb(), shapes)

@@ -1,0 +1,150 @@
+"""The central types: what to do to each Linear (`LayerSpec`, `Plan`) and one weight on its way
+through the weight stages (`LayerWeight`).
+
+Shapes follow one convention everywhere: a Linear's weight is W [N, K] = [out_features,
+in_features]; groups run along K; a group size that does not divide K leaves a narrower last group
+in every row (SmolLM2: K = 576 = 4.5 x 128, so the last g128 group is 64 wide).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
+from torch import Tensor
+
+from compress.errors import CompressError
+
+SCALE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16,
+                                        "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What to do to one Linear: its grid and the methods that produce its codes.
+
+    bits:       code width, 1..8.
+    group_size: columns (along K) sharing one scale/zero; -1 = one group per output row.
+    symmetric:  symmetric grid (zero fixed at 2**(bits-1), not stored) or asymmetric (zero stored).
+    scale_dtype: storage dtype of the scales ("float16", "bfloat16", "float32").
+    method:     the rounding method that produced the codes (a key of `compress.round.METHODS`).
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+    scale_dtype: str = "float16"
+    method: str = "gptq"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.bits <= 8:
+            raise CompressError(f"bits={self.bits} is not supported; use an integer from 1 to 8")
+        if self.group_size != -1 and self.group_size < 1:
+            raise CompressError(f"group_size={self.group_size} is invalid; use a positive size or -1 (per row)")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise CompressError(f"scale_dtype={self.scale_dtype!r} is invalid; choose one of {list(SCALE_DTYPES)}")
+
+    def groups(self, K: int) -> int:
+        """Number of groups along K (the last one may be narrower)."""
+        return 1 if self.group_size == -1 else math.ceil(K / self.group_size)
+
+    def group_width(self, K: int) -> int:
+        return K if self.group_size == -1 else self.group_size
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
+
+    def bits_per_weight(self, N: int, K: int) -> tuple[float, float]:
+        """(code bits, code + scale + zero bits) per weight, counted as stored (see `format.py`)."""
+        from compress import format as fmt
+
+        return fmt.bits_per_weight(self, N, K)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> LayerSpec:
+        valid = {f.name for f in fields(cls)}
+        unknown = set(d) - valid
+        if unknown:
+            raise CompressError(f"unknown layer-spec keys {sorted(unknown)}; valid keys are {sorted(valid)}")
+        return cls(**d)
+
+
+@dataclass
+class Plan:
+    """Ordered map from module name (e.g. "model.layers.0.self_attn.q_proj") to its `LayerSpec`.
+
+    Written by the allocation stage, read by every later stage, saved in config.json and read back
+    by the loader to rebuild the module skeleton.
+    """
+
+    layers: dict[str, LayerSpec] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.layers
+
+    def __getitem__(self, name: str) -> LayerSpec:
+        return self.layers[name]
+
+    def avg_bits(self, shapes: Mapping[str, tuple[int, int]]) -> tuple[float, float]:
+        """Average (code bits, bits with scales/zeros) per weight over the planned Linears,
+        weighted by element count. `shapes` maps name -> (N, K)."""
+        numel = code = total = 0.0
+        for name, spec in self.layers.items():
+            N, K = shapes[name]
+            c, t = spec.bits_per_weight(N, K)
+            numel += N * K
+            code += c * N * K
+            total += t * N * K
+        return (code / numel, total / numel) if numel else (0.0, 0.0)
+
+    def to_json(self) -> dict[str, dict]:
+        return {name: spec.to_dict() for name, spec in self.layers.items()}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Mapping]) -> Plan:
+        return cls({name: LayerSpec.from_dict(spec) for name, spec in d.items()})
+
+
+@dataclass
+class LayerWeight:
+    """One weight matrix moving through the weight stages.
+
+    W:     fp32 [N, K], the dense weight the stage starts from (never modified in place).
+    codes: uint8 [N, K] in [0, 2**bits), filled by a rounding method.
+    scale: fp32 [N, G], values exactly representable in spec.scale_dtype.
+    zero:  fp32 [N, G] integer-valued in [0, 2**bits); for symmetric grids the constant 2**(bits-1).
+    loss:  fp32 [K], per-column loss of the rounding (GPTQ's OBQ estimate; RTN's with H if given).
+    info:  scalar facts for reports (e.g. the damping that was finally used).
+
+    Invariant once rounded: `dequantize()` equals what the packed checkpoint decodes to.
+    """
+
+    W: Tensor
+    spec: LayerSpec
+    codes: Tensor | None = None
+    scale: Tensor | None = None
+    zero: Tensor | None = None
+    loss: Tensor | None = None
+    info: dict[str, float] = field(default_factory=dict)
+
+    def dequantize(self) -> Tensor:
+        from compress import grid
+
+        if self.codes is None or self.scale is None or self.zero is None:
+            raise ValueError("LayerWeight has not been rounded yet")
+        return grid.dequantize_groups(self.codes, self.scale, self.zero, self.spec.group_width(self.W.shape[1]))
+
+    def rounded(self, **changes: object) -> LayerWeight:
+        return replace(self, **changes)

@@ -1,0 +1,28 @@
+"""Round-to-nearest on the min-max grid: the calibration-free baseline (GPTQ's `--nearest`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from compress import grid
+from compress.plan import LayerWeight
+from compress.round.loss import column_loss
+
+
+@dataclass(frozen=True)
+class Config:
+    needs_hessian: bool = False  # class-level fact, not a knob: RTN never looks at data
+
+
+def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
+    """Quantize every group of W [N, K] to its nearest grid point."""
+    spec, W = lw.spec, lw.W.float()
+    gs = spec.group_width(W.shape[1])
+    scale, zero = grid.choose_qparams_groups(W, spec.bits, gs, spec.symmetric, spec.torch_scale_dtype)
+    codes = grid.quantize_groups(W, scale, zero, spec.bits, gs)
+    out = lw.rounded(codes=codes, scale=scale, zero=zero)
+    if H is not None:
+        out.loss = column_loss(W, out.dequantize(), H)
+    return out

@@ -1,0 +1,236 @@
+"""The block-by-block calibration driver (GPTQ's `llama_sequential`, for any architecture in ARCHS).
+
+1. Capture the inputs of block 0 for every calibration batch (a `_Catcher` stands in for the block
+   list and stops the forward pass).
+2. For each block: move it to the device in float32; for each group of its Linears (all at once, or
+   GPTQ's true-sequential order), run the calibration batches with hooks that accumulate each
+   Linear's Hessian H = 2/n Σ x xᵀ, round the Linears and swap them for packed `CompressedLinear`s;
+   then run the now-compressed block to produce the next block's inputs, and move it back.
+3. Only one block's Hessians live at once; the model never leaves its stored dtype except the block
+   in hand. A finished block can be handed to `on_block_done` (the resumable work directory).
+
+Methods that need no Hessian (RTN) skip calibration entirely.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from compress.errors import CompressError
+from compress.models import Arch, blocks_of
+from compress.nn import CompressedLinear, get_module, set_module
+from compress.plan import LayerWeight, Plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerReport:
+    name: str
+    loss: float  # the method's layer loss (GPTQ: OBQ estimate of ½·tr(ΔW H ΔWᵀ)); nan if no Hessian
+    seconds: float
+    info: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class BlockReport:
+    index: int
+    total: int
+    seconds: float
+    layers: list[LayerReport]
+    resumed: bool = False
+
+    @property
+    def loss(self) -> float:
+        return sum(r.loss for r in self.layers)
+
+
+Progress = Callable[[BlockReport], None]
+
+
+class Hessian:
+    """Running H = 2/n Σ x xᵀ over calibration sequences (n counts sequences, as the reference)."""
+
+    def __init__(self, K: int, device: torch.device) -> None:
+        self.H = torch.zeros(K, K, device=device, dtype=torch.float32)
+        self.n = 0
+
+    def add(self, x: Tensor) -> None:
+        """x [B, T, K] (or [T, K]): the Linear's inputs for B sequences."""
+        b = x.shape[0] if x.dim() == 3 else 1
+        x = x.reshape(-1, x.shape[-1]).float()  # [B·T, K]
+        self.H *= self.n / (self.n + b)
+        self.n += b
+        x = math.sqrt(2 / self.n) * x
+        self.H += x.T @ x
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    def __init__(self, store: list[tuple[Tensor, dict[str, Any]]], device: torch.device) -> None:
+        super().__init__()
+        self.store, self.device = store, device
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if args:
+            raise CompressError("this architecture passes positional arguments to its blocks; not supported yet")
+        self.store.append((hidden_states, kwargs))
+        raise _Stop
+
+
+def _to(obj: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """Move tensors nested in tuples/lists/dicts (and caches' tensors are left alone)."""
+    if isinstance(obj, Tensor):
+        return obj.to(device, dtype) if (dtype is not None and obj.is_floating_point()) else obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device, dtype) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device, dtype) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, arch: Arch, windows: Tensor, batch_size: int,
+                   device: torch.device) -> list[tuple[Tensor, dict[str, Any]]]:
+    """Run the model up to block 0 for each batch of windows [n, T]; return (hidden, kwargs) per batch."""
+    parent_name, _, attr = arch.blocks.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    blocks = getattr(parent, attr)
+    store: list[tuple[Tensor, dict[str, Any]]] = []
+    setattr(parent, attr, nn.ModuleList([_Catcher(store, device)]))
+    try:
+        model.to(device)  # the blocks are detached: only embeddings, norms, rotary tables move
+        for i in range(0, windows.shape[0], batch_size):
+            with suppress(_Stop):
+                model(input_ids=windows[i : i + batch_size].to(device), use_cache=False)
+    finally:
+        setattr(parent, attr, blocks)
+        model.to("cpu")
+    return [(h, {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value")})
+            for h, kw in store]
+
+
+@contextmanager
+def _hessian_hooks(modules: dict[str, nn.Linear], device: torch.device) -> Iterator[dict[str, Hessian]]:
+    hs = {name: Hessian(m.in_features, device) for name, m in modules.items()}
+    handles = [m.register_forward_hook(lambda _m, inp, _out, h=hs[name]: h.add(inp[0].detach()))
+               for name, m in modules.items()]
+    try:
+        yield hs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _block_output(out: Any) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _run_block(block: nn.Module, inputs: Sequence[tuple[Tensor, dict[str, Any]]], device: torch.device,
+               keep: bool) -> list[tuple[Tensor, dict[str, Any]]]:
+    """Run block on every captured batch in float32; return the outputs (same storage dtype) if keep."""
+    outs = []
+    for h, kw in inputs:
+        y = _block_output(block(h.to(device, torch.float32), **_to(kw, device)))
+        if not torch.isfinite(y).all():
+            raise CompressError("a block produced NaN/inf activations during calibration; load the model in "
+                                "float32 (--dtype float32) or check the calibration data")
+        if keep:
+            outs.append((y.to(h.dtype), kw))
+    return outs
+
+
+def round_linear(name: str, lin: nn.Linear, H: Tensor | None, spec: Any, method: ModuleType,
+                 cfg: Any) -> tuple[CompressedLinear, LayerReport]:
+    """Round one Linear with `method` and pack it; the pure method never sees modules or devices."""
+    t0 = time.perf_counter()
+    lw = LayerWeight(lin.weight.detach().float(), spec)
+    try:
+        out = method.apply(lw, H, cfg)
+    except CompressError as e:
+        raise CompressError(f"{name}: {e}") from e
+    loss = float(out.loss.sum()) if out.loss is not None else float("nan")
+    bias = None if lin.bias is None else lin.bias.detach()
+    packed = CompressedLinear.from_weight(out, bias)
+    return packed, LayerReport(name, loss, time.perf_counter() - t0, dict(out.info))
+
+
+def block_linears(block: nn.Module, prefix: str, plan: Plan) -> dict[str, nn.Linear]:
+    return {f"{prefix}.{n}": m for n, m in block.named_modules()
+            if isinstance(m, nn.Linear) and f"{prefix}.{n}" in plan}
+
+
+def _groups(arch: Arch, prefix: str, linears: dict[str, nn.Linear], true_sequential: bool) -> list[list[str]]:
+    if not true_sequential:
+        return [list(linears)]
+    groups = [[f"{prefix}.{n}" for n in g if f"{prefix}.{n}" in linears] for g in arch.sequential]
+    rest = [n for n in linears if not any(n in g for g in groups)]
+    return [g for g in [*groups, rest] if g]
+
+
+@torch.no_grad()
+def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, windows: Tensor | None, *,
+        batch_size: int = 8, true_sequential: bool = False, device: torch.device | str = "cpu",
+        resume: Callable[[int], dict[str, Tensor] | None] | None = None,
+        on_block_done: Callable[[int, nn.Module], None] | None = None,
+        progress: Progress | None = None) -> list[BlockReport]:
+    """Compress every Linear in `plan`, block by block; the model is modified in place."""
+    device = torch.device(device)
+    blocks = blocks_of(model, arch)
+    needs_h = cfg.needs_hessian
+    if needs_h and windows is None:
+        raise CompressError(f"{method.__name__.rsplit('.', 1)[-1]} needs calibration windows")
+    inputs = capture_inputs(model, arch, windows, batch_size, device) if needs_h else []
+    reports = []
+    for i, block in enumerate(blocks):
+        t0 = time.perf_counter()
+        prefix = f"{arch.blocks}.{i}"
+        dtype = next(block.parameters()).dtype
+        block.to(device, torch.float32)
+        linears = block_linears(block, prefix, plan)
+        state = resume(i) if resume is not None else None
+        layer_reports: list[LayerReport] = []
+        if state is not None:
+            for name in linears:
+                set_module(model, name, CompressedLinear(linears[name].in_features, linears[name].out_features,
+                                                         plan[name], bias=linears[name].bias is not None,
+                                                         device=device))
+            block.load_state_dict(state)
+        else:
+            for group in _groups(arch, prefix, linears, true_sequential):
+                mods = {n: get_module(model, n) for n in group}
+                hs: dict[str, Hessian] = {}
+                if needs_h:
+                    with _hessian_hooks(mods, device) as hs:
+                        _run_block(block, inputs, device, keep=False)
+                for name, lin in mods.items():
+                    H = hs[name].H if needs_h else None
+                    packed, rep = round_linear(name, lin, H, plan[name], method, cfg)
+                    set_module(model, name, packed)
+                    layer_reports.append(rep)
+                hs.clear()
+        if needs_h and i + 1 < len(blocks):
+            inputs = _run_block(block, inputs, device, keep=True)
+        block.to("cpu", dtype)
+        if on_block_done is not None and state is None:
+            on_block_done(i, block)
+        rep = BlockReport(i, len(blocks), time.perf_counter() - t0, layer_reports, resumed=state is not None)
+        reports.append(rep)
+        if progress is not None:
+            progress(rep)
+    return reports
