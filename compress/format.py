@@ -71,16 +71,16 @@ def unpack(qweight: Tensor, bits: int, K: int) -> Tensor:
     """qweight int32 [N, ceil(K/32) * bits] -> codes uint8 [N, K]. Exact inverse of `pack`."""
     N = qweight.shape[0]
     Kp = math.ceil(K / 32) * 32
-    words = qweight.to(torch.int64) & 0xFFFFFFFF
-    codes = torch.zeros(N, Kp, dtype=torch.int64, device=qweight.device)
+    codes = None
     start, shift = 0, 0
     for p in PLANES[bits]:
         per_word = 32 // p
         n_words = Kp // per_word
-        plane = words[:, start : start + n_words]  # [N, words]
-        offsets = torch.arange(per_word, device=qweight.device, dtype=torch.int64) * p
-        v = (plane.unsqueeze(-1) >> offsets) & ((1 << p) - 1)  # [N, words, per_word]
-        codes |= v.reshape(N, Kp) << shift
+        plane = qweight[:, start : start + n_words]  # [N, words] int32
+        offsets = torch.arange(0, 32, p, device=qweight.device, dtype=torch.int32)
+        # int32 >> is arithmetic; the mask keeps only the p bits of this code, so the sign never leaks
+        v = ((plane.unsqueeze(-1) >> offsets) & ((1 << p) - 1)).reshape(N, Kp)  # [N, Kp]
+        codes = v << shift if codes is None else codes | (v << shift)
         start, shift = start + n_words, shift + p
     return codes[:, :K].to(torch.uint8)
 

@@ -124,6 +124,7 @@ def load(ref: ModelRef, dtype: torch.dtype | str = "auto") -> tuple[nn.Module, A
         dtype = torch.float32 if dtype == "auto" else dtype
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # the CLI shows its own status
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref.source, **kw)
         model = AutoModelForCausalLM.from_pretrained(ref.source, dtype=dtype, **kw)
@@ -136,5 +137,16 @@ def load(ref: ModelRef, dtype: torch.dtype | str = "auto") -> tuple[nn.Module, A
         raise _offline_error(ref, e) from e
     finally:
         transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
     model.eval()
     return model, tokenizer
+
+
+def disk_bytes(ref: ModelRef) -> int | None:
+    """Bytes of the original's weight files when they are on local disk (GGUF file or local directory)."""
+    folder = Path(ref.source)
+    if ref.gguf_file:
+        return (folder / ref.gguf_file).stat().st_size
+    if folder.is_dir():
+        return sum(f.stat().st_size for pat in ("*.safetensors", "*.bin") for f in folder.glob(pat))
+    return None

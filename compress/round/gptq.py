@@ -25,9 +25,10 @@ groups are then fixed up front on the original layout ("static groups"), so the 
 g_idx and kernels see plain contiguous groups. Per-row grids are likewise fitted once on the original
 W, as in the reference.
 
-Worked example (1 row, 2 columns, 1-bit-like grid {0, 1}): w = [0.6, 0.6], H = [[1, .9], [.9, 1]].
-RTN rounds both to 1: error d = [-.4, -.4], loss ½ dᵀHd = 0.304. GPTQ rounds column 0 to 1, then
-moves its error into column 1: w₁ ← 0.6 - 0.9·0.4 = 0.24 → rounds to 0: d = [-.4, .6], loss 0.044.
+Worked example (1 row, 1-bit min-max grid {0, 1} fitted on w = [1, .6, .6], H couples columns 1 and 2
+with correlation .9): RTN rounds both .6 up, error d = [0, -.4, -.4], loss ½ dᵀHd = .304. GPTQ rounds
+column 1 up, then moves its error into column 2: w₂ ← .6 - .9·.4 = .24, which rounds down:
+d = [0, -.4, .6], loss .044 (tests/test_gptq.py checks these numbers).
 """
 
 from __future__ import annotations
