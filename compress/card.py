@@ -39,7 +39,9 @@ def model_card(ref: ModelRef, result: Result, quick: Reference | None, checked: 
         f"| average bits per weight, with scales and zeros | {total:.3f} |",
         f"| calibration | {result.calibration} |",
         f"| wall time / peak RSS | {result.seconds:.0f} s / {result.peak_rss_mb:.0f} MB |",
-        f"| sum of layer losses ({rec.round.method}) | {result.total_loss:.4g} |",
+        f"| sum of layer losses ({rec.round.method}) | {result.total_loss:.4g}"
+        + (f" (over the blocks of the last run; {result.resumed} were resumed from an interrupted run)"
+           if result.resumed else "") + " |",
     ]
     if quick is not None and checked is not None:
         lines += [

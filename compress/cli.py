@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         target(args=args, prog_name="compress eval" if target is eval_app else "compress", standalone_mode=False)
     except CompressError as e:
-        console.print(f"[red]error:[/] {e}", highlight=False)
+        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)  # one line, never wrapped
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

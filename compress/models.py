@@ -113,10 +113,48 @@ def _offline_error(ref: ModelRef, e: Exception) -> CompressError:
     )
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Can we open a connection to the hub at all? (Saves the user minutes of HTTP retries when offline.)"""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _check_available(ref: ModelRef) -> None:
+    """A hub id must be in the local cache or the hub must be reachable; say which fix applies."""
+    if ref.gguf_file or Path(ref.source).is_dir():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(ref.source, "config.json"), str)
+    except ValueError:  # not a valid repo id either
+        cached = False
+    if not cached and not _hub_reachable():
+        raise CompressError(
+            f"model {ref.display!r} is not a local directory or .gguf file, is not in the Hugging Face cache, and "
+            f"the hub is unreachable (offline); download it on a machine with network access "
+            f"(`huggingface-cli download {ref.source}`) and copy the cache, or pass a local path"
+        )
+
+
 def load(ref: ModelRef, dtype: torch.dtype | str = "auto") -> tuple[nn.Module, Any]:
     """Load (model, tokenizer) on CPU in the stored dtype ("auto"; GGUF dequantizes to float32)."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_available(ref)
 
     kw: dict[str, Any] = {}
     if ref.gguf_file:
@@ -138,6 +176,9 @@ def load(ref: ModelRef, dtype: torch.dtype | str = "auto") -> tuple[nn.Module, A
     finally:
         transformers.logging.set_verbosity(verbosity)
         transformers.logging.enable_progress_bar()
+    if ref.gguf_file and getattr(model, "hf_quantizer", None) is not None:
+        # transformers dequantized the GGUF tensors into ordinary Linears: this is a dense model now
+        model.hf_quantizer.remove_quantization_config(model)
     model.eval()
     return model, tokenizer
 

@@ -43,7 +43,12 @@ class Result:
 
     @property
     def total_loss(self) -> float:
-        return sum(b.loss for b in self.blocks)
+        """Sum of the method's layer losses over the blocks compressed in this run (resumed ones excluded)."""
+        return sum(b.loss for b in self.blocks if not b.resumed)
+
+    @property
+    def resumed(self) -> int:
+        return sum(b.resumed for b in self.blocks)
 
 
 def peak_rss_mb() -> float:

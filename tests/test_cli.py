@@ -1,0 +1,114 @@
+"""The command line on a tiny model: the main job end to end, eval, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from compress.cli import main
+
+FAST = ["--set", "calibrate.samples=8", "--set", "calibrate.seqlen=64", "--set", "weights.group_size=32",
+        "--eval-windows", "2"]
+
+
+def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err: str) -> str:
+    """The error is a single line starting with 'error:' (other lines are progress), and no traceback."""
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    assert "Traceback" not in err
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def compressed_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "out"
+    main([str(tiny_llama_dir), "--recipe", "gptq-4bit", "--out", str(out), *FAST])
+    return out
+
+
+def test_main_job_writes_a_complete_checkpoint(compressed_dir: Path) -> None:
+    files = {p.name for p in compressed_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "recipe.yaml", "README.md", "tokenizer.json"} <= files
+    assert ".partial" not in files  # finished work directories are removed
+    qc = json.loads((compressed_dir / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compress" and qc["format_version"] == 1
+    assert len(qc["plan"]) == 14 and qc["plan"]["model.layers.0.mlp.down_proj"]["bits"] == 4
+    assert qc["avg_bits_code"] == 4.0
+    assert "seqlen: 64" in (compressed_dir / "recipe.yaml").read_text()
+    card = (compressed_dir / "README.md").read_text()
+    assert "bits per weight" in card and "top-1 agreement" in card
+
+
+def test_eval_prints_both_models_and_writes_json(tiny_llama_dir: Path, compressed_dir: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = cli(["eval", str(tiny_llama_dir), str(compressed_dir), "--seqlen", "64", "--windows", "3"], capsys)
+    assert code == 0
+    assert "perplexity" in out and "top-1 agreement" in out
+    res = json.loads((compressed_dir / "eval-pydoc-64x3.json").read_text())
+    orig, comp = res["models"]
+    assert comp["kl_mean"] > 0 and 0 < comp["top1"] <= 1 and comp["bits_code"] == 4.0
+    assert comp["tokens"] == 3 * 63
+    assert comp["disk_bytes"] < orig["disk_bytes"]
+
+
+def test_unknown_recipe_key_is_one_line_naming_it(tiny_llama_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli([str(tiny_llama_dir), "--recipe", "gptq-4bit", "--set", "round.dmap=0.1"], capsys)
+    assert code == 2
+    msg = one_line_error(err)
+    assert "round.dmap" in msg and "damp" in msg
+
+
+def test_bad_value_is_one_line(tiny_llama_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli([str(tiny_llama_dir), "--recipe", "gptq-4bit", "--set", "weights.bits=9"], capsys)
+    assert code == 2 and "bits=9" in one_line_error(err)
+
+
+def test_unknown_recipe_lists_the_available_ones(tiny_llama_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli([str(tiny_llama_dir), "--recipe", "gptq-9bit"], capsys)
+    assert code == 2 and "gptq-4bit" in one_line_error(err)
+
+
+def test_missing_model_offline_is_one_line(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from compress import models
+
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    code, _, err = cli(["no-such-org/no-such-model", "--recipe", "rtn-4bit"], capsys)
+    msg = one_line_error(err)
+    assert code == 2 and "no-such-org/no-such-model" in msg and "huggingface-cli download" in msg
+
+
+def test_truncated_safetensors_is_one_line(tiny_llama_dir: Path, compressed_dir: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(compressed_dir, broken)
+    f = broken / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    code, _, err = cli(["eval", str(tiny_llama_dir), str(broken), "--seqlen", "64", "--windows", "1"], capsys)
+    assert code == 2 and "truncated" in one_line_error(err)
+
+
+def test_cuda_without_gpu_is_one_line(tiny_llama_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    code, _, err = cli([str(tiny_llama_dir), "--recipe", "rtn-4bit", "--device", "cuda"], capsys)
+    assert code == 2 and "--device cpu" in one_line_error(err)
+
+
+def test_recipes_command_lists_named_recipes(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = cli(["recipes"], capsys)
+    assert code == 0 and "gptq-3bit" in out and "rtn-4bit" in out
