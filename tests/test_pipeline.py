@@ -134,3 +134,33 @@ def test_workdir_from_another_command_is_discarded(tmp_path: Path) -> None:
     run(tiny_llama(), workdir=checkpoint.WorkDir(tmp_path, {"recipe": "a"}))
     assert checkpoint.WorkDir(tmp_path, {"recipe": "a"}).finished == 2
     assert checkpoint.WorkDir(tmp_path, {"recipe": "b"}).finished == 0
+
+
+def test_large_checkpoints_are_sharded_and_load(tmp_path: Path) -> None:
+    m = tiny_llama()
+    res = run(m)
+    checkpoint.save(m, None, res.plan, res.recipe, tmp_path, card="card", max_shard_size="60KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert torch.equal(logits(compress.load(tmp_path)), logits(m))
+
+
+def test_nan_activations_are_a_clear_error() -> None:
+    m = tiny_llama()
+    with torch.no_grad():
+        m.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(compress.CompressError, match="NaN"):
+        run(m)
+
+
+def test_newer_format_version_is_refused(tmp_path: Path) -> None:
+    import json
+
+    m = tiny_llama()
+    res = run(m, "rtn-4bit")
+    checkpoint.save(m, None, res.plan, res.recipe, tmp_path, card="card")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"]["format_version"] = 99
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(compress.CompressError, match="upgrade compress"):
+        compress.load(tmp_path)
