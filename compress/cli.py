@@ -31,7 +31,17 @@ if TYPE_CHECKING:
 console = Console(stderr=True)
 out_console = Console()
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__)
+USAGE = """Make a language model small and compare it with the original.
+
+  compress MODEL --recipe NAME [--out DIR] [--set key=value ...] [--calib DATASET] [--device cpu|cuda]
+
+  compress eval ORIGINAL COMPRESSED [--dataset pydoc] [--seqlen 512] [--windows 40]
+
+  compress recipes
+
+Run `compress compress --help` or `compress eval --help` for every option."""
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=USAGE)
 eval_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -201,10 +211,10 @@ def _stats_table(stats: list[ModelStats], title: str) -> Table:
 @eval_app.command(help="Compare ORIGINAL and COMPRESSED side by side on identical windows.")
 def eval_cmd(
     original: Annotated[str, typer.Argument(help="the original: alias, hub id, local dir or .gguf")],
-    compressed: Annotated[Path, typer.Argument(help="a compress checkpoint directory (or any HF model dir)")],
+    compressed: Annotated[Path, typer.Argument(help="a checkpoint directory written by `compress`")],
     dataset: Annotated[str, typer.Option("--dataset", help="pydoc|wikitext2|c4|ptb|text file")] = "pydoc",
     seqlen: Annotated[int, typer.Option("--seqlen")] = 512,
-    windows: Annotated[int | None, typer.Option("--windows", help="number of windows (default: all)")] = 40,
+    windows: Annotated[int, typer.Option("--windows", help="windows from the start of the text (0: all)")] = 40,
     json_out: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
     device: Annotated[str, typer.Option("--device")] = "cpu",
     threads: Annotated[int | None, typer.Option("--threads")] = None,
@@ -219,7 +229,7 @@ def eval_cmd(
         orig, tok = models.load(ref)
         comp = checkpoint.load(compressed, device=device)
         orig.to(device)
-    ev = data.evaluation(tok, dataset, seqlen, windows, vocab_size=orig.config.vocab_size)
+    ev = data.evaluation(tok, dataset, seqlen, windows or None, vocab_size=orig.config.vocab_size)
     bar = Progress(TextColumn("windows"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn(), console=console)
     with bar:
