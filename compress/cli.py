@@ -267,7 +267,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         target, args = app, ["compress", *argv] if argv and argv[0] not in ("--help", "-h") else argv
     try:
-        target(args=args, prog_name="compress eval" if target is eval_app else "compress", standalone_mode=False)
+        code = target(args=args, prog_name="compress eval" if target is eval_app else "compress",
+                      standalone_mode=False)  # non-standalone click returns typer.Exit codes instead of exiting
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except CompressError as e:
         console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)  # one line, never wrapped
         sys.exit(2)

@@ -112,3 +112,28 @@ def test_cuda_without_gpu_is_one_line(tiny_llama_dir: Path, capsys: pytest.Captu
 def test_recipes_command_lists_named_recipes(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = cli(["recipes"], capsys)
     assert code == 0 and "gptq-3bit" in out and "rtn-4bit" in out
+
+
+def test_ctrl_c_keeps_finished_blocks_and_says_how_to_resume(tiny_llama_dir: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from compress import pipeline
+
+    real = pipeline.compress
+
+    def interrupted(*args: object, progress: object = None, **kw: object) -> object:
+        def stop(rep: object) -> None:
+            progress(rep)
+            raise KeyboardInterrupt
+
+        return real(*args, progress=stop, **kw)
+
+    monkeypatch.setattr(pipeline, "compress", interrupted)
+    out = tmp_path / "out"
+    code, _, err = cli([str(tiny_llama_dir), "--recipe", "gptq-4bit", "--out", str(out), *FAST], capsys)
+    assert code == 130 and "re-run the same command to resume" in err
+    assert len(list((out / ".partial").glob("block_*.safetensors"))) == 1
+    monkeypatch.setattr(pipeline, "compress", real)
+    code, _, err = cli([str(tiny_llama_dir), "--recipe", "gptq-4bit", "--out", str(out), *FAST], capsys)
+    assert code == 0 and "resuming: 1 finished blocks" in err
+    assert not (out / ".partial").exists() and (out / "model.safetensors").is_file()
