@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from compress.errors import CompressError
 from compress.models import Arch, blocks_of
-from compress.nn import CompressedLinear, get_module, set_module
+from compress.nn import CompressedLinear, get_module, set_module, swap_linears
 from compress.plan import LayerWeight, Plan
 
 log = logging.getLogger(__name__)
@@ -183,19 +183,40 @@ def _groups(arch: Arch, prefix: str, linears: dict[str, nn.Linear], true_sequent
     return [g for g in [*groups, rest] if g]
 
 
+def _round_block(model: nn.Module, block: nn.Module, groups: list[list[str]], plan: Plan, method: ModuleType,
+                 cfg: Any, inputs: Sequence[tuple[Tensor, dict[str, Any]]], device: torch.device) -> list[LayerReport]:
+    """Round the block's Linears group by group; each group's Hessians see the earlier groups compressed."""
+    reports = []
+    for group in groups:
+        mods = {n: get_module(model, n) for n in group}
+        hs: dict[str, Hessian] = {}
+        if cfg.needs_hessian:
+            with _hessian_hooks(mods, device) as hs:
+                _run_block(block, inputs, device, keep=False)
+        for name, lin in mods.items():
+            packed, rep = round_linear(name, lin, hs[name].H if hs else None, plan[name], method, cfg)
+            set_module(model, name, packed)
+            reports.append(rep)
+        hs.clear()  # free this group's Hessians before the next group's
+    return reports
+
+
 @torch.no_grad()
 def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, windows: Tensor | None, *,
         batch_size: int = 8, true_sequential: bool = False, device: torch.device | str = "cpu",
         resume: Callable[[int], dict[str, Tensor] | None] | None = None,
         on_block_done: Callable[[int, nn.Module], None] | None = None,
         progress: Progress | None = None) -> list[BlockReport]:
-    """Compress every Linear in `plan`, block by block; the model is modified in place."""
+    """Compress every Linear in `plan`, block by block; the model is modified in place.
+
+    `resume(i)` may return the saved state of an already finished block i (it is loaded, not recomputed);
+    `on_block_done(i, block)` is called after each newly compressed block (to save it).
+    """
     device = torch.device(device)
     blocks = blocks_of(model, arch)
-    needs_h = cfg.needs_hessian
-    if needs_h and windows is None:
+    if cfg.needs_hessian and windows is None:
         raise CompressError(f"{method.__name__.rsplit('.', 1)[-1]} needs calibration windows")
-    inputs = capture_inputs(model, arch, windows, batch_size, device) if needs_h else []
+    inputs = capture_inputs(model, arch, windows, batch_size, device) if cfg.needs_hessian else []
     reports = []
     for i, block in enumerate(blocks):
         t0 = time.perf_counter()
@@ -206,25 +227,12 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
         state = resume(i) if resume is not None else None
         layer_reports: list[LayerReport] = []
         if state is not None:
-            for name in linears:
-                set_module(model, name, CompressedLinear(linears[name].in_features, linears[name].out_features,
-                                                         plan[name], bias=linears[name].bias is not None,
-                                                         device=device))
+            swap_linears(model, Plan({n: plan[n] for n in linears}))
             block.load_state_dict(state)
         else:
-            for group in _groups(arch, prefix, linears, true_sequential):
-                mods = {n: get_module(model, n) for n in group}
-                hs: dict[str, Hessian] = {}
-                if needs_h:
-                    with _hessian_hooks(mods, device) as hs:
-                        _run_block(block, inputs, device, keep=False)
-                for name, lin in mods.items():
-                    H = hs[name].H if needs_h else None
-                    packed, rep = round_linear(name, lin, H, plan[name], method, cfg)
-                    set_module(model, name, packed)
-                    layer_reports.append(rep)
-                hs.clear()
-        if needs_h and i + 1 < len(blocks):
+            groups = _groups(arch, prefix, linears, true_sequential)
+            layer_reports = _round_block(model, block, groups, plan, method, cfg, inputs, device)
+        if cfg.needs_hessian and i + 1 < len(blocks):
             inputs = _run_block(block, inputs, device, keep=True)
         block.to("cpu", dtype)
         if on_block_done is not None and state is None:
