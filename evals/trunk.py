@@ -80,6 +80,10 @@ def fmt_ppl(x: float | None) -> str:
     return "-" if x is None else (f"{x:.3f}" if x < 1e4 else f"{x:.3g}")
 
 
+def fmt_loss(x: float) -> str:
+    return "-" if x != x else f"{x:.4g}"  # nan: the method computes no loss (RTN)
+
+
 def table(rows: list[dict]) -> str:
     head = ("| setting | method | ppl | reference ppl | KL / token | top-1 | bits (codes / +meta) | "
             "layer loss | compress s | peak RSS MB |")
@@ -89,7 +93,7 @@ def table(rows: list[dict]) -> str:
         bits = f"{r['bits_code']:.2f} / {r['bits_total']:.3f}" if "bits_code" in r else "32 (fp32)"
         lines.append(
             f"| {r['setting'] or '-'} | {r['method']} | {fmt_ppl(r['ppl'])} | {fmt_ppl(refppl)} | "
-            f"{r['kl']:.4f} | {r['top1']:.2%} | {bits} | {r['layer_loss']:.4g} | {r['compress_seconds']:.0f} | "
+            f"{r['kl']:.4f} | {r['top1']:.2%} | {bits} | {fmt_loss(r['layer_loss'])} | {r['compress_seconds']:.0f} | "
             f"{r['peak_rss_mb']:.0f} |" if "kl" in r else
             f"| - | dense | {fmt_ppl(r['ppl'])} | {fmt_ppl(refppl)} | - | - | {bits} | - | - | - |")
     return "\n".join(lines)
@@ -101,16 +105,20 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", choices=list(SETTINGS), default=list(SETTINGS))
     ap.add_argument("--methods", nargs="*", choices=list(METHODS), default=list(METHODS))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "trunk")
+    ap.add_argument("--render", action="store_true", help="re-render the table from the saved JSON, run nothing")
     args = ap.parse_args()
     if args.job:
         print(json.dumps(job(json.loads(args.job))))
         return
-    specs = [{"method": "dense"}] + [{"method": m, "setting": s} for s in args.only for m in args.methods]
-    rows = []
-    for spec in specs:
-        t0 = time.perf_counter()
-        rows.append(run_job(spec))
-        print(f"{spec} done in {time.perf_counter() - t0:.0f}s: ppl {fmt_ppl(rows[-1]['ppl'])}", flush=True)
+    if args.render:
+        rows = json.loads(args.out.with_suffix(".json").read_text())
+    else:
+        specs = [{"method": "dense"}] + [{"method": m, "setting": s} for s in args.only for m in args.methods]
+        rows = []
+        for spec in specs:
+            t0 = time.perf_counter()
+            rows.append(run_job(spec))
+            print(f"{spec} done in {time.perf_counter() - t0:.0f}s: ppl {fmt_ppl(rows[-1]['ppl'])}", flush=True)
     md = table(rows)
     print(md)
     args.out.parent.mkdir(parents=True, exist_ok=True)
