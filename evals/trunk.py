@@ -110,15 +110,17 @@ def main() -> None:
     if args.job:
         print(json.dumps(job(json.loads(args.job))))
         return
-    if args.render:
-        rows = json.loads(args.out.with_suffix(".json").read_text())
-    else:
+    saved = args.out.with_suffix(".json")
+    rows = json.loads(saved.read_text()) if saved.is_file() else []
+    if not args.render:  # run the asked-for rows; rows of earlier runs that were not asked for are kept
         specs = [{"method": "dense"}] + [{"method": m, "setting": s} for s in args.only for m in args.methods]
-        rows = []
         for spec in specs:
             t0 = time.perf_counter()
-            rows.append(run_job(spec))
-            print(f"{spec} done in {time.perf_counter() - t0:.0f}s: ppl {fmt_ppl(rows[-1]['ppl'])}", flush=True)
+            new = run_job(spec)
+            print(f"{spec} done in {time.perf_counter() - t0:.0f}s: ppl {fmt_ppl(new['ppl'])}", flush=True)
+            rows = [r for r in rows if (r["method"], r["setting"]) != (new["method"], new["setting"])] + [new]
+        order = {(m, s): i for i, (m, s) in enumerate([("dense", "")] + [(m, s) for s in SETTINGS for m in METHODS])}
+        rows.sort(key=lambda r: order[(r["method"], r["setting"])])
     md = table(rows)
     print(md)
     args.out.parent.mkdir(parents=True, exist_ok=True)
