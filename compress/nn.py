@@ -80,10 +80,6 @@ class CompressedLinear(nn.Module):
                 f"{'sym' if s.symmetric else 'asym'}, bias={self.bias is not None}")
 
 
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
-
-
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -92,7 +88,7 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def swap_linears(model: nn.Module, plan: Plan) -> nn.Module:
     """Replace every Linear named in `plan` by an empty `CompressedLinear` (works on the meta device)."""
     for name in plan:
-        lin = get_module(model, name)
+        lin = model.get_submodule(name)
         if not isinstance(lin, nn.Linear):
             raise TypeError(f"{name} is {type(lin).__name__}, expected nn.Linear")
         dev = lin.weight.device

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from compress.errors import CompressError
 from compress.models import Arch, blocks_of
-from compress.nn import CompressedLinear, get_module, set_module, swap_linears
+from compress.nn import CompressedLinear, set_module, swap_linears
 from compress.plan import LayerWeight, Plan
 
 log = logging.getLogger(__name__)
@@ -91,16 +91,14 @@ class _Catcher(nn.Module):
         raise _Stop
 
 
-def _to(obj: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
-    """Move tensors nested in tuples/lists/dicts (and caches' tensors are left alone)."""
+def _to(obj: Any, device: torch.device) -> Any:
+    """Move the tensors nested in tuples/lists/dicts of a block's keyword arguments."""
     if isinstance(obj, Tensor):
-        return obj.to(device, dtype) if (dtype is not None and obj.is_floating_point()) else obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device, dtype) for o in obj)
-    if isinstance(obj, list):
-        return [_to(o, device, dtype) for o in obj]
+        return obj.to(device)
+    if isinstance(obj, tuple | list):
+        return type(obj)(_to(o, device) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device, dtype) for k, v in obj.items()}
+        return {k: _to(v, device) for k, v in obj.items()}
     return obj
 
 
@@ -188,7 +186,7 @@ def _round_block(model: nn.Module, block: nn.Module, groups: list[list[str]], pl
     """Round the block's Linears group by group; each group's Hessians see the earlier groups compressed."""
     reports = []
     for group in groups:
-        mods = {n: get_module(model, n) for n in group}
+        mods = {n: model.get_submodule(n) for n in group}
         hs: dict[str, Hessian] = {}
         if cfg.needs_hessian:
             with _hessian_hooks(mods, device) as hs:
