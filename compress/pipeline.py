@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from compress import data, models, sequential
+from compress.checkpoint import WorkDir
 from compress.errors import CompressError
 from compress.plan import Plan
 from compress.recipe import Recipe
@@ -72,8 +73,8 @@ def make_plan(model: nn.Module, arch: models.Arch, recipe: Recipe) -> Plan:
 
 
 def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | torch.device = "cpu",
-             progress: Progress | None = None, workdir: Any = None) -> Result:
-    """Compress `model` in place following `recipe`; `workdir` (a checkpoint.WorkDir) makes it resumable."""
+             progress: Progress | None = None, workdir: WorkDir | None = None) -> Result:
+    """Compress `model` in place following `recipe`; a `workdir` makes the run resumable."""
     t0 = time.perf_counter()
     arch = models.arch_of(model)
     plan = make_plan(model, arch, recipe)
