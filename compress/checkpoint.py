@@ -67,6 +67,15 @@ class WorkDir:
         save_file({k: v.contiguous() for k, v in block.state_dict().items()}, tmp)
         os.replace(tmp, self._path(i))
 
+    def load_json(self, name: str) -> Any:
+        p = self.dir / f"{name}.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def save_json(self, name: str, obj: Any) -> None:
+        tmp = self.dir / f"{name}.json.tmp"
+        tmp.write_text(json.dumps(obj, default=float))
+        os.replace(tmp, self.dir / f"{name}.json")
+
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 

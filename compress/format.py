@@ -22,18 +22,29 @@ each row and a row of qweight is planes[0] ++ planes[1] ++ ...: 32 codes take ex
 Every access is power-of-two aligned, so one kernel body serves every width (kernels.md: bit planes
 as in llama.cpp Q3_K and gemlite's W3).
 
-The safetensors header carries {"format": "compress", "format_version": "1"} and config.json's
-`quantization_config` carries the per-layer plan, so a checkpoint is self-describing.
+Mixed widths inside a layer (FORMAT_VERSION 2; a v1 checkpoint is a valid v2 one). When the plan gives
+a layer one width per group (`LayerSpec.bits` is a list), the columns are partitioned by width: for
+every width w present, in increasing order, the columns of the groups with width w (in their natural
+order, K_w of them) are packed as above into ceil(K_w/32) * w words per row, and qweight is the
+concatenation of these parts along the last dim. The partition follows from the plan, so nothing else
+is stored; a layer with a single width is exactly the v1 layout.
+
+config.json's `quantization_config` carries the format version and the per-layer plan, so a checkpoint
+is self-describing.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-FORMAT_VERSION = 1
+if TYPE_CHECKING:
+    from compress.plan import LayerSpec
+
+FORMAT_VERSION = 2
 QUANT_METHOD = "compress"
 REQUIRED = ("qweight", "scale")
 OPTIONAL = ("zero", "bias")
@@ -85,9 +96,40 @@ def unpack(qweight: Tensor, bits: int, K: int) -> Tensor:
     return codes[:, :K].to(torch.uint8)
 
 
-def bits_per_weight(spec, N: int, K: int) -> tuple[float, float]:  # spec: LayerSpec
+def width_parts(spec: LayerSpec, K: int) -> list[tuple[int, Tensor]]:
+    """[(width w, column indices with width w)] in increasing w: the order of the parts in qweight."""
+    cb = spec.column_bits(K)
+    return [(w, torch.nonzero(cb == w).flatten()) for w in sorted(set(spec.group_bits(K)))]
+
+
+def layer_words(spec: LayerSpec, K: int) -> int:
+    """int32 words per row of a layer's qweight."""
+    return sum(packed_words(len(cols), w) for w, cols in width_parts(spec, K))
+
+
+def pack_layer(codes: Tensor, spec: LayerSpec) -> Tensor:
+    """codes uint8 [N, K] (column k in [0, 2**width(k))) -> qweight int32 [N, layer_words]."""
+    K = codes.shape[1]
+    return torch.cat([pack(codes[:, cols.to(codes.device)], w) for w, cols in width_parts(spec, K)], dim=1)
+
+
+def unpack_layer(qweight: Tensor, spec: LayerSpec, K: int) -> Tensor:
+    """qweight int32 [N, layer_words] -> codes uint8 [N, K]. Exact inverse of `pack_layer`."""
+    parts = width_parts(spec, K)
+    if len(parts) == 1:
+        return unpack(qweight, parts[0][0], K)
+    codes = torch.empty(qweight.shape[0], K, dtype=torch.uint8, device=qweight.device)
+    start = 0
+    for w, cols in parts:
+        n = packed_words(len(cols), w)
+        codes[:, cols.to(qweight.device)] = unpack(qweight[:, start : start + n], w, len(cols))
+        start += n
+    return codes
+
+
+def bits_per_weight(spec: LayerSpec, N: int, K: int) -> tuple[float, float]:
     """(code bits, code + scale + zero bits) per weight, as stored (K padding included)."""
-    code = N * packed_words(K, spec.bits) * 32
+    code = N * layer_words(spec, K) * 32
     G = spec.groups(K)
     meta = N * G * torch.finfo(spec.torch_scale_dtype).bits
     if not spec.symmetric:

@@ -18,13 +18,14 @@ included.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 
-def maxq(bits: int) -> int:
-    return (1 << bits) - 1
+def maxq(bits: int | Tensor) -> int | Tensor:
+    return 2**bits - 1
 
 
 def expand(t: Tensor, group_size: int, K: int) -> Tensor:
@@ -52,27 +53,36 @@ def choose_qparams(x: Tensor, bits: int, symmetric: bool, scale_dtype: torch.dty
     return scale, zero
 
 
-def quantize(x: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
-    """Codes (fp32, integer-valued) of x on the grid; scale/zero broadcast against x."""
-    return torch.clamp(torch.round(x / scale) + zero, 0, maxq(bits))
+def quantize(x: Tensor, scale: Tensor, zero: Tensor, bits: int | Tensor) -> Tensor:
+    """Codes (fp32, integer-valued) of x on the grid; scale/zero (and per-column bits) broadcast against x."""
+    q = torch.round(x / scale) + zero
+    return q.clamp(0, maxq(bits)) if isinstance(bits, int) else torch.minimum(q.clamp_min(0), maxq(bits))
 
 
 def dequantize(q: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     return scale * (q - zero)
 
 
+def per_group(bits: int | Sequence[int], G: int) -> list[int]:
+    return [bits] * G if isinstance(bits, int) else list(bits)
+
+
 def choose_qparams_groups(
-    W: Tensor, bits: int, group_size: int, symmetric: bool, scale_dtype: torch.dtype
+    W: Tensor, bits: int | Sequence[int], group_size: int, symmetric: bool, scale_dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """Min-max grid per group of W [N, K] -> (scale [N, G], zero [N, G])."""
+    """Min-max grid per group of W [N, K] -> (scale [N, G], zero [N, G]); bits may differ per group."""
     K = W.shape[1]
-    params = [choose_qparams(W[:, g : g + group_size], bits, symmetric, scale_dtype) for g in range(0, K, group_size)]
+    gb = per_group(bits, n_groups(K, group_size))
+    params = [choose_qparams(W[:, g * group_size : (g + 1) * group_size], b, symmetric, scale_dtype)
+              for g, b in enumerate(gb)]
     return torch.stack([s for s, _ in params], 1), torch.stack([z for _, z in params], 1)
 
 
-def quantize_groups(W: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int) -> Tensor:
-    """W [N, K] with per-group scale/zero [N, G] -> codes uint8 [N, K]."""
+def quantize_groups(W: Tensor, scale: Tensor, zero: Tensor, bits: int | Sequence[int], group_size: int) -> Tensor:
+    """W [N, K] with per-group scale/zero [N, G] (and widths) -> codes uint8 [N, K]."""
     K = W.shape[1]
+    if not isinstance(bits, int):
+        bits = expand(torch.tensor([list(bits)]), group_size, K)  # [1, K] width of every column
     q = quantize(W.float(), expand(scale, group_size, K), expand(zero, group_size, K), bits)
     return q.to(torch.uint8)
 

@@ -29,7 +29,7 @@ class CompressedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         N, K, G = out_features, in_features, spec.groups(in_features)
-        words = fmt.packed_words(K, spec.bits)
+        words = fmt.layer_words(spec, K)
         self.register_buffer("qweight", torch.zeros(N, words, dtype=torch.int32, device=device))
         self.register_buffer("scale", torch.ones(N, G, dtype=spec.torch_scale_dtype, device=device))
         if not spec.symmetric:
@@ -41,7 +41,7 @@ class CompressedLinear(nn.Module):
         """Pack a rounded `LayerWeight` (codes + grid) into a module on the weight's device."""
         N, K = lw.W.shape
         m = cls(K, N, lw.spec, bias=bias is not None, device=lw.W.device, dtype=None if bias is None else bias.dtype)
-        m.qweight.copy_(fmt.pack(lw.codes, lw.spec.bits))
+        m.qweight.copy_(fmt.pack_layer(lw.codes, lw.spec))
         m.scale.copy_(lw.scale.to(lw.spec.torch_scale_dtype))
         if not lw.spec.symmetric:
             m.zero.copy_(lw.zero.to(torch.uint8))
@@ -50,11 +50,12 @@ class CompressedLinear(nn.Module):
         return m
 
     def codes(self) -> Tensor:
-        return fmt.unpack(self.qweight, self.spec.bits, self.in_features)
+        return fmt.unpack_layer(self.qweight, self.spec, self.in_features)
 
     def zero_points(self) -> Tensor:
-        if self.spec.symmetric:
-            return torch.full_like(self.scale, 1 << (self.spec.bits - 1), dtype=torch.float32)
+        if self.spec.symmetric:  # GPTQ's symmetric grid: zero = 2**(bits-1) in every group
+            gb = torch.tensor(self.spec.group_bits(self.in_features), device=self.scale.device)
+            return (2.0 ** (gb - 1)).expand(self.out_features, -1)
         return self.zero.float()
 
     def dequantize(self) -> Tensor:
@@ -76,7 +77,8 @@ class CompressedLinear(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         g = "row" if s.group_size == -1 else s.group_size
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={s.bits}, group={g}, "
+        bits = s.bits if isinstance(s.bits, int) else "/".join(map(str, sorted(set(s.bits))))
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={bits}, group={g}, "
                 f"{'sym' if s.symmetric else 'asym'}, bias={self.bias is not None}")
 
 

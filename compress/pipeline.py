@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from compress import data, models, sequential
+from compress.allocate import METHODS as ALLOCATORS
+from compress.allocate.context import Allocation, Context
 from compress.checkpoint import WorkDir
 from compress.errors import CompressError
 from compress.plan import Plan
@@ -38,6 +40,7 @@ class Result:
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    allocation: dict[str, Any] = field(default_factory=dict)  # what the allocator reports (predicted gain, ...)
 
     def avg_bits(self) -> tuple[float, float]:
         return self.plan.avg_bits(self.shapes)
@@ -77,22 +80,44 @@ def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | 
     """Compress `model` in place following `recipe`; a `workdir` makes the run resumable."""
     t0 = time.perf_counter()
     arch = models.arch_of(model)
-    plan = make_plan(model, arch, recipe)
-    shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in plan}
-    method = METHODS[recipe.round.method]
-    cfg = recipe.round.config
-    c = recipe.calibrate
+    base = make_plan(model, arch, recipe)
+    shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in base}
+    rnd, alloc, c = recipe.round, recipe.allocate, recipe.calibrate
     windows = None
-    if cfg.needs_hessian:
+    if rnd.config.needs_hessian or alloc.config.needs_calibration:
         windows = data.calibration(tokenizer, c.dataset, c.samples, c.seqlen, c.seed,
                                    vocab_size=model.config.vocab_size)
         log.info("calibration: %s", windows.describe())
-    blocks = sequential.run(
-        model, arch, plan, method, cfg, None if windows is None else windows.ids,
-        batch_size=c.batch_size, true_sequential=c.true_sequential, device=device,
-        resume=None if workdir is None else workdir.load_block,
-        on_block_done=None if workdir is None else workdir.save_block,
-        progress=progress,
-    )
-    return Result(model, plan, recipe, blocks, windows.describe() if windows is not None else "none (data-free)",
-                  time.perf_counter() - t0, peak_rss_mb(), shapes)
+    ids = None if windows is None else windows.ids
+    ctx = Context(model, arch, base, {n for n in base if recipe.pinned(n)}, ids, recipe, torch.device(device),
+                  None if workdir is None else workdir.dir, progress)
+    allocation = allocate(ctx, workdir)
+    if allocation.weights is not None:  # the allocator already rounded every Linear (EvoPress's database)
+        blocks = sequential.assemble(model, allocation.plan, allocation.weights, progress=progress)
+    else:
+        blocks = sequential.run(
+            model, arch, allocation.plan, METHODS[rnd.method], rnd.config, ids,
+            batch_size=c.batch_size, true_sequential=c.true_sequential, device=device,
+            resume=None if workdir is None else workdir.load_block,
+            on_block_done=None if workdir is None else workdir.save_block,
+            progress=progress,
+        )
+    return Result(model, allocation.plan, recipe, blocks,
+                  windows.describe() if windows is not None else "none (data-free)",
+                  time.perf_counter() - t0, peak_rss_mb(), shapes, allocation.summary)
+
+
+def allocate(ctx: Context, workdir: WorkDir | None) -> Allocation:
+    """Run the recipe's allocator; a plan found in the work directory (interrupted run) is reused."""
+    method = ctx.recipe.allocate.method
+    if method == "uniform":
+        return Allocation(ctx.base)
+    saved = None if workdir is None else workdir.load_json("allocation")
+    if saved is not None and saved.get("method") == method:
+        log.info("reusing the allocation of the interrupted run")
+        return Allocation(Plan.from_json(saved["plan"]), summary=saved["summary"])
+    allocation = ALLOCATORS[method].allocate(ctx, ctx.recipe.allocate.config)
+    if workdir is not None and allocation.weights is None:  # (an allocator that rounds resumes on its own)
+        workdir.save_json("allocation", {"method": method, "plan": allocation.plan.to_json(),
+                                         "summary": allocation.summary})
+    return allocation

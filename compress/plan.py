@@ -25,22 +25,26 @@ SCALE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": to
 class LayerSpec:
     """What to do to one Linear: its grid and the methods that produce its codes.
 
-    bits:       code width, 1..8.
+    bits:       code width 1..8, or one width per group along K (mixed precision inside the layer,
+                e.g. BAQ's per-group allocation); stored as a list in config.json.
     group_size: columns (along K) sharing one scale/zero; -1 = one group per output row.
     symmetric:  symmetric grid (zero fixed at 2**(bits-1), not stored) or asymmetric (zero stored).
     scale_dtype: storage dtype of the scales ("float16", "bfloat16", "float32").
     method:     the rounding method that produced the codes (a key of `compress.round.METHODS`).
     """
 
-    bits: int = 4
+    bits: int | tuple[int, ...] = 4
     group_size: int = 128
     symmetric: bool = False
     scale_dtype: str = "float16"
     method: str = "gptq"
 
     def __post_init__(self) -> None:
-        if not 1 <= self.bits <= 8:
-            raise CompressError(f"bits={self.bits} is not supported; use an integer from 1 to 8")
+        if isinstance(self.bits, list):
+            object.__setattr__(self, "bits", tuple(self.bits))
+        widths = self.bits if isinstance(self.bits, tuple) else (self.bits,)
+        if not widths or not all(isinstance(b, int) and 1 <= b <= 8 for b in widths):
+            raise CompressError(f"bits={self.bits} is not supported; use integers from 1 to 8")
         if self.group_size != -1 and self.group_size < 1:
             raise CompressError(f"group_size={self.group_size} is invalid; use a positive size or -1 (per row)")
         if self.scale_dtype not in SCALE_DTYPES:
@@ -52,6 +56,25 @@ class LayerSpec:
 
     def group_width(self, K: int) -> int:
         return K if self.group_size == -1 else self.group_size
+
+    def group_bits(self, K: int) -> list[int]:
+        """The code width of each group along K."""
+        G = self.groups(K)
+        if isinstance(self.bits, int):
+            return [self.bits] * G
+        if len(self.bits) != G:
+            raise CompressError(f"bits lists {len(self.bits)} widths but the layer has {G} groups of "
+                                f"{self.group_size} along K={K}")
+        return list(self.bits)
+
+    @property
+    def mixed(self) -> bool:
+        return isinstance(self.bits, tuple) and len(set(self.bits)) > 1
+
+    def column_bits(self, K: int) -> Tensor:
+        """Code width of every column, int64 [K]."""
+        gb = torch.tensor(self.group_bits(K), dtype=torch.int64, device="cpu")  # cpu even under a meta context
+        return gb.repeat_interleave(self.group_width(K))[:K]
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:

@@ -65,13 +65,27 @@ class Round:
 
 
 @dataclass(frozen=True)
+class Allocate:
+    method: str = "uniform"
+    config: Any = None  # the allocator's Config instance (compress.allocate.METHODS[method].Config)
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = "custom"
     description: str = ""
     calibrate: Calibrate = field(default_factory=Calibrate)
+    allocate: Allocate = field(default_factory=Allocate)
     weights: Weights = field(default_factory=Weights)
     round: Round = field(default_factory=Round)
     overrides: tuple[Override, ...] = ()
+
+    def pinned(self, name: str) -> bool:
+        """Does an override fix this Linear's bits (so that allocators must leave it alone)?"""
+        import fnmatch
+
+        o = next((o for o in self.overrides if fnmatch.fnmatchcase(name, o.match)), None)
+        return o is not None and o.bits is not None
 
     def layer_spec(self, name: str) -> LayerSpec | None:
         """The LayerSpec for module `name` (None = keep dense), after the first matching override."""
@@ -91,8 +105,11 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        cfg = {k: v for k, v in dataclasses.asdict(self.round.config).items() if k != "needs_hessian"}
-        d["round"] = {"method": self.round.method, **cfg}
+        for section in ("allocate", "round"):
+            choice = getattr(self, section)
+            cfg = {k: v for k, v in dataclasses.asdict(choice.config).items() if k not in FACTS}
+            d[section] = {"method": choice.method, **{k: list(v) if isinstance(v, tuple) else v
+                                                     for k, v in cfg.items()}}
         d["overrides"] = [{k: v for k, v in o.items() if v is not None} for o in d["overrides"]]
         return d
 
@@ -101,6 +118,8 @@ class Recipe:
 
 
 # --- strict construction ------------------------------------------------------------------------
+
+FACTS = ("needs_hessian", "needs_calibration")  # class-level facts of a method's Config, not recipe keys
 
 def _check_type(value: Any, tp: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
@@ -128,7 +147,7 @@ def _check_type(value: Any, tp: Any, path: str) -> Any:
 
 def _build(cls: type, data: dict[str, Any], path: str) -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "needs_hessian"]
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in FACTS]
     unknown = [k for k in data if k not in names]
     if unknown:
         where = f"{path}." if path else ""
@@ -141,26 +160,29 @@ def _build(cls: type, data: dict[str, Any], path: str) -> Any:
         raise CompressError(f"recipe section {path or 'top level'}: {e}") from e
 
 
-def _build_round(data: Any) -> Round:
-    from compress.round import METHODS
-
+def _build_choice(section: str, data: Any, registry: dict, default: str) -> tuple[str, Any]:
+    """A `{method: NAME, **options}` section -> (NAME, registry[NAME].Config(**options)), strictly."""
     if not isinstance(data, dict):
-        raise CompressError(f"recipe value round must be a mapping, got {data!r}")
+        raise CompressError(f"recipe value {section} must be a mapping, got {data!r}")
     data = dict(data)
-    method = data.pop("method", "gptq")
-    if method not in METHODS:
-        raise CompressError(f"unknown rounding method round.method={method!r}; valid: {', '.join(METHODS)}")
-    return Round(method, _build(METHODS[method].Config, data, "round"))
+    method = data.pop("method", default)
+    if method not in registry:
+        raise CompressError(f"unknown method {section}.method={method!r}; valid: {', '.join(registry)}")
+    return method, _build(registry[method].Config, data, section)
 
 
 def from_dict(data: dict[str, Any]) -> Recipe:
     """Validate a raw mapping into a Recipe (raises CompressError naming the first bad key/value)."""
     if not isinstance(data, dict):
         raise CompressError("a recipe must be a YAML mapping at the top level")
+    from compress.allocate import METHODS as ALLOCATORS
+    from compress.round import METHODS as ROUNDERS
+
     data = dict(data)
-    rnd = _build_round(data.pop("round", {}))
+    rnd = Round(*_build_choice("round", data.pop("round", {}), ROUNDERS, "gptq"))
+    alloc = Allocate(*_build_choice("allocate", data.pop("allocate", {}), ALLOCATORS, "uniform"))
     recipe = _build(Recipe, data, "")
-    recipe = dataclasses.replace(recipe, round=rnd)
+    recipe = dataclasses.replace(recipe, round=rnd, allocate=alloc)
     for o in recipe.overrides:  # validate override values through LayerSpec's own checks
         if not o.skip:
             recipe.layer_spec(o.match)

@@ -40,6 +40,8 @@ class LayerReport:
     loss: float  # the method's layer loss (GPTQ: OBQ estimate of ½·tr(ΔW H ΔWᵀ)); nan if no Hessian
     seconds: float
     info: dict[str, float] = field(default_factory=dict)
+    col_loss: Tensor | None = None  # [K] per-column loss on CPU (what BAQ allocates from)
+    numel: int = 0
 
 
 @dataclass
@@ -49,6 +51,7 @@ class BlockReport:
     seconds: float
     layers: list[LayerReport]
     resumed: bool = False
+    stage: str = "round"  # which pass produced it (e.g. "baq pass 1", "level database", "round")
 
     @property
     def loss(self) -> float:
@@ -56,6 +59,8 @@ class BlockReport:
 
 
 Progress = Callable[[BlockReport], None]
+# (name, dense Linear, its Hessian or None, spec) -> (packed module used for propagation, report)
+RoundLayer = Callable[[str, nn.Linear, "Tensor | None", Any], tuple[CompressedLinear, LayerReport]]
 
 
 class Hessian:
@@ -165,7 +170,8 @@ def round_linear(name: str, lin: nn.Linear, H: Tensor | None, spec: Any, method:
     loss = float(out.loss.sum()) if out.loss is not None else float("nan")
     bias = None if lin.bias is None else lin.bias.detach()
     packed = CompressedLinear.from_weight(out, bias)
-    return packed, LayerReport(name, loss, time.perf_counter() - t0, dict(out.info))
+    col_loss = None if out.loss is None else out.loss.detach().cpu()
+    return packed, LayerReport(name, loss, time.perf_counter() - t0, dict(out.info), col_loss, lin.weight.numel())
 
 
 def block_linears(block: nn.Module, prefix: str, plan: Plan) -> dict[str, nn.Linear]:
@@ -181,18 +187,19 @@ def _groups(arch: Arch, prefix: str, linears: dict[str, nn.Linear], true_sequent
     return [g for g in [*groups, rest] if g]
 
 
-def _round_block(model: nn.Module, block: nn.Module, groups: list[list[str]], plan: Plan, method: ModuleType,
-                 cfg: Any, inputs: Sequence[tuple[Tensor, dict[str, Any]]], device: torch.device) -> list[LayerReport]:
+def _round_block(model: nn.Module, block: nn.Module, groups: list[list[str]], plan: Plan, round_layer: RoundLayer,
+                 needs_hessian: bool, inputs: Sequence[tuple[Tensor, dict[str, Any]]],
+                 device: torch.device) -> list[LayerReport]:
     """Round the block's Linears group by group; each group's Hessians see the earlier groups compressed."""
     reports = []
     for group in groups:
         mods = {n: model.get_submodule(n) for n in group}
         hs: dict[str, Hessian] = {}
-        if cfg.needs_hessian:
+        if needs_hessian:
             with _hessian_hooks(mods, device) as hs:
                 _run_block(block, inputs, device, keep=False)
         for name, lin in mods.items():
-            packed, rep = round_linear(name, lin, hs[name].H if hs else None, plan[name], method, cfg)
+            packed, rep = round_layer(name, lin, hs[name].H if hs else None, plan[name])
             set_module(model, name, packed)
             reports.append(rep)
         hs.clear()  # free this group's Hessians before the next group's
@@ -204,12 +211,19 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
         batch_size: int = 8, true_sequential: bool = False, device: torch.device | str = "cpu",
         resume: Callable[[int], dict[str, Tensor] | None] | None = None,
         on_block_done: Callable[[int, nn.Module], None] | None = None,
-        progress: Progress | None = None) -> list[BlockReport]:
+        progress: Progress | None = None, round_layer: RoundLayer | None = None,
+        restore: bool = False, stage: str = "round") -> list[BlockReport]:
     """Compress every Linear in `plan`, block by block; the model is modified in place.
 
     `resume(i)` may return the saved state of an already finished block i (it is loaded, not recomputed);
     `on_block_done(i, block)` is called after each newly compressed block (to save it).
+    `round_layer` replaces the default (round with `method`/`cfg` and pack), e.g. to build a level database.
+    `restore=True` puts every dense Linear back after its block has produced the next block's inputs: the
+    model ends unchanged and the reports carry what the rounding measured (BAQ's first pass).
     """
+    if round_layer is None:
+        def round_layer(name: str, lin: nn.Linear, H: Tensor | None, spec: Any) -> tuple[CompressedLinear, LayerReport]:
+            return round_linear(name, lin, H, spec, method, cfg)
     device = torch.device(device)
     blocks = blocks_of(model, arch)
     if cfg.needs_hessian and windows is None:
@@ -229,14 +243,37 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
             block.load_state_dict(state)
         else:
             groups = _groups(arch, prefix, linears, true_sequential)
-            layer_reports = _round_block(model, block, groups, plan, method, cfg, inputs, device)
+            layer_reports = _round_block(model, block, groups, plan, round_layer, cfg.needs_hessian, inputs, device)
         if cfg.needs_hessian and i + 1 < len(blocks):
             inputs = _run_block(block, inputs, device, keep=True)
+        if restore:
+            for name, lin in linears.items():
+                set_module(model, name, lin)
         block.to("cpu", dtype)
         if on_block_done is not None and state is None:
             on_block_done(i, block)
-        rep = BlockReport(i, len(blocks), time.perf_counter() - t0, layer_reports, resumed=state is not None)
+        rep = BlockReport(i, len(blocks), time.perf_counter() - t0, layer_reports, resumed=state is not None,
+                          stage=stage)
         reports.append(rep)
         if progress is not None:
             progress(rep)
     return reports
+
+
+@torch.no_grad()
+def assemble(model: nn.Module, plan: Plan, weights: Callable[[str], LayerWeight],
+             progress: Progress | None = None) -> list[BlockReport]:
+    """Swap in Linears that were rounded elsewhere (a level database): no calibration pass at all."""
+    t0 = time.perf_counter()
+    reports = []
+    for name in plan:
+        lin = model.get_submodule(name)
+        lw = weights(name)
+        bias = None if lin.bias is None else lin.bias.detach()
+        set_module(model, name, CompressedLinear.from_weight(lw, bias).to(lin.weight.device))
+        loss = float(lw.loss.sum()) if lw.loss is not None else float("nan")
+        reports.append(LayerReport(name, loss, 0.0, dict(lw.info), None, lin.weight.numel()))
+    rep = BlockReport(0, 1, time.perf_counter() - t0, reports, stage="assemble")
+    if progress is not None:
+        progress(rep)
+    return [rep]

@@ -93,9 +93,10 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
     W = lw.W.float().clone()  # [N, K]
     N, K = W.shape
     H = H.float().clone()  # [K, K]
-    bits, sym, sdt = spec.bits, spec.symmetric, spec.torch_scale_dtype
+    sym, sdt = spec.symmetric, spec.torch_scale_dtype
     gs = spec.group_width(K)
     G = grid.n_groups(K, gs)
+    gbits = spec.group_bits(K)  # width of each group (one value unless the plan mixes widths)
 
     dead = torch.diag(H) == 0  # inputs that were always zero: nothing to reconstruct
     H[dead, dead] = 1
@@ -103,7 +104,7 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
 
     static = cfg.act_order or spec.group_size == -1
     if static:
-        scale, zero = grid.choose_qparams_groups(W, bits, gs, sym, sdt)
+        scale, zero = grid.choose_qparams_groups(W, gbits, gs, sym, sdt)
     else:
         scale, zero = torch.zeros(N, G, device=W.device), torch.zeros(N, G, device=W.device)
     perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else None
@@ -130,11 +131,11 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
         for i in range(i2 - i1):
             j = i1 + i
             if not static and j % gs == 0:  # fit on W as of the block start (reference behaviour)
-                s, z = grid.choose_qparams(W[:, j : j + gs], bits, sym, sdt)
+                s, z = grid.choose_qparams(W[:, j : j + gs], gbits[j // gs], sym, sdt)
                 scale[:, j // gs], zero[:, j // gs] = s, z
             g = col_group[j]
             w, d = W1[:, i], U1[i, i]
-            q = grid.quantize(w, scale[:, g], zero[:, g], bits)
+            q = grid.quantize(w, scale[:, g], zero[:, g], gbits[g])
             w_hat = grid.dequantize(q, scale[:, g], zero[:, g])
             Q1[:, i] = q
             L1[:, i] = (w - w_hat) ** 2 / d**2

@@ -20,8 +20,9 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
     """Quantize every group of W [N, K] to its nearest grid point."""
     spec, W = lw.spec, lw.W.float()
     gs = spec.group_width(W.shape[1])
-    scale, zero = grid.choose_qparams_groups(W, spec.bits, gs, spec.symmetric, spec.torch_scale_dtype)
-    codes = grid.quantize_groups(W, scale, zero, spec.bits, gs)
+    gb = spec.group_bits(W.shape[1])
+    scale, zero = grid.choose_qparams_groups(W, gb, gs, spec.symmetric, spec.torch_scale_dtype)
+    codes = grid.quantize_groups(W, scale, zero, gb, gs)
     out = lw.rounded(codes=codes, scale=scale, zero=zero)
     if H is not None:
         out.loss = column_loss(W, out.dequantize(), H)

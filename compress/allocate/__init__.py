@@ -1,0 +1,17 @@
+"""Bit allocation: decide each Linear's widths (the `Plan`) before rounding.
+
+Every allocator is one module with a frozen `Config` and `allocate(ctx, cfg) -> Allocation`:
+    uniform   every Linear gets the recipe's `weights` spec (after overrides)
+    baq       BAQ (Zhang et al. 2025): GPTQ losses at a reference width -> closed-form widths per group of
+              columns, per layer, or per column (faithful mode, level counts)
+    evopress  EvoPress (Sieberling et al. 2025): evolutionary search over per-layer widths on a level database,
+              fitness = KL(dense ‖ candidate) on fresh calibration tokens
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from compress.allocate import baq, uniform
+
+METHODS: dict[str, ModuleType] = {"uniform": uniform, "baq": baq}

@@ -1,0 +1,101 @@
+"""BAQ: Bit Allocation Quantization (Zhang, Wang, Lasaulce, Debbah 2025; CSU-ModelCompression/BAQ).
+
+Pass 1 rounds every Linear at a reference width R with the recipe's rounding method (GPTQ) through the
+sequential driver and records each column's loss L_j = ½ Σ_rows (w - q)² / U_jj²; the model is left
+unchanged. BAQ's loss model L(b) = L(R)·2^(-θ(b-R)) then gives every unit its width in closed form
+(`budget.py`): units with larger losses get more bits, and at the optimum all units contribute the same
+loss per weight. Pass 2 is the ordinary rounding stage with the resulting mixed plan.
+
+Granularity (kernel-friendly modes; both land on integer widths from `choices` with an exact budget):
+    group   units = the grid's groups of columns inside each Linear; every Linear keeps the target average
+            (the paper's per-matrix budget), widths differ along K (stored as parts, format v2)
+    layer   units = whole Linears; one budget over the model, numel-weighted
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from compress import sequential
+from compress.allocate import budget
+from compress.allocate.context import Allocation, Context
+from compress.errors import CompressError
+from compress.plan import Plan
+from compress.round import METHODS
+
+GRANULARITIES = ("group", "layer")
+
+
+@dataclass(frozen=True)
+class Config:
+    target_bits: float = 3.0  # average code bits over the allocated Linears, by element count
+    granularity: str = "group"  # group | layer
+    choices: tuple[int, ...] = (2, 3, 4, 8)  # widths a unit may get
+    theta: float = 1.95  # slope of log2-loss per bit; the reference's fitted value (2 = the 6 dB/bit rule)
+    reference_bits: int = 0  # width of pass 1; 0 = the target rounded half up
+    needs_calibration: bool = True
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise CompressError(f"baq granularity={self.granularity!r} is invalid; choose one of {GRANULARITIES}")
+        if not self.choices or not all(1 <= b <= 8 for b in self.choices):
+            raise CompressError(f"baq choices={list(self.choices)} must be widths from 1 to 8")
+        if not min(self.choices) <= self.target_bits <= max(self.choices):
+            raise CompressError(f"baq target_bits={self.target_bits} must lie between the smallest and largest "
+                                f"of choices={list(self.choices)}")
+        if self.theta <= 0:
+            raise CompressError(f"baq theta={self.theta} must be positive (1.95 in the paper)")
+
+    @property
+    def ref_bits(self) -> int:
+        return self.reference_bits or math.floor(self.target_bits + 0.5)
+
+
+def first_pass(ctx: Context, ref_bits: int) -> dict[str, sequential.LayerReport]:
+    """Round every planned Linear at ref_bits with the recipe's method, record losses, leave the model dense."""
+    plan = Plan({n: replace(s, bits=ref_bits) for n, s in ctx.base.layers.items()})
+    rnd = ctx.recipe.round
+    c = ctx.recipe.calibrate
+    reports = sequential.run(ctx.model, ctx.arch, plan, METHODS[rnd.method], rnd.config, ctx.windows,
+                             batch_size=c.batch_size, true_sequential=c.true_sequential, device=ctx.device,
+                             restore=True, progress=ctx.progress, stage=f"baq pass 1 ({ref_bits} bits)")
+    return {r.name: r for b in reports for r in b.layers}
+
+
+def allocate(ctx: Context, cfg: Config) -> Allocation:
+    if not ctx.recipe.round.config.needs_hessian:
+        raise CompressError("baq allocates from the rounding method's per-column losses; use round.method=gptq")
+    ctx.log(f"BAQ pass 1: {ctx.recipe.round.method} at {cfg.ref_bits} bits to measure column losses")
+    losses = first_pass(ctx, cfg.ref_bits)
+    names = [n for n in ctx.base if n not in ctx.pinned]
+    layers = dict(ctx.base.layers)
+    summary: dict[str, object] = {"method": "baq", "granularity": cfg.granularity, "theta": cfg.theta,
+                                  "reference_bits": cfg.ref_bits, "target_bits": cfg.target_bits}
+    before = after = 0.0  # modelled total loss: uniform target vs allocation
+    if cfg.granularity == "layer":
+        L = torch.tensor([losses[n].loss for n in names], dtype=torch.float64)
+        n = torch.tensor([losses[n].numel for n in names], dtype=torch.float64)
+        bits = budget.discrete(L, n, cfg.target_bits, cfg.theta, cfg.ref_bits, cfg.choices)
+        for name, b in zip(names, bits.tolist(), strict=True):
+            layers[name] = replace(layers[name], bits=int(b))
+        before = float(budget.modelled_loss(L, torch.full_like(L, cfg.target_bits), cfg.ref_bits, cfg.theta).sum())
+        after = float(budget.modelled_loss(L, bits, cfg.ref_bits, cfg.theta).sum())
+    else:
+        for name in names:
+            spec, rep = layers[name], losses[name]
+            K = rep.col_loss.numel()
+            gw = spec.group_width(K)
+            L = torch.stack([g.sum() for g in rep.col_loss.double().split(gw)])  # [G] loss per group
+            n = torch.tensor([len(g) for g in torch.arange(K).split(gw)], dtype=torch.float64) * (rep.numel // K)
+            bits = budget.discrete(L, n, cfg.target_bits, cfg.theta, cfg.ref_bits, cfg.choices)
+            layers[name] = replace(spec, bits=tuple(int(b) for b in bits))
+            before += float(budget.modelled_loss(L, torch.full_like(L, cfg.target_bits), cfg.ref_bits, cfg.theta).sum())
+            after += float(budget.modelled_loss(L, bits, cfg.ref_bits, cfg.theta).sum())
+    summary["pass1_loss"] = sum(losses[n].loss for n in names)
+    summary["predicted_loss_ratio"] = after / before if before else float("nan")
+    ctx.log(f"BAQ: modelled layer-loss ratio vs uniform {cfg.target_bits:g} bits: "
+            f"{summary['predicted_loss_ratio']:.3f}")
+    return Allocation(Plan(layers), summary=summary)
