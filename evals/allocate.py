@@ -1,0 +1,78 @@
+"""Allocation benchmark: BAQ and EvoPress against uniform GPTQ on SmolLM2-135M, pydoc-512 protocol.
+
+Every row compresses in its own process (wall time and peak RSS are its own) and is scored on the same
+40 x 512 pydoc windows as evals/trunk.py. Average bits are code bits over the compressed Linears by
+element count; "+meta" adds the fp16 scales and uint8 zeros. Writes evals/results/allocate.{json,md}.
+
+    python evals/allocate.py                  # every row (several hours on 2 CPU cores)
+    python evals/allocate.py --rows baq-3bit  # some rows; the others are kept from earlier runs
+    python evals/allocate.py --render
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from common import fmt_num, fmt_ppl, job, merge, run_job
+
+ROWS: dict[str, tuple[str, list[str]]] = {
+    "gptq uniform w3": ("gptq-3bit", []),
+    "gptq uniform w2": ("gptq-2bit", ["weights.group_size=128"]),
+    "baq-3bit (group)": ("baq-3bit", []),
+    "baq-3bit (layer)": ("baq-3bit", ["allocate.granularity=layer"]),
+    "baq-2.5bit (group)": ("baq-2.5bit", []),
+    "baq-2.5bit (layer)": ("baq-2.5bit", ["allocate.granularity=layer"]),
+}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| method | bits (codes / +meta) | ppl | KL / token | top-1 | widths (share of weights) | "
+             "predicted layer-loss ratio | compress s | peak RSS MB |", "|" + "---|" * 9]
+    for r in rows:
+        if r["label"] == "dense":
+            lines.append(f"| dense | 32 | {fmt_ppl(r['ppl'])} | - | - | - | - | - | - |")
+            continue
+        widths = ", ".join(f"{w}: {s:.0%}" for w, s in r["widths"].items())
+        pred = r.get("allocation", {}).get("predicted_loss_ratio")
+        lines.append(
+            f"| {r['label']} | {r['bits_code']:.3f} / {r['bits_total']:.3f} | {fmt_ppl(r['ppl'])} | "
+            f"{fmt_num(r['kl'], '.4f')} | {fmt_num(r['top1'], '.2%')} | {widths} | {fmt_num(pred, '.3f')} | "
+            f"{r['compress_seconds']:.0f} | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    ap.add_argument("--rows", nargs="*", choices=list(ROWS), default=list(ROWS))
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "allocate")
+    ap.add_argument("--render", action="store_true")
+    args = ap.parse_args()
+    if args.job:
+        print(json.dumps(job(json.loads(args.job))))
+        return
+    saved = args.out.with_suffix(".json")
+    rows = json.loads(saved.read_text()) if saved.is_file() else []
+    order = ["dense", *ROWS]
+    if not args.render:
+        for label in ["dense", *args.rows]:
+            spec = {"label": label} if label == "dense" else {"label": label, "recipe": ROWS[label][0],
+                                                              "edits": ROWS[label][1]}
+            t0 = time.perf_counter()
+            new = run_job(spec, __file__)
+            print(f"{label} done in {time.perf_counter() - t0:.0f}s: ppl {fmt_ppl(new['ppl'])}", flush=True)
+            rows = merge(saved, new, order)
+    md = table(rows)
+    print(md)
+    args.out.with_suffix(".md").write_text(
+        "# Allocation benchmark: SmolLM2-135M, pydoc-512 protocol\n\nCommand: `python evals/allocate.py`. "
+        "All rows: g128 asymmetric grids, fp16 scales, GPTQ with act-order (static groups), 128 x 512 "
+        "calibration windows. Predicted layer-loss ratio = BAQ's modelled Σ layer loss of the allocation over "
+        "that of uniform bits at the target.\n\n" + md + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Shared by the benchmark scripts: one compression per fresh process, scored on the pydoc-512 protocol.
+
+A job is {"label", "recipe", "edits"} (or {"label": "dense"}); it loads SmolLM2, compresses it with the
+recipe, records wall time and peak RSS of the compression, then loads the dense model and compares both
+on 40 x 512 pydoc windows from token 0 (ppl, KL, top-1). Rows are merged into a JSON file by label, so a
+partial re-run keeps the other rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from compress.pipeline import Result
+    from compress.plan import LayerSpec
+
+EVAL_WINDOWS, SEQLEN = 40, 512
+
+
+def job(spec: dict) -> dict:
+    import resource
+
+    import torch
+
+    import compress
+    from compress import data, evaluate, models, recipe
+
+    torch.set_num_threads(2)
+    ref = models.resolve("smollm2-135m")
+    model, tok = models.load(ref)
+    ev = data.evaluation(tok, "pydoc", SEQLEN, EVAL_WINDOWS)
+    out = {"label": spec["label"]}
+    if spec["label"] == "dense":
+        t0 = time.perf_counter()
+        out.update(ppl=evaluate.compare({"dense": model}, ev.ids)[0].ppl, eval_seconds=time.perf_counter() - t0)
+        return out
+    rec = recipe.load(spec["recipe"], spec.get("edits", []))
+    t0 = time.perf_counter()
+    result = compress.compress(model, tok, rec)
+    out["compress_seconds"] = time.perf_counter() - t0
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["layer_loss"] = result.total_loss
+    out["bits_code"], out["bits_total"] = result.avg_bits()
+    out["allocation"] = result.allocation
+    out["widths"] = _width_histogram(result)
+    dense, _ = models.load(ref)  # after compressing, so the peak RSS above is the compression's own
+    t0 = time.perf_counter()
+    d, c = evaluate.compare({"dense": dense, "compressed": model}, ev.ids)
+    out.update(ppl=c.ppl, dense_ppl=d.ppl, kl=c.kl_mean, top1=c.top1, eval_seconds=time.perf_counter() - t0)
+    return out
+
+
+def _width_histogram(result: Result) -> dict[str, float]:
+    """Share of compressed weights at each width."""
+    counts: dict[int, float] = {}
+    for name, spec in result.plan.layers.items():
+        N, K = result.shapes[name]
+        for w, cols in zip(spec.group_bits(K), _group_sizes(spec, K), strict=True):
+            counts[w] = counts.get(w, 0.0) + N * cols
+    total = sum(counts.values())
+    return {str(w): c / total for w, c in sorted(counts.items())}
+
+
+def _group_sizes(spec: LayerSpec, K: int) -> list[int]:
+    g = spec.group_width(K)
+    return [min(g, K - s) for s in range(0, K, g)]
+
+
+def run_job(spec: dict, script: str) -> dict:
+    p = subprocess.run([sys.executable, script, "--job", json.dumps(spec)], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"job {spec} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def merge(path: Path, new: dict, order: list[str]) -> list[dict]:
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    rows = [r for r in rows if r["label"] != new["label"]] + [new]
+    rows.sort(key=lambda r: order.index(r["label"]) if r["label"] in order else len(order))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def fmt_ppl(x: float | None) -> str:
+    return "-" if x is None else (f"{x:.3f}" if x < 1e4 else f"{x:.3g}")
+
+
+def fmt_num(x: float | None, spec: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
