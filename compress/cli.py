@@ -11,12 +11,11 @@ import json
 import logging
 import re
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console, Group
+from rich.console import Console
 from rich.live import Live
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -26,6 +25,7 @@ from compress.errors import CompressError
 
 if TYPE_CHECKING:
     from compress.evaluate import ModelStats
+    from compress.plan import Plan
     from compress.sequential import BlockReport
 
 console = Console(stderr=True)
@@ -93,36 +93,63 @@ def _human_bytes(n: int | None) -> str:
 
 
 class BlockTable:
-    """Live per-block table (block, Linears, loss, worst Linear, seconds, ETA) above a progress bar."""
+    """One printed row per finished block (stage, block, Linears, loss, worst Linear, damping, seconds, ETA)
+    and a live progress bar below; rows scroll away like a log, so any number of passes fits."""
+
+    COLUMNS = (("block", 6, "right"), ("linears", 7, "right"), ("loss", 10, "right"), ("worst linear", 30, "left"),
+               ("damp", 6, "right"), ("s", 7, "right"), ("ETA", 7, "right"))
 
     def __init__(self, total: int) -> None:
-        self.table = Table(title="compressing", expand=False)
-        for col, just in (("block", "right"), ("linears", "right"), ("loss", "right"), ("worst linear", "left"),
-                          ("damp", "right"), ("s", "right"), ("ETA", "right")):
-            self.table.add_column(col, justify=just)
-        self.bar = Progress(TextColumn("blocks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        self.total = total
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             TimeRemainingColumn(), console=console)
         self.task = self.bar.add_task("blocks", total=total)
-        self.t0, self.done_fresh, self.seconds = time.perf_counter(), 0, 0.0
+        self.stage, self.done_fresh, self.seconds = None, 0, 0.0
 
-    def renderable(self) -> Group:
-        return Group(self.table, self.bar)
+    def _table(self, header: bool) -> Table:
+        t = Table(show_header=header, box=None, pad_edge=False)
+        for name, width, just in self.COLUMNS:
+            t.add_column(name, width=width, justify=just, no_wrap=True)
+        return t
 
     def __call__(self, rep: BlockReport) -> None:
+        if rep.stage != self.stage:  # a new pass: its own heading, bar and ETA
+            self.stage, self.done_fresh, self.seconds = rep.stage, 0, 0.0
+            self.bar.update(self.task, description=rep.stage, completed=0, total=rep.total)
+            console.print(f"[bold]{rep.stage}[/]")
+            console.print(self._table(header=True))
         self.bar.update(self.task, completed=rep.index + 1)
+        row = self._table(header=False)
         if rep.resumed:
-            self.table.add_row(str(rep.index), "-", "-", "resumed from .partial", "-", f"{rep.seconds:.1f}", "")
-            return
-        self.done_fresh += 1
-        self.seconds += rep.seconds
-        eta = self.seconds / self.done_fresh * (rep.total - rep.index - 1)
-        worst = max(rep.layers, key=lambda r: r.loss, default=None)
-        damp = max((r.info.get("damp", 0.0) for r in rep.layers), default=0.0)
-        self.table.add_row(
-            str(rep.index), str(len(rep.layers)), f"{rep.loss:.4g}",
-            f"{worst.name.rsplit('.', 2)[-2]}.{worst.name.rsplit('.', 1)[-1]} {worst.loss:.3g}" if worst else "-",
-            f"{damp:g}" if damp else "-", f"{rep.seconds:.1f}", f"{eta:.0f}s",
-        )
+            row.add_row(str(rep.index), "-", "-", "resumed from .partial", "-", f"{rep.seconds:.1f}", "")
+        else:
+            self.done_fresh += 1
+            self.seconds += rep.seconds
+            eta = self.seconds / self.done_fresh * (rep.total - rep.index - 1)
+            worst = max(rep.layers, key=lambda r: r.loss, default=None)
+            damp = max((r.info.get("damp", 0.0) for r in rep.layers), default=0.0)
+            row.add_row(
+                str(rep.index), str(len(rep.layers)), f"{rep.loss:.4g}",
+                f"{'.'.join(worst.name.split('.')[-2:])} {worst.loss:.3g}" if worst else "-",
+                f"{damp:g}" if damp else "-", f"{rep.seconds:.1f}", f"{eta:.0f}s")
+        console.print(row)
+
+
+def allocation_table(plan: Plan, shapes: dict[str, tuple[int, int]], prefix: str) -> Table | None:
+    """Blocks x Linear kinds; a cell is the Linear's width, or one digit per group along K when widths mix."""
+    kinds: list[str] = []
+    cells: dict[str, dict[str, str]] = {}
+    for name, spec in plan.layers.items():
+        block, _, kind = name.removeprefix(prefix + ".").partition(".")
+        kinds += [kind] if kind not in kinds else []
+        gb = spec.group_bits(shapes[name][1])
+        cells.setdefault(block, {})[kind] = str(gb[0]) if len(set(gb)) == 1 else "".join(map(str, gb))
+    if all(isinstance(s.bits, int) for s in plan.layers.values()) and len({s.bits for s in plan.layers.values()}) == 1:
+        return None  # uniform: nothing to show
+    t = Table("block", *[k.split(".")[-1] for k in kinds], title="allocation (code bits per Linear or per group)")
+    for block, row in cells.items():
+        t.add_row(block, *[row.get(k, "-") for k in kinds])
+    return t
 
 
 @app.command(name="compress", help="Compress MODEL with a recipe and write a checkpoint directory.")
@@ -160,9 +187,10 @@ def compress_cmd(
             ev = data.evaluation(tok, "pydoc", rec.calibrate.seqlen, eval_windows, vocab_size=m.config.vocab_size)
             quick = evaluate.reference(m.to(device), ev.ids)
             m.to("cpu")
-    table = BlockTable(len(models.blocks_of(m, models.arch_of(m))))
+    arch = models.arch_of(m)
+    table = BlockTable(len(models.blocks_of(m, arch)))
     try:
-        with Live(table.renderable(), console=console, refresh_per_second=4):
+        with Live(table.bar, console=console, refresh_per_second=4, transient=True):
             result = compress(m, tok, rec, device=device, progress=table, workdir=work)
     except KeyboardInterrupt:
         console.print(f"\n[yellow]interrupted[/]: {work.finished} finished blocks are kept in {work.dir}; "
@@ -178,6 +206,14 @@ def compress_cmd(
                         extra=card.summary(result))
         work.remove()
     code, total = result.avg_bits()
+    alloc = allocation_table(result.plan, result.shapes, arch.blocks)
+    if alloc is not None:
+        console.print(alloc)
+        target = rec.allocate.config.target_bits
+        ratio = result.allocation.get("predicted_loss_ratio")
+        console.print(f"allocation ({rec.allocate.method}): target {target:g} code bits → realised {code:.4f} "
+                      f"code bits, {total:.4f} with scales/zeros"
+                      + (f"; modelled layer-loss ratio vs uniform {ratio:.3f}" if ratio is not None else ""))
     size = checkpoint.disk_bytes(out)
     summary = (f"[green]done[/] in {result.seconds:.0f}s · peak RSS {result.peak_rss_mb:.0f} MB · "
                f"{code:.3f} bits/weight (codes), {total:.3f} with scales/zeros · {_human_bytes(size)} on disk")
