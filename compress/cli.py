@@ -176,10 +176,6 @@ def compress_cmd(
     ref = models.resolve(model)
     out = out or _default_out(model, rec.name)
     console.print(f"[bold]compress[/] {ref.display} · recipe [cyan]{rec.name}[/]: {rec.description}")
-    work = checkpoint.WorkDir(out, {"model": ref.source, "gguf": ref.gguf_file, "recipe": rec.to_dict(),
-                                    "dtype": dtype})
-    if work.finished:
-        console.print(f"resuming: {work.finished} finished blocks found in {work.dir}")
     with console.status(f"loading {ref.display}"):
         m, tok = models.load(ref, _dtype(dtype))
         quick = None
@@ -187,6 +183,11 @@ def compress_cmd(
             ev = data.evaluation(tok, "pydoc", rec.calibrate.seqlen, eval_windows, vocab_size=m.config.vocab_size)
             quick = evaluate.reference(m.to(device), ev.ids)
             m.to("cpu")
+    # the work directory exists only once there is a model to work on (a failed load leaves nothing behind)
+    work = checkpoint.WorkDir(out, {"model": ref.source, "gguf": ref.gguf_file, "recipe": rec.to_dict(),
+                                    "dtype": dtype})
+    if work.finished:
+        console.print(f"resuming: {work.finished} finished blocks found in {work.dir}")
     arch = models.arch_of(m)
     table = BlockTable(len(models.blocks_of(m, arch)))
     try:

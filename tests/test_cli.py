@@ -81,13 +81,16 @@ def test_unknown_recipe_lists_the_available_ones(tiny_llama_dir: Path, capsys: p
     assert code == 2 and "gptq-4bit" in one_line_error(err)
 
 
-def test_missing_model_offline_is_one_line(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_model_offline_is_one_line(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
     from compress import models
 
     monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.chdir(tmp_path)
     code, _, err = cli(["no-such-org/no-such-model", "--recipe", "rtn-4bit"], capsys)
     msg = one_line_error(err)
     assert code == 2 and "no-such-org/no-such-model" in msg and "huggingface-cli download" in msg
+    assert not (tmp_path / "out").exists(), "a failed load must not leave a work directory behind"
 
 
 def test_truncated_safetensors_is_one_line(tiny_llama_dir: Path, compressed_dir: Path, tmp_path: Path,
