@@ -192,7 +192,8 @@ def compress_cmd(
     table = BlockTable(len(models.blocks_of(m, arch)))
     try:
         with Live(table.bar, console=console, refresh_per_second=4, transient=True):
-            result = compress(m, tok, rec, device=device, progress=table, workdir=work)
+            result = compress(m, tok, rec, device=device, progress=table, workdir=work,
+                              say=lambda msg: console.print(msg, highlight=False))
     except KeyboardInterrupt:
         console.print(f"\n[yellow]interrupted[/]: {work.finished} finished blocks are kept in {work.dir}; "
                       "re-run the same command to resume")

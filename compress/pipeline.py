@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,8 +77,10 @@ def make_plan(model: nn.Module, arch: models.Arch, recipe: Recipe) -> Plan:
 
 
 def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | torch.device = "cpu",
-             progress: Progress | None = None, workdir: WorkDir | None = None) -> Result:
-    """Compress `model` in place following `recipe`; a `workdir` makes the run resumable."""
+             progress: Progress | None = None, workdir: WorkDir | None = None,
+             say: Callable[[str], None] | None = None) -> Result:
+    """Compress `model` in place following `recipe`; a `workdir` makes the run resumable; `say` receives
+    one-line progress messages of the allocation stage (default: the library's logger)."""
     t0 = time.perf_counter()
     arch = models.arch_of(model)
     base = make_plan(model, arch, recipe)
@@ -90,7 +93,7 @@ def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | 
         log.info("calibration: %s", windows.describe())
     ids = None if windows is None else windows.ids
     ctx = Context(model, arch, base, {n for n in base if recipe.pinned(n)}, ids, recipe, torch.device(device),
-                  None if workdir is None else workdir.dir, progress)
+                  None if workdir is None else workdir.dir, progress, say or log.info)
     allocation = allocate(ctx, workdir)
     if allocation.weights is not None:  # the allocator already rounded every Linear (EvoPress's database)
         blocks = sequential.assemble(model, allocation.plan, allocation.weights, progress=progress)

@@ -12,6 +12,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from compress.allocate import baq, uniform
+from compress.allocate import baq, evopress, uniform
 
-METHODS: dict[str, ModuleType] = {"uniform": uniform, "baq": baq}
+METHODS: dict[str, ModuleType] = {"uniform": uniform, "baq": baq, "evopress": evopress}

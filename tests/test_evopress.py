@@ -1,0 +1,86 @@
+"""EvoPress: exact budgets under mutation, resumable search, tied layers, loadable mixed checkpoints."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama
+from test_pipeline import SMALL
+
+from compress import data, models, recipe
+from compress.allocate import evopress
+from compress.allocate.context import Context
+from compress.pipeline import make_plan
+
+EVO = ("allocate={method: evopress, target_bits: 3, choices: [2, 3, 4], generations: 3, offspring: 3, "
+       "stages: [[2, 64], [1, 128]], topk: 16}")
+
+
+def test_mutation_keeps_the_budget_exact_over_a_thousand_steps() -> None:
+    rng = random.Random(0)
+    numel = [100] * 10 + [300] * 6 + [50] * 4
+    groups = evopress.size_groups([evopress.Unit((str(i),), n) for i, n in enumerate(numel)])
+    widths = evopress.spread(groups, numel, 3.0, len(numel), rng)
+    total = sum(w * n for w, n in zip(widths, numel, strict=True))
+    assert total == 3 * sum(numel)
+    for _ in range(1000):
+        child = evopress.mutate(widths, groups, 2, 6, rng)
+        assert sum(w * n for w, n in zip(child, numel, strict=True)) == total
+        assert all(2 <= w <= 6 for w in child)
+        widths = child
+    assert len(set(widths)) > 1
+
+
+def test_spread_hits_fractional_targets_per_size_group() -> None:
+    numel = [10] * 8 + [40] * 4
+    groups = evopress.size_groups([evopress.Unit((str(i),), n) for i, n in enumerate(numel)])
+    w = evopress.spread(groups, numel, 2.5, len(numel), random.Random(1))
+    assert sum(a * n for a, n in zip(w, numel, strict=True)) == 2.5 * sum(numel)
+
+
+def context(tmp_path: Path, edits: tuple[str, ...] = ()) -> tuple[Context, evopress.Config]:
+    m = tiny_llama()
+    rec = recipe.load("gptq-3bit", [*SMALL, "calibrate.samples=16", EVO, *edits])
+    arch = models.arch_of(m)
+    base = make_plan(m, arch, rec)
+    windows = data.calibration(None, "random", 16, 32, vocab_size=m.config.vocab_size).ids
+    ctx = Context(m, arch, base, set(), windows, rec, workdir=tmp_path, log=lambda s: None)
+    return ctx, rec.allocate.config
+
+
+def test_search_resumes_to_the_same_result(tmp_path: Path) -> None:
+    ctx, cfg = context(tmp_path / "straight")
+    straight = evopress.allocate(ctx, replace(cfg, generations=4))
+    ctx, cfg = context(tmp_path / "resumed")
+    first = evopress.allocate(ctx, replace(cfg, generations=2))
+    assert first.summary["generations"] == 2
+    ctx, cfg = context(tmp_path / "resumed")  # a new process: fresh model, same work directory
+    resumed = evopress.allocate(ctx, replace(cfg, generations=4))
+    assert resumed.plan.layers == straight.plan.layers
+    assert resumed.summary["fitness_history"] == pytest.approx(straight.summary["fitness_history"])
+
+
+def test_tied_layers_share_a_width_and_budget_is_exact(tmp_path: Path) -> None:
+    ctx, cfg = context(tmp_path, ("allocate.tie=true", "allocate.generations=6"))
+    alloc = evopress.allocate(ctx, cfg)
+    for b in range(2):
+        p = f"model.layers.{b}"
+        qkv = {alloc.plan[f"{p}.self_attn.{x}_proj"].bits for x in "qkv"}
+        gate_up = {alloc.plan[f"{p}.mlp.{x}_proj"].bits for x in ("gate", "up")}
+        assert len(qkv) == 1 and len(gate_up) == 1
+    numel = {n: ctx.model.get_submodule(n).weight.numel() for n in alloc.plan}
+    avg = sum(alloc.plan[n].bits * numel[n] for n in numel) / sum(numel.values())
+    assert avg == pytest.approx(3.0)
+
+
+def test_assembled_layers_come_from_the_database(tmp_path: Path) -> None:
+    ctx, cfg = context(tmp_path)
+    alloc = evopress.allocate(ctx, cfg)
+    name = "model.layers.1.mlp.down_proj"
+    lw = alloc.weights(name)
+    assert lw.spec.bits == alloc.plan[name].bits
+    assert torch.equal(lw.codes, lw.codes.clamp(max=2 ** lw.spec.bits - 1))
