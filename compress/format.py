@@ -22,6 +22,11 @@ each row and a row of qweight is planes[0] ++ planes[1] ++ ...: 32 codes take ex
 Every access is power-of-two aligned, so one kernel body serves every width (kernels.md: bit planes
 as in llama.cpp Q3_K and gemlite's W3).
 
+Per-column levels (BAQ's faithful mode, `LayerSpec.levels`): column j has M_j levels and is stored with
+ceil(log2 M_j) bits in the parts below (columns with M_j = 1 are zero and take no bits); `scale` holds
+the row range xmax - xmin [N, 1] and `rmin` the row minimum xmin [N, 1], both in the scale dtype, and
+W_hat[n, j] = s_nj * (code - z_nj) with s_nj = range_n / (M_j - 1), z_nj = round(-xmin_n / s_nj).
+
 Mixed widths inside a layer (FORMAT_VERSION 2; a v1 checkpoint is a valid v2 one). When the plan gives
 a layer one width per group (`LayerSpec.bits` is a list), the columns are partitioned by width: for
 every width w present, in increasing order, the columns of the groups with width w (in their natural
@@ -97,9 +102,10 @@ def unpack(qweight: Tensor, bits: int, K: int) -> Tensor:
 
 
 def width_parts(spec: LayerSpec, K: int) -> list[tuple[int, Tensor]]:
-    """[(width w, column indices with width w)] in increasing w: the order of the parts in qweight."""
+    """[(width w, column indices with width w)] in increasing w > 0: the order of the parts in qweight.
+    (Columns of width 0, single-level columns of BAQ's faithful mode, are not stored: their code is 0.)"""
     cb = spec.column_bits(K)
-    return [(w, torch.nonzero(cb == w).flatten()) for w in sorted(set(spec.group_bits(K)))]
+    return [(w, torch.nonzero(cb == w).flatten()) for w in sorted(set(cb.tolist())) if w > 0]
 
 
 def layer_words(spec: LayerSpec, K: int) -> int:
@@ -110,15 +116,16 @@ def layer_words(spec: LayerSpec, K: int) -> int:
 def pack_layer(codes: Tensor, spec: LayerSpec) -> Tensor:
     """codes uint8 [N, K] (column k in [0, 2**width(k))) -> qweight int32 [N, layer_words]."""
     K = codes.shape[1]
-    return torch.cat([pack(codes[:, cols.to(codes.device)], w) for w, cols in width_parts(spec, K)], dim=1)
+    parts = [pack(codes[:, cols.to(codes.device)], w) for w, cols in width_parts(spec, K)]
+    return torch.cat(parts, dim=1) if parts else torch.zeros(codes.shape[0], 0, dtype=torch.int32)
 
 
 def unpack_layer(qweight: Tensor, spec: LayerSpec, K: int) -> Tensor:
     """qweight int32 [N, layer_words] -> codes uint8 [N, K]. Exact inverse of `pack_layer`."""
     parts = width_parts(spec, K)
-    if len(parts) == 1:
+    if len(parts) == 1 and len(parts[0][1]) == K:
         return unpack(qweight, parts[0][0], K)
-    codes = torch.empty(qweight.shape[0], K, dtype=torch.uint8, device=qweight.device)
+    codes = torch.zeros(qweight.shape[0], K, dtype=torch.uint8, device=qweight.device)
     start = 0
     for w, cols in parts:
         n = packed_words(len(cols), w)
@@ -132,6 +139,8 @@ def bits_per_weight(spec: LayerSpec, N: int, K: int) -> tuple[float, float]:
     code = N * layer_words(spec, K) * 32
     G = spec.groups(K)
     meta = N * G * torch.finfo(spec.torch_scale_dtype).bits
-    if not spec.symmetric:
+    if spec.levels is not None:  # row range + row minimum, both in the scale dtype
+        meta *= 2
+    elif not spec.symmetric:
         meta += N * G * 8
     return code / (N * K), (code + meta) / (N * K)

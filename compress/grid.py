@@ -53,10 +53,12 @@ def choose_qparams(x: Tensor, bits: int, symmetric: bool, scale_dtype: torch.dty
     return scale, zero
 
 
-def quantize(x: Tensor, scale: Tensor, zero: Tensor, bits: int | Tensor) -> Tensor:
-    """Codes (fp32, integer-valued) of x on the grid; scale/zero (and per-column bits) broadcast against x."""
+def quantize(x: Tensor, scale: Tensor, zero: Tensor, qmax: int | Tensor) -> Tensor:
+    """Codes (fp32, integer-valued) in [0, qmax] of x on the grid; scale/zero/qmax broadcast against x.
+    A zero scale (a single-level column) has only the code `zero`."""
     q = torch.round(x / scale) + zero
-    return q.clamp(0, maxq(bits)) if isinstance(bits, int) else torch.minimum(q.clamp_min(0), maxq(bits))
+    q = q.clamp(0, qmax) if isinstance(qmax, int) else torch.minimum(q.clamp_min(0), qmax)
+    return torch.where(scale == 0, zero, q) if bool((scale == 0).any()) else q
 
 
 def dequantize(q: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
@@ -81,9 +83,8 @@ def choose_qparams_groups(
 def quantize_groups(W: Tensor, scale: Tensor, zero: Tensor, bits: int | Sequence[int], group_size: int) -> Tensor:
     """W [N, K] with per-group scale/zero [N, G] (and widths) -> codes uint8 [N, K]."""
     K = W.shape[1]
-    if not isinstance(bits, int):
-        bits = expand(torch.tensor([list(bits)]), group_size, K)  # [1, K] width of every column
-    q = quantize(W.float(), expand(scale, group_size, K), expand(zero, group_size, K), bits)
+    qmax = maxq(bits) if isinstance(bits, int) else maxq(expand(torch.tensor([list(bits)]), group_size, K))
+    q = quantize(W.float(), expand(scale, group_size, K), expand(zero, group_size, K), qmax)
     return q.to(torch.uint8)
 
 
@@ -95,3 +96,25 @@ def dequantize_groups(codes: Tensor, scale: Tensor, zero: Tensor, group_size: in
 
 def n_groups(K: int, group_size: int) -> int:
     return math.ceil(K / group_size)
+
+
+def levels_grid(rng: Tensor, rmin: Tensor, levels: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """BAQ's per-column grids from a row's range: (scale [N, K], zero [N, K]) for level counts M_j.
+
+    scale = (xmax - xmin) / (M_j - 1), zero = round(-xmin / scale) clamped to the codes; a column with
+    M_j = 1 gets scale 0 (it is zero).
+    """
+    m = torch.tensor(levels, dtype=torch.float32, device=rng.device)  # [K]
+    steps = (m - 1).clamp_min(1)
+    scale = (rng.float() / steps) * (m > 1)  # [N, K]
+    zero = torch.round(-rmin.float() / scale.where(scale > 0, torch.ones_like(scale)))
+    return scale, torch.minimum(zero.clamp_min(0), m - 1)
+
+
+def choose_range(W: Tensor, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Per-row min-max range holding 0, rounded to the storage dtype: (xmax - xmin [N, 1], xmin [N, 1])."""
+    zeros = torch.zeros(W.shape[0], device=W.device)
+    xmin = torch.minimum(W.float().min(dim=1).values, zeros).to(scale_dtype).float()
+    xmax = torch.maximum(W.float().max(dim=1).values, zeros)
+    rng = (xmax - xmin).to(scale_dtype).float().clamp_min(torch.finfo(scale_dtype).tiny)
+    return rng.unsqueeze(1), xmin.unsqueeze(1)

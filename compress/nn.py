@@ -32,7 +32,9 @@ class CompressedLinear(nn.Module):
         words = fmt.layer_words(spec, K)
         self.register_buffer("qweight", torch.zeros(N, words, dtype=torch.int32, device=device))
         self.register_buffer("scale", torch.ones(N, G, dtype=spec.torch_scale_dtype, device=device))
-        if not spec.symmetric:
+        if spec.levels is not None:  # BAQ's per-column levels: scale = row range, rmin = row minimum
+            self.register_buffer("rmin", torch.zeros(N, 1, dtype=spec.torch_scale_dtype, device=device))
+        elif not spec.symmetric:
             self.register_buffer("zero", torch.zeros(N, G, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.zeros(N, device=device, dtype=dtype)) if bias else None
 
@@ -43,7 +45,9 @@ class CompressedLinear(nn.Module):
         m = cls(K, N, lw.spec, bias=bias is not None, device=lw.W.device, dtype=None if bias is None else bias.dtype)
         m.qweight.copy_(fmt.pack_layer(lw.codes, lw.spec))
         m.scale.copy_(lw.scale.to(lw.spec.torch_scale_dtype))
-        if not lw.spec.symmetric:
+        if lw.spec.levels is not None:
+            m.rmin.copy_(lw.zero.to(lw.spec.torch_scale_dtype))
+        elif not lw.spec.symmetric:
             m.zero.copy_(lw.zero.to(torch.uint8))
         if bias is not None:
             m.bias.data.copy_(bias)
@@ -60,6 +64,9 @@ class CompressedLinear(nn.Module):
 
     def dequantize(self) -> Tensor:
         """Ŵ fp32 [N, K]: the reference decode that every kernel must match."""
+        if self.spec.levels is not None:
+            s, z = grid.levels_grid(self.scale, self.rmin, self.spec.levels)
+            return grid.dequantize(self.codes().float(), s, z)
         return grid.dequantize_groups(self.codes(), self.scale, self.zero_points(),
                                       self.spec.group_width(self.in_features))
 
@@ -68,10 +75,11 @@ class CompressedLinear(nn.Module):
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> CompressedLinear:
         # model.to(bfloat16) must move scales but never round them: keep their storage dtype.
-        scale = self.scale
+        kept = {k: getattr(self, k) for k in ("scale", "rmin") if hasattr(self, k)}
         super()._apply(fn, recurse)
-        if self.scale.dtype != scale.dtype:
-            self.scale = scale.to(self.scale.device)
+        for k, t in kept.items():
+            if getattr(self, k).dtype != t.dtype:
+                setattr(self, k, t.to(self.qweight.device))
         return self
 
     def extra_repr(self) -> str:

@@ -31,6 +31,9 @@ class LayerSpec:
     symmetric:  symmetric grid (zero fixed at 2**(bits-1), not stored) or asymmetric (zero stored).
     scale_dtype: storage dtype of the scales ("float16", "bfloat16", "float32").
     method:     the rounding method that produced the codes (a key of `compress.round.METHODS`).
+    levels:     per-column level counts M_j (BAQ's faithful mode, per-row grids only): column j of row n
+                uses scale (xmax_n - xmin_n)/(M_j - 1) and is stored with ceil(log2 M_j) bits; M_j = 1
+                means the column is zero and not stored. `bits` is then the nominal rate.
     """
 
     bits: int | tuple[int, ...] = 4
@@ -38,6 +41,7 @@ class LayerSpec:
     symmetric: bool = False
     scale_dtype: str = "float16"
     method: str = "gptq"
+    levels: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, list):
@@ -47,6 +51,13 @@ class LayerSpec:
             raise CompressError(f"bits={self.bits} is not supported; use integers from 1 to 8")
         if self.group_size != -1 and self.group_size < 1:
             raise CompressError(f"group_size={self.group_size} is invalid; use a positive size or -1 (per row)")
+        if isinstance(self.levels, list):
+            object.__setattr__(self, "levels", tuple(self.levels))
+        if self.levels is not None:
+            if self.group_size != -1 or self.symmetric or isinstance(self.bits, tuple):
+                raise CompressError("per-column levels need a per-row asymmetric grid (group_size=-1, symmetric=false)")
+            if not all(1 <= m <= 256 for m in self.levels):
+                raise CompressError("per-column level counts must lie in 1..256")
         if self.scale_dtype not in SCALE_DTYPES:
             raise CompressError(f"scale_dtype={self.scale_dtype!r} is invalid; choose one of {list(SCALE_DTYPES)}")
 
@@ -67,12 +78,19 @@ class LayerSpec:
                                 f"{self.group_size} along K={K}")
         return list(self.bits)
 
-    @property
-    def mixed(self) -> bool:
-        return isinstance(self.bits, tuple) and len(set(self.bits)) > 1
+    def rate(self, K: int) -> float:
+        """Idealised code bits per weight: mean log2 of the level counts (BAQ's "average rate")."""
+        if self.levels is None:
+            return float(self.column_bits(K).double().mean())
+        return float(torch.tensor(self.levels, dtype=torch.float64).log2().mean())
 
     def column_bits(self, K: int) -> Tensor:
-        """Code width of every column, int64 [K]."""
+        """Code width of every column, int64 [K] (0 for a column with a single level: not stored)."""
+        if self.levels is not None:
+            if len(self.levels) != K:
+                raise CompressError(f"levels lists {len(self.levels)} columns but the layer has K={K}")
+            m = torch.tensor(self.levels, dtype=torch.float64, device="cpu")
+            return torch.ceil(torch.log2(m)).to(torch.int64)
         gb = torch.tensor(self.group_bits(K), dtype=torch.int64, device="cpu")  # cpu even under a meta context
         return gb.repeat_interleave(self.group_width(K))[:K]
 
@@ -148,6 +166,7 @@ class LayerWeight:
     codes: uint8 [N, K] in [0, 2**bits), filled by a rounding method.
     scale: fp32 [N, G], values exactly representable in spec.scale_dtype.
     zero:  fp32 [N, G] integer-valued in [0, 2**bits); for symmetric grids the constant 2**(bits-1).
+           With per-column levels: scale = the row range xmax - xmin [N, 1] and zero = xmin [N, 1].
     loss:  fp32 [K], per-column loss of the rounding (GPTQ's OBQ estimate; RTN's with H if given).
     info:  scalar facts for reports (e.g. the damping that was finally used).
 
@@ -167,6 +186,9 @@ class LayerWeight:
 
         if self.codes is None or self.scale is None or self.zero is None:
             raise ValueError("LayerWeight has not been rounded yet")
+        if self.spec.levels is not None:
+            s, z = grid.levels_grid(self.scale, self.zero, self.spec.levels)
+            return grid.dequantize(self.codes.float(), s, z)
         return grid.dequantize_groups(self.codes, self.scale, self.zero, self.spec.group_width(self.W.shape[1]))
 
     def rounded(self, **changes: object) -> LayerWeight:

@@ -25,6 +25,11 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "baq-3bit (layer)": ("baq-3bit", ["allocate.granularity=layer"]),
     "baq-2.5bit (group)": ("baq-2.5bit", []),
     "baq-2.5bit (layer)": ("baq-2.5bit", ["allocate.granularity=layer"]),
+    "evopress-3bit": ("evopress-3bit", []),
+    "baq-evopress-3bit": ("baq-evopress-3bit", []),
+    "evopress-2.5bit": ("evopress-2.5bit", []),
+    "gptq uniform w3 per-row (act-order off)": ("gptq-3bit", ["weights.group_size=-1", "round.act_order=false"]),
+    "baq-3bit-faithful": ("baq-3bit-faithful", []),
 }
 
 
@@ -37,8 +42,10 @@ def table(rows: list[dict]) -> str:
             continue
         widths = ", ".join(f"{w}: {s:.0%}" for w, s in r["widths"].items())
         pred = r.get("allocation", {}).get("predicted_loss_ratio")
+        rate = r.get("allocation", {}).get("realised_rate")  # faithful BAQ: mean log2 of the level counts
+        bits = f"{r['bits_code']:.3f} / {r['bits_total']:.3f}" + (f" (rate {rate:.3f})" if rate else "")
         lines.append(
-            f"| {r['label']} | {r['bits_code']:.3f} / {r['bits_total']:.3f} | {fmt_ppl(r['ppl'])} | "
+            f"| {r['label']} | {bits} | {fmt_ppl(r['ppl'])} | "
             f"{fmt_num(r['kl'], '.4f')} | {fmt_num(r['top1'], '.2%')} | {widths} | {fmt_num(pred, '.3f')} | "
             f"{r['compress_seconds']:.0f} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)

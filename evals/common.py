@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from compress.pipeline import Result
-    from compress.plan import LayerSpec
 
 EVAL_WINDOWS, SEQLEN = 40, 512
 
@@ -61,15 +60,10 @@ def _width_histogram(result: Result) -> dict[str, float]:
     counts: dict[int, float] = {}
     for name, spec in result.plan.layers.items():
         N, K = result.shapes[name]
-        for w, cols in zip(spec.group_bits(K), _group_sizes(spec, K), strict=True):
-            counts[w] = counts.get(w, 0.0) + N * cols
+        for w in spec.column_bits(K).tolist():
+            counts[w] = counts.get(w, 0.0) + N
     total = sum(counts.values())
     return {str(w): c / total for w, c in sorted(counts.items())}
-
-
-def _group_sizes(spec: LayerSpec, K: int) -> list[int]:
-    g = spec.group_width(K)
-    return [min(g, K - s) for s in range(0, K, g)]
 
 
 def run_job(spec: dict, script: str) -> dict:

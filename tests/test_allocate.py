@@ -104,3 +104,29 @@ def test_pinned_layers_keep_their_bits_and_leave_the_budget() -> None:
     numel = {n: res.shapes[n][0] * res.shapes[n][1] for n in free}
     avg = sum(res.plan[n].bits * numel[n] for n in free) / sum(numel.values())
     assert avg == pytest.approx(3.0, abs=1e-12)
+
+
+def test_faithful_baq_levels_follow_the_reference_formula() -> None:
+    from compress.allocate.baq import column_levels
+
+    L = torch.tensor([0.0, 1.0, 4.0, 16.0, 64.0], dtype=torch.float64)
+    m = column_levels(L, 3, 2.0)
+    geo = torch.exp(torch.log(L + 1e-8).mean())
+    expected = torch.round((8 * (L / geo).sqrt()).clamp_min(1)).clamp(max=256)
+    assert m.tolist() == expected.long().tolist()
+    assert m[0] == 1  # a column without loss gets one level: it is zeroed
+
+
+def test_faithful_baq_checkpoint_stores_per_column_levels_and_reloads(tmp_path: Path) -> None:
+    m = uneven_llama()
+    res = run(m, "baq-3bit-faithful", ("calibrate.samples=16", "weights.group_size=-1"))
+    spec = res.plan["model.layers.0.self_attn.q_proj"]
+    assert spec.levels is not None and len(set(spec.levels)) > 1
+    assert 2.5 < res.allocation["realised_rate"] < 3.5
+    checkpoint.save(m, None, res.plan, res.recipe, tmp_path, card="card")
+    loaded = compress.load(tmp_path)
+    assert torch.equal(logits(loaded), logits(m))
+    q = loaded.model.layers[0].self_attn.q_proj
+    zeroed = [j for j, lv in enumerate(spec.levels) if lv == 1]
+    if zeroed:
+        assert torch.equal(q.dequantize()[:, zeroed], torch.zeros(q.out_features, len(zeroed)))

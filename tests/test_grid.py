@@ -43,7 +43,7 @@ def test_range_always_contains_zero_and_zero_is_exact() -> None:
 def test_all_zero_group_gets_a_usable_grid() -> None:
     scale, zero = grid.choose_qparams(torch.zeros(2, 16), 4, False, torch.float16)
     assert bool((scale > 0).all())
-    assert torch.equal(grid.dequantize(grid.quantize(torch.zeros(2, 16), scale[:, None], zero[:, None], 4),
+    assert torch.equal(grid.dequantize(grid.quantize(torch.zeros(2, 16), scale[:, None], zero[:, None], 15),
                                        scale[:, None], zero[:, None]), torch.zeros(2, 16))
 
 

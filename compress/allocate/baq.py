@@ -10,6 +10,11 @@ Granularity (kernel-friendly modes; both land on integer widths from `choices` w
     group   units = the grid's groups of columns inside each Linear; every Linear keeps the target average
             (the paper's per-matrix budget), widths differ along K (stored as parts, format v2)
     layer   units = whole Linears; one budget over the model, numel-weighted
+and the faithful mode of the reference code:
+    column  per-row grids (group_size -1); column j gets M_j = round(max(1, 2^R·(L_j / geomean L)^(1/θ)))
+            levels (any count, not just powers of two; capped at 256), M_j = 1 zeroes the column; the
+            budget holds only on average before rounding, so the realised rate (mean log2 M_j) is reported.
+            Stored with ceil(log2 M_j) bits per column (see format.py).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from compress.errors import CompressError
 from compress.plan import Plan
 from compress.round import METHODS
 
-GRANULARITIES = ("group", "layer")
+GRANULARITIES = ("group", "layer", "column")
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,13 @@ def first_pass(ctx: Context, ref_bits: int) -> dict[str, sequential.LayerReport]
     return {r.name: r for b in reports for r in b.layers}
 
 
+def column_levels(L: torch.Tensor, ref_bits: int, theta: float) -> torch.Tensor:
+    """The reference's level counts: M_j = round(max(1, 2^R (L_j / geomean L)^(1/θ))), capped at 256."""
+    geo = torch.exp(torch.log(L.double() + 1e-8).mean())
+    t = (2.0**ref_bits) * (L.double() / geo).pow(1 / theta)
+    return torch.round(t.clamp_min(1)).clamp(max=256).to(torch.int64)
+
+
 def allocate(ctx: Context, cfg: Config) -> Allocation:
     if not ctx.recipe.round.config.needs_hessian:
         raise CompressError("baq allocates from the rounding method's per-column losses; use round.method=gptq")
@@ -75,6 +87,26 @@ def allocate(ctx: Context, cfg: Config) -> Allocation:
     summary: dict[str, object] = {"method": "baq", "granularity": cfg.granularity, "theta": cfg.theta,
                                   "reference_bits": cfg.ref_bits, "target_bits": cfg.target_bits}
     before = after = 0.0  # modelled total loss: uniform target vs allocation
+    if cfg.granularity == "column":
+        if any(ctx.base[n].group_size != -1 for n in names):
+            raise CompressError("baq granularity=column (the faithful mode) uses per-row grids; "
+                                "set weights.group_size=-1")
+        rate_num = rate_den = 0.0
+        gains = []
+        for name in names:
+            rep, K = losses[name], losses[name].col_loss.numel()
+            L = rep.col_loss.double()
+            levels = column_levels(L, cfg.ref_bits, cfg.theta)
+            layers[name] = replace(layers[name], bits=cfg.ref_bits, levels=tuple(levels.tolist()))
+            rate_num += float(levels.double().log2().sum()) * (rep.numel // K)
+            rate_den += rep.numel
+            gains.append(float(torch.exp(torch.log(L + 1e-8).mean()) / L.mean()))
+        summary["realised_rate"] = rate_num / rate_den
+        summary["predicted_loss_ratio"] = sum(gains) / len(gains)  # the reference's per-layer "gain", averaged
+        summary["pass1_loss"] = sum(losses[n].loss for n in names)
+        ctx.log(f"BAQ (columns): realised rate {summary['realised_rate']:.4f} bits, mean predicted gain "
+                f"{summary['predicted_loss_ratio']:.3f}")
+        return Allocation(Plan(layers), summary=summary)
     if cfg.granularity == "layer":
         L = torch.tensor([losses[n].loss for n in names], dtype=torch.float64)
         n = torch.tensor([losses[n].numel for n in names], dtype=torch.float64)

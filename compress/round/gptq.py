@@ -103,11 +103,16 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
     W[:, dead] = 0
 
     static = cfg.act_order or spec.group_size == -1
-    if static:
+    if spec.levels is not None:  # BAQ's faithful grid: the row's range, a level count per column
+        scale, zero = grid.choose_range(W, sdt)  # [N, 1] range and minimum
+        col_scale, col_zero = grid.levels_grid(scale, zero, spec.levels)  # [N, K]
+        col_maxq = torch.tensor(spec.levels, device=W.device) - 1  # [K]
+    elif static:
         scale, zero = grid.choose_qparams_groups(W, gbits, gs, sym, sdt)
     else:
         scale, zero = torch.zeros(N, G, device=W.device), torch.zeros(N, G, device=W.device)
     perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else None
+    col = torch.arange(K, device=W.device) if perm is None else perm  # original index of the j-th column
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
     col_group = torch.arange(K, device=W.device) // gs
@@ -133,10 +138,15 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
             if not static and j % gs == 0:  # fit on W as of the block start (reference behaviour)
                 s, z = grid.choose_qparams(W[:, j : j + gs], gbits[j // gs], sym, sdt)
                 scale[:, j // gs], zero[:, j // gs] = s, z
-            g = col_group[j]
+            if spec.levels is not None:
+                c = col[j]
+                s, z, mq = col_scale[:, c], col_zero[:, c], col_maxq[c]
+            else:
+                g = col_group[j]
+                s, z, mq = scale[:, g], zero[:, g], grid.maxq(gbits[int(g)])
             w, d = W1[:, i], U1[i, i]
-            q = grid.quantize(w, scale[:, g], zero[:, g], gbits[g])
-            w_hat = grid.dequantize(q, scale[:, g], zero[:, g])
+            q = grid.quantize(w, s, z, mq)
+            w_hat = grid.dequantize(q, s, z)
             Q1[:, i] = q
             L1[:, i] = (w - w_hat) ** 2 / d**2
             err = (w - w_hat) / d  # [N]

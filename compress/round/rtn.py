@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from compress import grid
@@ -19,6 +20,14 @@ class Config:
 def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
     """Quantize every group of W [N, K] to its nearest grid point."""
     spec, W = lw.spec, lw.W.float()
+    if spec.levels is not None:  # BAQ's per-column level counts on the row's range
+        scale, zero = grid.choose_range(W, spec.torch_scale_dtype)
+        S, Z = grid.levels_grid(scale, zero, spec.levels)
+        codes = grid.quantize(W, S, Z, torch.tensor(spec.levels) - 1).to(torch.uint8)
+        out = lw.rounded(codes=codes, scale=scale, zero=zero)
+        if H is not None:
+            out.loss = column_loss(W, out.dequantize(), H)
+        return out
     gs = spec.group_width(W.shape[1])
     gb = spec.group_bits(W.shape[1])
     scale, zero = grid.choose_qparams_groups(W, gb, gs, spec.symmetric, spec.torch_scale_dtype)
