@@ -15,6 +15,32 @@ def summary(result: Result) -> dict[str, Any]:
     return {"avg_bits_code": round(code, 4), "avg_bits_total": round(total, 4), "calibration": result.calibration}
 
 
+def allocation_section(result: Result) -> list[str]:
+    """What the allocator decided and how its loss model compared with the losses actually measured."""
+    a = result.allocation
+    if not a:
+        return []
+    code, total = result.avg_bits()
+    out = ["", f"## Bit allocation ({a.get('method')})", "",
+           f"Target {a.get('target_bits')} code bits per weight; realised {code:.4f} code bits "
+           f"({total:.4f} with scales and zeros), averaged over the compressed Linears by element count."]
+    if "realised_rate" in a:
+        out.append(f"BAQ's idealised rate (mean log2 of the per-column level counts): {a['realised_rate']:.4f} bits; "
+                   "the stored codes take ceil(log2 M) bits per column.")
+    if "predicted_loss_ratio" in a and "pass1_loss" in a and result.total_loss:
+        measured = result.total_loss / a["pass1_loss"]
+        out.append(f"BAQ's layer-local loss model predicted the summed layer loss to change by a factor "
+                   f"{a['predicted_loss_ratio']:.3f} against uniform {a.get('reference_bits')}-bit rounding; the "
+                   f"rounding pass measured {measured:.3f} (its Hessians already see the mixed-precision prefix). "
+                   "The model is layer-local: the end-to-end effect is what the quick check in this card and "
+                   "`compress eval` measure.")
+    if a.get("fitness_history"):
+        h = a["fitness_history"]
+        out.append(f"EvoPress: {a['generations']} generations ({a.get('search_seconds', 0):.0f} s), parent "
+                   f"KL(dense ‖ candidate) on fresh calibration tokens {h[0]:.4f} → {h[-1]:.4f}; init {a.get('init')}.")
+    return out
+
+
 def model_card(ref: ModelRef, result: Result, quick: Reference | None, checked: ModelStats | None) -> str:
     rec = result.recipe
     code, total = result.avg_bits()
@@ -56,6 +82,7 @@ def model_card(ref: ModelRef, result: Result, quick: Reference | None, checked: 
             "",
             "Run `compress eval ORIGINAL THIS_DIR` for the full comparison.",
         ]
+    lines += allocation_section(result)
     fresh = [b for b in result.blocks if not b.resumed]
     if fresh:
         worst = sorted((r for b in fresh for r in b.layers), key=lambda r: -r.loss)[:5]
