@@ -103,21 +103,24 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
     W[:, dead] = 0
 
     static = cfg.act_order or spec.group_size == -1
-    if spec.levels is not None:  # BAQ's faithful grid: the row's range, a level count per column
-        scale, zero = grid.choose_range(W, sdt)  # [N, 1] range and minimum
-        col_scale, col_zero = grid.levels_grid(scale, zero, spec.levels)  # [N, K]
-        col_maxq = torch.tensor(spec.levels, device=W.device) - 1  # [K]
-    elif static:
-        scale, zero = grid.choose_qparams_groups(W, gbits, gs, sym, sdt)
-    else:
-        scale, zero = torch.zeros(N, G, device=W.device), torch.zeros(N, G, device=W.device)
     perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else None
     col = torch.arange(K, device=W.device) if perm is None else perm  # original index of the j-th column
+    if spec.levels is not None:  # BAQ's faithful grid: the row's range, a level count per column
+        scale, zero = grid.choose_range(W, sdt)  # [N, 1] range and minimum
+        S, Z = grid.levels_grid(scale, zero, spec.levels)  # [N, K]
+        col_qmax = [spec.levels[c] - 1 for c in col.tolist()]
+    elif static:
+        scale, zero = grid.choose_qparams_groups(W, gbits, gs, sym, sdt)  # [N, G]
+        S, Z = grid.expand(scale, gs, K), grid.expand(zero, gs, K)  # [N, K]
+        col_qmax = [grid.maxq(gbits[c // gs]) for c in col.tolist()]
+    else:  # dynamic groups: fitted as the loop reaches them
+        scale, zero = torch.zeros(N, G, device=W.device), torch.zeros(N, G, device=W.device)
+    if static:  # per-column grids in processing order, one contiguous row per column: [K, N]
+        ST = S[:, col].T.contiguous()
+        ST = ST.where(ST > 0, torch.ones_like(ST))  # single-level columns: any scale, qmax 0 keeps code 0
+        ZT = Z[:, col].T.contiguous()
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
-    col_group = torch.arange(K, device=W.device) // gs
-    if perm is not None:
-        col_group = col_group[perm]  # group of the j-th processed column
 
     U, damp = inverse_cholesky(H, cfg.damp, cfg.max_damp)
     info = {"damp": damp}
@@ -125,36 +128,34 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
         log.warning("Cholesky failed even with damp=%g; rounding this layer to nearest", damp)
         U, info["rtn_fallback"] = torch.eye(K, device=W.device), 1.0
 
+    # The loop runs on Wᵀ [K, N] so that a column of W is a contiguous row.
+    WT = W.T.contiguous()
+    QT = torch.zeros_like(WT)
+    ErrT = torch.zeros_like(WT)
     B = cfg.block_size
-    Q = torch.zeros_like(W)
-    Losses = torch.zeros_like(W)
     for i1 in range(0, K, B):
         i2 = min(i1 + B, K)
-        W1 = W[:, i1:i2].clone()  # [N, B], receives the eager in-block updates
-        Q1, Err1, L1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
+        W1 = WT[i1:i2].clone()  # [B, N], receives the eager in-block updates
         U1 = U[i1:i2, i1:i2]
+        diag = U1.diagonal().tolist()
         for i in range(i2 - i1):
             j = i1 + i
-            if not static and j % gs == 0:  # fit on W as of the block start (reference behaviour)
-                s, z = grid.choose_qparams(W[:, j : j + gs], gbits[j // gs], sym, sdt)
-                scale[:, j // gs], zero[:, j // gs] = s, z
-            if spec.levels is not None:
-                c = col[j]
-                s, z, mq = col_scale[:, c], col_zero[:, c], col_maxq[c]
+            if static:
+                s, z, qmax = ST[j], ZT[j], col_qmax[j]
             else:
-                g = col_group[j]
-                s, z, mq = scale[:, g], zero[:, g], grid.maxq(gbits[int(g)])
-            w, d = W1[:, i], U1[i, i]
-            q = grid.quantize(w, s, z, mq)
-            w_hat = grid.dequantize(q, s, z)
-            Q1[:, i] = q
-            L1[:, i] = (w - w_hat) ** 2 / d**2
-            err = (w - w_hat) / d  # [N]
-            W1[:, i:] -= err.unsqueeze(1) @ U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        Q[:, i1:i2] = Q1
-        Losses[:, i1:i2] = L1 / 2
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+                g = j // gs
+                if j % gs == 0:  # fit on W as of the block start (reference behaviour)
+                    scale[:, g], zero[:, g] = grid.choose_qparams(WT[j : j + gs].T, gbits[g], sym, sdt)
+                s, z, qmax = scale[:, g], zero[:, g], grid.maxq(gbits[g])
+            w = W1[i]
+            q = torch.round(w / s).add_(z).clamp_(0, qmax)
+            err = (w - s * (q - z)) / diag[i]  # scaled error, [N]
+            QT[j] = q
+            ErrT[j] = err
+            W1[i:].addr_(U1[i, i:], err, alpha=-1)  # OBQ update of the rest of the block
+        WT[i2:].addmm_(U[i1:i2, i2:].T, ErrT[i1:i2], alpha=-1)  # lazy update of everything after it
+    Q = QT.T
+    Losses = ErrT.T**2 / 2  # (w - q)² / U_jj² / 2 per weight
 
     loss = Losses.sum(dim=0)  # [K] in processing order
     if perm is not None:
