@@ -195,8 +195,8 @@ def compress_cmd(
             result = compress(m, tok, rec, device=device, progress=table, workdir=work,
                               say=lambda msg: console.print(msg, highlight=False))
     except KeyboardInterrupt:
-        console.print(f"\n[yellow]interrupted[/]: {work.finished} finished blocks are kept in {work.dir}; "
-                      "re-run the same command to resume")
+        console.print(f"\n[yellow]interrupted[/]: finished work ({work.finished} blocks, and any allocation state) "
+                      f"is kept in {work.dir}; re-run the same command to resume")
         raise typer.Exit(130) from None
     checked = None
     if quick is not None:
