@@ -2,7 +2,8 @@
 
 Every row compresses in its own process (wall time and peak RSS are its own) and is scored on the same
 40 x 512 pydoc windows as evals/trunk.py. Average bits are code bits over the compressed Linears by
-element count; "+meta" adds the fp16 scales and uint8 zeros. Writes evals/results/allocate.{json,md}.
+element count; "+meta" adds the fp16 scales and uint8 zeros. Writes evals/results/allocate.{json,md}. The
+EvoPress rows share their level database (evals/.cache/evopress-smollm2), so the first of them pays for it.
 
     python evals/allocate.py                  # every row (several hours on 2 CPU cores)
     python evals/allocate.py --rows baq-3bit  # some rows; the others are kept from earlier runs
@@ -18,6 +19,8 @@ from pathlib import Path
 
 from common import fmt_num, fmt_ppl, job, merge, run_job
 
+# The EvoPress rows share one teacher + level database (it does not depend on the target): built once.
+DB = [f"allocate.database={Path(__file__).parent / '.cache' / 'evopress-smollm2'}"]
 ROWS: dict[str, tuple[str, list[str]]] = {
     "gptq uniform w3": ("gptq-3bit", []),
     "gptq uniform w2": ("gptq-2bit", ["weights.group_size=128"]),
@@ -25,9 +28,9 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "baq-3bit (layer)": ("baq-3bit", ["allocate.granularity=layer"]),
     "baq-2.5bit (group)": ("baq-2.5bit", []),
     "baq-2.5bit (layer)": ("baq-2.5bit", ["allocate.granularity=layer"]),
-    "evopress-3bit": ("evopress-3bit", []),
-    "baq-evopress-3bit": ("baq-evopress-3bit", []),
-    "evopress-2.5bit": ("evopress-2.5bit", []),
+    "evopress-3bit": ("evopress-3bit", DB),
+    "baq-evopress-3bit": ("baq-evopress-3bit", DB),
+    "evopress-2.5bit": ("evopress-2.5bit", DB),
     "gptq uniform w3 per-row (act-order off)": ("gptq-3bit", ["weights.group_size=-1", "round.act_order=false"]),
     "baq-3bit-faithful": ("baq-3bit-faithful", []),
 }

@@ -14,6 +14,7 @@ from test_pipeline import SMALL
 from compress import data, models, recipe
 from compress.allocate import evopress
 from compress.allocate.context import Context
+from compress.errors import CompressError
 from compress.pipeline import make_plan
 
 EVO = ("allocate={method: evopress, target_bits: 3, choices: [2, 3, 4], generations: 3, offspring: 3, "
@@ -84,3 +85,21 @@ def test_assembled_layers_come_from_the_database(tmp_path: Path) -> None:
     lw = alloc.weights(name)
     assert lw.spec.bits == alloc.plan[name].bits
     assert torch.equal(lw.codes, lw.codes.clamp(max=2 ** lw.spec.bits - 1))
+
+
+def test_shared_database_serves_other_targets_and_refuses_other_inputs(tmp_path: Path) -> None:
+    db = tmp_path / "db"
+    ctx, cfg = context(tmp_path / "a", (f"allocate.database={db}",))
+    evopress.allocate(ctx, cfg)
+    files = {p: p.stat().st_mtime_ns for p in db.rglob("*.safetensors")}
+    assert len(files) == 1 + 2 * 7  # the teacher and every Linear of the two blocks
+
+    ctx, cfg = context(tmp_path / "b", (f"allocate.database={db}", "allocate.target_bits=2.5"))
+    alloc = evopress.allocate(ctx, cfg)  # another target: nothing is rebuilt
+    assert {p: p.stat().st_mtime_ns for p in db.rglob("*.safetensors")} == files
+    numel = {n: ctx.model.get_submodule(n).weight.numel() for n in alloc.plan}
+    assert sum(alloc.plan[n].bits * numel[n] for n in numel) / sum(numel.values()) == pytest.approx(2.5)
+
+    ctx, cfg = context(tmp_path / "c", (f"allocate.database={db}", "weights.group_size=16"))
+    with pytest.raises(CompressError, match="different layers"):
+        evopress.allocate(ctx, cfg)

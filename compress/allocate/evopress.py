@@ -14,12 +14,18 @@ over per-layer widths, scored end to end.
    KL(dense ‖ candidate).
 4. The state is saved after every generation; re-running the same command continues from it.
 
+The teacher and the database depend only on the model, calibration windows, grid, rounding and `choices`,
+not on the target: `database: DIR` keeps them in DIR with a manifest of those inputs, so searches at other
+targets (or started from BAQ) reuse them, and a mismatching run is refused rather than silently mixed.
+
 A unit is one Linear, or with `tie` a set the servers fuse (q/k/v, gate/up), which then share a width.
 The final model is assembled from the database: nothing is rounded twice.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import random
@@ -61,6 +67,9 @@ class Config:
     theta: float = 1.95  # BAQ's loss slope, for init=baq
     batch_size: int = 4  # windows per forward pass while scoring
     seed: int = 0
+    # Directory for the teacher and the level database, shared by runs that agree on model, calibration,
+    # grid, rounding and choices (e.g. the same model searched at several targets); None = the run's workdir.
+    database: str | None = None
     needs_calibration: bool = True
 
     def __post_init__(self) -> None:
@@ -363,18 +372,53 @@ def search(ctx: Context, cfg: Config, s: Search, groups: list[list[int]], init: 
     return state
 
 
+def manifest(ctx: Context, cfg: Config) -> dict:
+    """Everything the teacher and the level database depend on (and nothing they don't, like the target)."""
+    first = ctx.model.get_submodule(next(iter(ctx.base))).weight
+    digest = hashlib.sha256(first.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+    rnd = ctx.recipe.round
+    return {
+        "model": str(getattr(getattr(ctx.model, "config", None), "_name_or_path", "")),
+        "weights_sha256": digest,  # of the first compressed Linear, so a different checkpoint is caught
+        "calibration": {k: v for k, v in dataclasses.asdict(ctx.recipe.calibrate).items() if k != "batch_size"},
+        "round": {"method": rnd.method, **dataclasses.asdict(rnd.config)},
+        "layers": {n: {**s.to_dict(), "bits": s.bits if n in ctx.pinned else None} for n, s in ctx.base.layers.items()},
+        "choices": sorted(cfg.choices), "calibration_bits": cfg.calib_bits, "topk": cfg.topk,
+    }
+
+
+def check_manifest(root: Path, want: dict) -> None:
+    """Adopt `root` for this run, or refuse it when it was built from other inputs."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "manifest.json"
+    want = json.loads(json.dumps(want))  # tuples -> lists, as stored
+    if not path.is_file():
+        if any(root.iterdir()):
+            raise CompressError(f"evopress database {root} is not empty and has no manifest.json; "
+                                "point allocate.database at a new directory")
+        path.write_text(json.dumps(want, indent=1))
+        return
+    have = json.loads(path.read_text())
+    diff = next((k for k in want if have.get(k) != want[k]), None)
+    if diff is not None:
+        raise CompressError(f"evopress database {root} was built with a different {diff}; "
+                            "point allocate.database at another directory or delete it")
+
+
 def allocate(ctx: Context, cfg: Config) -> Allocation:
     if ctx.windows is None:
         raise CompressError("evopress needs calibration windows")
     shapes = {n: tuple(ctx.model.get_submodule(n).weight.shape) for n in ctx.base}
     root = ctx.workdir / "evopress" if ctx.workdir is not None else Path(tempfile.mkdtemp(prefix="evopress-"))
     root.mkdir(parents=True, exist_ok=True)
+    shared = root if cfg.database is None else Path(cfg.database).expanduser()
+    check_manifest(shared, manifest(ctx, cfg))
     pool_tokens = ctx.windows.numel()
     for _, tokens in cfg.stages:
         if tokens > pool_tokens:
             raise CompressError(f"an evopress stage scores {tokens} tokens but the calibration pool holds "
                                 f"{pool_tokens}; raise calibrate.samples or lower the stage tokens")
-    teacher_file = root / "teacher.safetensors"
+    teacher_file = shared / "teacher.safetensors"
     if teacher_file.is_file():
         t = load_file(teacher_file)
         teach = Teacher(t["logp"], t.get("index"))
@@ -382,7 +426,7 @@ def allocate(ctx: Context, cfg: Config) -> Allocation:
         ctx.log(f"EvoPress: dense teacher log-probs on {pool_tokens} calibration tokens")
         teach = teacher(ctx.model.to(ctx.device), ctx.windows, cfg.topk, cfg.batch_size, ctx.device)
         save_file({"logp": teach.logp} | ({"index": teach.index} if teach.index is not None else {}), teacher_file)
-    db = Database(root / "levels", dict(ctx.base.layers), cfg.choices)
+    db = Database(shared / "levels", dict(ctx.base.layers), cfg.choices)
     if not all(db.has(n) for n in ctx.base):
         build_database(ctx, cfg, db, shapes)
     units = make_units(ctx.base, shapes, ctx.arch.blocks, cfg.tie, ctx.pinned)
