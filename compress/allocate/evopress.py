@@ -36,9 +36,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from compress import format as fmt
@@ -49,6 +48,7 @@ from compress.errors import CompressError
 from compress.nn import CompressedLinear
 from compress.plan import LayerSpec, LayerWeight, Plan
 from compress.round import METHODS
+from compress.teacher import Teacher, cached
 
 TIED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
 
@@ -160,43 +160,6 @@ def spread(groups: Sequence[Sequence[int]], numel: Sequence[int], target: float,
         for i in g:
             widths[i] = lo + (i in up)
     return widths
-
-
-# --- teacher and fitness ---------------------------------------------------------------------------
-
-@dataclass
-class Teacher:
-    """Dense next-token log-probs per calibration window: top-K values/indices ([n, T-1, K]) or full ([n, T-1, V])."""
-
-    logp: Tensor  # fp16
-    index: Tensor | None  # int32, None = full vocabulary
-
-    def kl(self, logits: Tensor, windows: Tensor) -> Tensor:
-        """Per-token KL(dense ‖ candidate) for candidate logits [B, T, V] of pool windows [B]: [B, T-1]."""
-        q = F.log_softmax(logits[:, :-1].float(), dim=-1)
-        p = self.logp[windows].float()
-        if self.index is None:
-            return (p.exp() * (p - q)).sum(-1)
-        q_top = q.gather(-1, self.index[windows].long())
-        pk, qk = p.exp(), q_top.exp()
-        p_rest = (1 - pk.sum(-1)).clamp_min(1e-12)
-        q_rest = (1 - qk.sum(-1)).clamp_min(1e-12)
-        return (pk * (p - q_top)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
-
-
-@torch.no_grad()
-def teacher(model: nn.Module, pool: Tensor, topk: int, batch_size: int, device: torch.device) -> Teacher:
-    logps, idx = [], []
-    for i in range(0, len(pool), batch_size):
-        logits = model(input_ids=pool[i : i + batch_size].to(device), use_cache=False).logits[:, :-1]
-        lp = F.log_softmax(logits.float(), dim=-1)
-        if topk:
-            v, ix = lp.topk(topk, dim=-1)
-            logps.append(v.half().cpu())
-            idx.append(ix.int().cpu())
-        else:
-            logps.append(lp.half().cpu())
-    return Teacher(torch.cat(logps), torch.cat(idx) if topk else None)
 
 
 # --- the level database ------------------------------------------------------------------------------
@@ -418,14 +381,10 @@ def allocate(ctx: Context, cfg: Config) -> Allocation:
         if tokens > pool_tokens:
             raise CompressError(f"an evopress stage scores {tokens} tokens but the calibration pool holds "
                                 f"{pool_tokens}; raise calibrate.samples or lower the stage tokens")
-    teacher_file = shared / "teacher.safetensors"
-    if teacher_file.is_file():
-        t = load_file(teacher_file)
-        teach = Teacher(t["logp"], t.get("index"))
-    else:
+    if not (shared / "teacher.safetensors").is_file():
         ctx.log(f"EvoPress: dense teacher log-probs on {pool_tokens} calibration tokens")
-        teach = teacher(ctx.model.to(ctx.device), ctx.windows, cfg.topk, cfg.batch_size, ctx.device)
-        save_file({"logp": teach.logp} | ({"index": teach.index} if teach.index is not None else {}), teacher_file)
+    teach = cached(shared / "teacher.safetensors", ctx.model.to(ctx.device), ctx.windows, cfg.topk, cfg.batch_size,
+                   ctx.device)
     db = Database(shared / "levels", dict(ctx.base.layers), cfg.choices)
     if not all(db.has(n) for n in ctx.base):
         build_database(ctx, cfg, db, shapes)
