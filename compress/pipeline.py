@@ -25,7 +25,7 @@ from compress.checkpoint import WorkDir
 from compress.errors import CompressError
 from compress.plan import Plan
 from compress.recipe import Recipe
-from compress.round import METHODS
+from compress.round import METHODS, joint
 from compress.sequential import BlockReport, Progress
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | 
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in base}
     rnd, alloc, c = recipe.round, recipe.allocate, recipe.calibrate
     windows = None
-    if rnd.config.needs_hessian or alloc.config.needs_calibration:
+    if rnd.config.needs_hessian or getattr(rnd.config, "needs_calibration", False) or alloc.config.needs_calibration:
         windows = data.calibration(tokenizer, c.dataset, c.samples, c.seqlen, c.seed,
                                    vocab_size=model.config.vocab_size)
         log.info("calibration: %s", windows.describe())
@@ -95,7 +95,13 @@ def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | 
     ctx = Context(model, arch, base, {n for n in base if recipe.pinned(n)}, ids, recipe, torch.device(device),
                   None if workdir is None else workdir.dir, progress, say or log.info)
     allocation = allocate(ctx, workdir)
-    if allocation.weights is not None:  # the allocator already rounded every Linear (EvoPress's database)
+    if joint(rnd.method):  # rounds the whole model at once (DiscQuant), on the allocation's plan
+        assert ids is not None
+        weights = METHODS[rnd.method].round_model(
+            model, allocation.plan, ids, rnd.config, device=device, log=say or log.info,
+            workdir=None if workdir is None else workdir.dir / rnd.method)
+        blocks = sequential.assemble(model, allocation.plan, weights.__getitem__, progress=progress)
+    elif allocation.weights is not None:  # the allocator already rounded every Linear (EvoPress's database)
         blocks = sequential.assemble(model, allocation.plan, allocation.weights, progress=progress)
     else:
         blocks = sequential.run(

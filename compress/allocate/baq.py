@@ -29,7 +29,7 @@ from compress.allocate import budget
 from compress.allocate.context import Allocation, Context
 from compress.errors import CompressError
 from compress.plan import Plan
-from compress.round import METHODS
+from compress.round import layerwise
 
 GRANULARITIES = ("group", "layer", "column")
 
@@ -64,7 +64,8 @@ def first_pass(ctx: Context, ref_bits: int) -> dict[str, sequential.LayerReport]
     plan = Plan({n: replace(s, bits=ref_bits) for n, s in ctx.base.layers.items()})
     rnd = ctx.recipe.round
     c = ctx.recipe.calibrate
-    reports = sequential.run(ctx.model, ctx.arch, plan, METHODS[rnd.method], rnd.config, ctx.windows,
+    method, rcfg = layerwise(rnd.method, rnd.config)
+    reports = sequential.run(ctx.model, ctx.arch, plan, method, rcfg, ctx.windows,
                              batch_size=c.batch_size, true_sequential=c.true_sequential, device=ctx.device,
                              restore=True, progress=ctx.progress, stage=f"baq pass 1 ({ref_bits} bits)")
     return {r.name: r for b in reports for r in b.layers}
@@ -78,9 +79,10 @@ def column_levels(L: torch.Tensor, ref_bits: int, theta: float) -> torch.Tensor:
 
 
 def allocate(ctx: Context, cfg: Config) -> Allocation:
-    if not ctx.recipe.round.config.needs_hessian:
+    measure = layerwise(ctx.recipe.round.method, ctx.recipe.round.config)
+    if not measure[1].needs_hessian:
         raise CompressError("baq allocates from the rounding method's per-column losses; use round.method=gptq")
-    ctx.log(f"BAQ pass 1: {ctx.recipe.round.method} at {cfg.ref_bits} bits to measure column losses")
+    ctx.log(f"BAQ pass 1: {measure[0].__name__.rsplit('.', 1)[-1]} at {cfg.ref_bits} bits to measure column losses")
     losses = first_pass(ctx, cfg.ref_bits)
     names = [n for n in ctx.base if n not in ctx.pinned]
     layers = dict(ctx.base.layers)

@@ -47,7 +47,7 @@ from compress.allocate.context import Allocation, Context
 from compress.errors import CompressError
 from compress.nn import CompressedLinear
 from compress.plan import LayerSpec, LayerWeight, Plan
-from compress.round import METHODS
+from compress.round import layerwise
 from compress.teacher import Teacher, cached
 
 TIED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
@@ -214,7 +214,7 @@ class Database:
 def build_database(ctx: Context, cfg: Config, db: Database, shapes: dict[str, tuple[int, int]]) -> None:
     """One sequential pass: every Linear rounded at every width from the same Hessian; the model stays dense."""
     rnd = ctx.recipe.round
-    method, rcfg = METHODS[rnd.method], rnd.config
+    method, rcfg = layerwise(rnd.method, rnd.config)
     names_done = {n for n in ctx.base if db.has(n)}
 
     def round_all(name: str, lin: nn.Linear, H: Tensor | None,
