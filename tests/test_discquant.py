@@ -109,7 +109,8 @@ def test_kl_ends_below_rtn_on_the_same_grid() -> None:
 
 def test_discquant_rounds_a_baq_allocation_and_it_loads(tmp_path: Path) -> None:
     m = tiny_llama()
-    rec = recipe.load("baq-discquant-3bit", [*SMALL, *FAST, "allocate.choices=[2, 3, 4]", "allocate.target_bits=2.5"])
+    rec = recipe.load("baq-discquant-3bit", [*SMALL, *FAST, "allocate.choices=[2, 3, 4]", "allocate.target_bits=2.5",
+                                               "weights.group_size=32"])  # parts of whole 32-column words
     res = compress.compress(m, None, rec)
     widths = {b for n, spec in res.plan.layers.items() for b in spec.column_bits(res.shapes[n][1]).tolist()}
     assert len(widths) > 1 and res.avg_bits()[0] == pytest.approx(2.5)
