@@ -113,6 +113,6 @@ def test_discquant_rounds_a_baq_allocation_and_it_loads(tmp_path: Path) -> None:
                                                "weights.group_size=32"])  # parts of whole 32-column words
     res = compress.compress(m, None, rec)
     widths = {b for n, spec in res.plan.layers.items() for b in spec.column_bits(res.shapes[n][1]).tolist()}
-    assert len(widths) > 1 and res.avg_bits()[0] == pytest.approx(2.5)
+    assert len(widths) > 1 and 2.4 < res.avg_bits()[0] <= 2.5 + 1e-12
     checkpoint.save(m, None, res.plan, res.recipe, tmp_path, card="card")
     assert torch.equal(logits(compress.load(tmp_path)), logits(m))
