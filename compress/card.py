@@ -65,10 +65,17 @@ def model_card(ref: ModelRef, result: Result, quick: Reference | None, checked: 
         f"| average bits per weight, with scales and zeros | {total:.3f} |",
         f"| calibration | {result.calibration} |",
         f"| wall time / peak RSS | {result.seconds:.0f} s / {result.peak_rss_mb:.0f} MB |",
-        f"| sum of layer losses ({rec.round.method}) | {result.total_loss:.4g}"
-        + (f" (over the blocks of the last run; {result.resumed} were resumed from an interrupted run)"
-           if result.resumed else "") + " |",
     ]
+    r = result.rounding
+    if r:  # a joint rounding has no layer losses: report its optimisation instead
+        kl = r.get("train_kl") or [float("nan")]
+        lines.append(f"| {r['method']} | {r['steps']} steps x {r['windows_per_step']} windows = {r['tokens']} "
+                     f"tokens, {r['seconds']:.0f} s; training KL(original‖W_x) {kl[0]:.4f} → {kl[-1]:.4f}; "
+                     f"{r['fractional_before_rounding']:.2%} of the variables still fractional before rounding |")
+    else:
+        lines.append(f"| sum of layer losses ({rec.round.method}) | {result.total_loss:.4g}"
+                     + (f" (over the blocks of the last run; {result.resumed} were resumed from an interrupted "
+                        "run)" if result.resumed else "") + " |")
     if quick is not None and checked is not None:
         lines += [
             "",
@@ -84,7 +91,7 @@ def model_card(ref: ModelRef, result: Result, quick: Reference | None, checked: 
         ]
     lines += allocation_section(result)
     fresh = [b for b in result.blocks if not b.resumed]
-    if fresh:
+    if fresh and not result.rounding:
         worst = sorted((r for b in fresh for r in b.layers), key=lambda r: -r.loss)[:5]
         lines += ["", "Largest layer losses (the method's own estimate of ½·tr(ΔW H ΔWᵀ)):", "",
                   "| layer | loss |", "|---|---|"]

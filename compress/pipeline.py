@@ -42,6 +42,7 @@ class Result:
     peak_rss_mb: float = 0.0
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
     allocation: dict[str, Any] = field(default_factory=dict)  # what the allocator reports (predicted gain, ...)
+    rounding: dict[str, Any] = field(default_factory=dict)  # what a joint rounding reports (steps, KL history)
 
     def avg_bits(self) -> tuple[float, float]:
         return self.plan.avg_bits(self.shapes)
@@ -95,9 +96,10 @@ def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | 
     ctx = Context(model, arch, base, {n for n in base if recipe.pinned(n)}, ids, recipe, torch.device(device),
                   None if workdir is None else workdir.dir, progress, say or log.info)
     allocation = allocate(ctx, workdir)
+    rounding: dict[str, Any] = {}
     if joint(rnd.method):  # rounds the whole model at once (DiscQuant), on the allocation's plan
         assert ids is not None
-        weights = METHODS[rnd.method].round_model(
+        weights, rounding = METHODS[rnd.method].round_model(
             model, allocation.plan, ids, rnd.config, device=device, log=say or log.info,
             workdir=None if workdir is None else workdir.dir / rnd.method)
         blocks = sequential.assemble(model, allocation.plan, weights.__getitem__, progress=progress)
@@ -113,7 +115,7 @@ def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | 
         )
     return Result(model, allocation.plan, recipe, blocks,
                   windows.describe() if windows is not None else "none (data-free)",
-                  time.perf_counter() - t0, peak_rss_mb(), shapes, allocation.summary)
+                  time.perf_counter() - t0, peak_rss_mb(), shapes, allocation.summary, rounding)
 
 
 def allocate(ctx: Context, workdir: WorkDir | None) -> Allocation:

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-from common import fmt_num, fmt_ppl, job, merge, run_job
+from common import fmt_num, fmt_ppl, job, report, run_rows
 
 # The EvoPress rows share one teacher + level database (it does not depend on the target): built once.
 DB = [f"allocate.database={Path(__file__).parent / '.cache' / 'evopress-smollm2'}"]
@@ -66,23 +65,13 @@ def main() -> None:
         return
     saved = args.out.with_suffix(".json")
     rows = json.loads(saved.read_text()) if saved.is_file() else []
-    order = ["dense", *ROWS]
     if not args.render:
-        for label in ["dense", *args.rows]:
-            spec = {"label": label} if label == "dense" else {"label": label, "recipe": ROWS[label][0],
-                                                              "edits": ROWS[label][1]}
-            t0 = time.perf_counter()
-            new = run_job(spec, __file__)
-            print(f"{label} done in {time.perf_counter() - t0:.0f}s: ppl {fmt_ppl(new['ppl'])}", flush=True)
-            rows = merge(saved, new, order)
-    md = table(rows)
-    print(md)
-    args.out.with_suffix(".md").write_text(
-        "# Allocation benchmark: SmolLM2-135M, pydoc-512 protocol\n\nCommand: `python evals/allocate.py`. "
-        "All rows: g128 asymmetric grids, fp16 scales, GPTQ with act-order (static groups), 128 x 512 "
-        "calibration windows. Predicted layer-loss ratio = BAQ's modelled Σ layer loss of the allocation over "
-        "that of uniform bits at the target.\n\n" + md + "\n")
-
+        rows = run_rows(args.rows, lambda label: {"label": label, "recipe": ROWS[label][0], "edits": ROWS[label][1]},
+                        saved, ["dense", *ROWS], __file__)
+    report(args.out, "Allocation benchmark: SmolLM2-135M, pydoc-512 protocol",
+           "Command: `python evals/allocate.py`. All rows: g128 asymmetric grids, fp16 scales, GPTQ with act-order "
+           "(static groups), 128 x 512 calibration windows. Predicted layer-loss ratio = BAQ's modelled Σ layer loss "
+           "of the allocation over that of uniform bits at the target.", table(rows))
 
 if __name__ == "__main__":
     main()

@@ -13,6 +13,7 @@ import math
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,7 @@ def job(spec: dict) -> dict:
     out["layer_loss"] = result.total_loss
     out["bits_code"], out["bits_total"] = result.avg_bits()
     out["allocation"] = result.allocation
+    out["rounding"] = result.rounding
     out["widths"] = _width_histogram(result)
     dense, _ = models.load(ref)  # after compressing, so the peak RSS above is the compression's own
     t0 = time.perf_counter()
@@ -88,3 +90,20 @@ def fmt_ppl(x: float | None) -> str:
 
 def fmt_num(x: float | None, spec: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def run_rows(labels: list[str], spec_of: Callable[[str], dict], saved: Path, order: list[str],
+             script: str) -> list[dict]:
+    """Run the jobs of `labels` one after another (dense first), merging each row into `saved` as it lands."""
+    rows = json.loads(saved.read_text()) if saved.is_file() else []
+    for label in ["dense", *[x for x in labels if x != "dense"]]:
+        t0 = time.perf_counter()
+        new = run_job({"label": "dense"} if label == "dense" else spec_of(label), script)
+        print(f"{label} done in {time.perf_counter() - t0:.0f}s: ppl {fmt_ppl(new['ppl'])}", flush=True)
+        rows = merge(saved, new, order)
+    return rows
+
+
+def report(out: Path, title: str, intro: str, md: str) -> None:
+    print(md)
+    out.with_suffix(".md").write_text(f"# {title}\n\n{intro}\n\n{md}\n")

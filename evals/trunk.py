@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-from common import fmt_num, fmt_ppl, job, merge, run_job
+from common import fmt_num, fmt_ppl, job, report, run_rows
 
 SETTINGS = {"w4g128": (4, 128), "w3g128": (3, 128), "w2g64": (2, 64)}
 METHODS = {
@@ -70,21 +69,13 @@ def main() -> None:
     saved = args.out.with_suffix(".json")
     rows = json.loads(saved.read_text()) if saved.is_file() else []
     if not args.render:
-        for label in ["dense"] + [f"{m} {s}" for s in args.only for m in args.methods]:
-            t0 = time.perf_counter()
-            new = run_job(spec_of(label), __file__)
-            print(f"{label} done in {time.perf_counter() - t0:.0f}s: ppl {fmt_ppl(new['ppl'])}", flush=True)
-            rows = merge(saved, new, ORDER)
-    md = table(rows)
-    print(md)
-    args.out.with_suffix(".md").write_text(
-        "# Trunk benchmark: SmolLM2-135M, pydoc-512 protocol\n\n"
-        "Command: `python evals/trunk.py`. Evaluation 40 x 512 tokens from the start of the pydoc topics; "
-        "calibration 128 x 512 (windows 60..187). Asymmetric grids, fp16 scales, groups along in_features. "
-        "Reference ppl: ../shared/protocol.md (RTN: ours with fp32 scales; GPTQ: IST-DASLab/gptq, act-order off). "
-        "Peak RSS is the compressing process's (model load + compression), measured before the dense copy "
-        "for KL is loaded.\n\n" + md + "\n")
-
+        rows = run_rows([f"{m} {s}" for s in args.only for m in args.methods], spec_of, saved, ORDER, __file__)
+    report(args.out, "Trunk benchmark: SmolLM2-135M, pydoc-512 protocol",
+           "Command: `python evals/trunk.py`. Evaluation 40 x 512 tokens from the start of the pydoc topics; "
+           "calibration 128 x 512 (windows 60..187). Asymmetric grids, fp16 scales, groups along in_features. "
+           "Reference ppl: ../shared/protocol.md (RTN: ours with fp32 scales; GPTQ: IST-DASLab/gptq, act-order off). "
+           "Peak RSS is the compressing process's (model load + compression), measured before the dense copy "
+           "for KL is loaded.", table(rows))
 
 if __name__ == "__main__":
     main()

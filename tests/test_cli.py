@@ -140,3 +140,15 @@ def test_ctrl_c_keeps_finished_blocks_and_says_how_to_resume(tiny_llama_dir: Pat
     code, _, err = cli([str(tiny_llama_dir), "--recipe", "gptq-4bit", "--out", str(out), *FAST], capsys)
     assert code == 0 and "resuming: 1 finished blocks" in err
     assert not (out / ".partial").exists() and (out / "model.safetensors").is_file()
+
+
+def test_discquant_run_reports_its_optimisation(tiny_llama_dir: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "dq"
+    steps = ["--set", "round.steps=8", "--set", "round.warmup=2", "--set", "round.log_every=4"]
+    code, stdout, err = cli([str(tiny_llama_dir), "--recipe", "discquant-3bit", "--out", str(out), *FAST, *steps],
+                            capsys)
+    assert code == 0, err
+    assert "DiscQuant step 8/8" in stdout + err
+    card = (out / "README.md").read_text()
+    assert "| discquant | 8 steps x 2 windows = 1024 tokens" in card and "nan" not in card

@@ -30,7 +30,7 @@ def setup(edits: tuple[str, ...] = ()) -> tuple[torch.nn.Module, compress.Recipe
 def run(edits: tuple[str, ...] = (), **kw) -> tuple[torch.nn.Module, dict[str, LayerWeight]]:
     m, rec, ids = setup(edits)
     plan = make_plan(m, compress.models.arch_of(m), rec)
-    return m, discquant.round_model(m, plan, ids, rec.round.config, **kw)
+    return m, discquant.round_model(m, plan, ids, rec.round.config, **kw)[0]
 
 
 def test_linear_term_alone_converges_to_the_rtn_vertex() -> None:

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -198,9 +199,9 @@ def _kl(model: nn.Module, ids: Tensor, windows: Tensor, teach: Teacher | None,
 
 def round_model(model: nn.Module, plan: Plan, ids: Tensor, cfg: Config, *, workdir: Path | None = None,
                 device: torch.device | str = "cpu", on_step: Callable[[Progress], None] | None = None,
-                log: Callable[[str], None] | None = None) -> dict[str, LayerWeight]:
-    """Round every Linear of `plan` jointly; returns each one's LayerWeight. The model is left as it came
-    (dense Linears), so the caller swaps in packed Linears."""
+                log: Callable[[str], None] | None = None) -> tuple[dict[str, LayerWeight], dict[str, Any]]:
+    """Round every Linear of `plan` jointly; returns each one's LayerWeight and a summary (steps, tokens,
+    KL history). The model is left as it came (dense Linears), so the caller swaps in packed Linears."""
     say = log or (lambda s: None)
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -289,7 +290,12 @@ def round_model(model: nn.Module, plan: Plan, ids: Tensor, cfg: Config, *, workd
             _swap(model, name, orig)
     for lw in out.values():
         lw.info["kl_last"] = history[-1] if history else float("nan")
-    return out
+    n = sum(m.x.numel() for m in mods)
+    summary = {"method": "discquant", "steps": cfg.steps, "windows_per_step": cfg.windows_per_step,
+               "tokens": cfg.steps * cfg.windows_per_step * ids.shape[1], "train_kl": history,
+               "fractional_before_rounding": sum(lw.info["fractional"] * lw.W.numel() for lw in out.values()) / n,
+               "seconds": time.perf_counter() - t0}
+    return out, summary
 
 
 def _save(path: Path, layers: dict[str, RoundingLinear], opt: torch.optim.Optimizer,
