@@ -1,5 +1,5 @@
-"""`CompressedLinear`: a Linear that keeps its weight packed (see `format.py`) and decodes it with the
-reference dequantize on every forward. Faster backends (kernels) plug in behind `forward`.
+"""`CompressedLinear`: a Linear that keeps its weight packed (see `format.py`). `forward` goes through the
+kernel dispatch (compress.kernels); `dequantize` is the reference decode every kernel is tested against.
 """
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from compress import format as fmt
@@ -71,11 +70,20 @@ class CompressedLinear(nn.Module):
                                       self.spec.group_width(self.in_features))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+        from compress import kernels  # CUDA → Triton → CPU int4 → reference (compress/kernels = kernels/)
+
+        return kernels.linear(self, x)
+
+    def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
+        self.__dict__.pop("_cpu_prepared", None)  # new codes: kernel-side copies are stale
+        self.__dict__.pop("_parts", None)
+        super()._load_from_state_dict(*args, **kwargs)  # type: ignore[arg-type]
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> CompressedLinear:
         # model.to(bfloat16) must move scales but never round them: keep their storage dtype.
         kept = {k: getattr(self, k) for k in ("scale", "rmin") if hasattr(self, k)}
+        self.__dict__.pop("_cpu_prepared", None)  # kernel-side copies are rebuilt where the module lands
+        self.__dict__.pop("_parts", None)
         super()._apply(fn, recurse)
         for k, t in kept.items():
             if getattr(self, k).dtype != t.dtype:

@@ -1,0 +1,167 @@
+"""Kernel dispatch for `CompressedLinear`: CUDA → Triton → CPU int4 → reference.
+
+Every backend implements one op, y = x Ŵᵀ + b for a packed layer, whose meaning is `reference.wq_matmul`
+(the packing spec of compress/format.py as a function); each fast backend is tested against it. A
+backend is a pair of functions in `BACKENDS`: `unsupported(layer, x) -> reason | None` and
+`linear(layer, x) -> y`. The first backend of the default order that supports the call runs it:
+
+    x on a GPU:  cuda (batch-1 GEMV, widths 2-4) → triton → reference
+    x on a CPU:  cpu (int4 lowering, bf16 activations only) → reference
+
+fp32 inputs on a CPU keep the exact reference: the int4 kernel would compute in bf16. Set
+COMPRESS_KERNEL=reference|cpu|triton|cuda to force one backend; a forced backend that cannot run a
+call is an error naming why, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from compress import format as fmt
+from compress.errors import CompressError
+from compress.kernels import cpu, reference
+
+ENV = "COMPRESS_KERNEL"
+
+
+@dataclass
+class Part:
+    """One width of a layer as a single-width packed matrix over its columns `cols` (None = all K)."""
+
+    bits: int
+    cols: Tensor | None
+    qweight: Tensor  # int32 [N, ceil(K_w/32)·bits]
+    scale: Tensor  # [N, G_w]
+    zero: Tensor | None  # uint8 [N, G_w]; None = symmetric
+    group_size: int
+
+
+def parts(layer: Any) -> list[Part]:
+    """The layer split by code width (a single part for uniform layers); cached on the module."""
+    cached = getattr(layer, "_parts", None)
+    if cached is not None and cached[0] is layer.qweight:
+        return cached[1]
+    spec, K = layer.spec, layer.in_features
+    gw, gbits = spec.group_width(K), spec.group_bits(K)
+    zero = None if spec.symmetric else layer.zero
+    out, start = [], 0
+    for w, cols in fmt.width_parts(spec, K):
+        n = fmt.packed_words(len(cols), w)
+        g = torch.tensor([i for i, b in enumerate(gbits) if b == w], device=layer.scale.device)
+        whole = len(cols) == K
+        out.append(Part(w, None if whole else cols.to(layer.qweight.device), layer.qweight[:, start : start + n],
+                        layer.scale if whole else layer.scale[:, g],
+                        None if zero is None else (zero if whole else zero[:, g]), gw))
+        start += n
+    layer._parts = (layer.qweight, out)
+    return out
+
+
+def _by_parts(op: Callable[..., Tensor], layer: Any, x: Tensor) -> Tensor:
+    x2 = x.reshape(-1, layer.in_features)
+    y = None
+    for p in parts(layer):
+        xp = x2 if p.cols is None else x2.index_select(1, p.cols)
+        yp = op(xp.contiguous(), p.qweight, p.scale, p.zero, p.bits, p.group_size)
+        y = yp if y is None else y + yp
+    y = y.reshape(*x.shape[:-1], layer.out_features)
+    return y if layer.bias is None else y + layer.bias.to(y.dtype)
+
+
+# --- backends -------------------------------------------------------------------------------------------
+
+def _ref_unsupported(layer: Any, x: Tensor) -> str | None:
+    return None
+
+
+def _ref_linear(layer: Any, x: Tensor) -> Tensor:
+    return F.linear(x, layer.dequantize().to(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
+
+
+def _cpu_unsupported(layer: Any, x: Tensor) -> str | None:
+    if x.device.type != "cpu":
+        return f"the input is on {x.device}, not the CPU"
+    return cpu.unsupported(layer)
+
+
+def _triton_unsupported(layer: Any, x: Tensor) -> str | None:
+    try:
+        from compress.kernels import triton_wq
+    except ImportError as e:
+        return f"triton is not importable ({e})"
+    if not triton_wq.available():
+        return "no CUDA device (set TRITON_INTERPRET=1 before importing to run Triton on the CPU)"
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return "the input is not on a CUDA device"
+    if layer.spec.levels is not None:
+        return "per-column level grids (BAQ faithful mode) have no Triton kernel"
+    return None
+
+
+def _triton_linear(layer: Any, x: Tensor) -> Tensor:
+    from compress.kernels import triton_wq
+
+    return _by_parts(triton_wq.wq_matmul, layer, x)
+
+
+CUDA_BITS = (2, 3, 4)
+
+
+def _cuda_unsupported(layer: Any, x: Tensor) -> str | None:
+    if not x.is_cuda:
+        return "the input is not on a CUDA device"
+    if x.numel() // layer.in_features != 1:
+        return "the CUDA kernel is a batch-1 GEMV"
+    if layer.spec.levels is not None or any(p.bits not in CUDA_BITS for p in parts(layer)):
+        return f"the CUDA GEMV covers group-wise widths {CUDA_BITS}"
+    from compress.kernels.cuda import build
+
+    if build.load() is None:
+        return "the CUDA extension did not build (nvcc missing or no GPU)"
+    return None
+
+
+def _cuda_linear(layer: Any, x: Tensor) -> Tensor:
+    from compress.kernels.cuda import build
+
+    return _by_parts(build.wq_gemv, layer, x)
+
+
+BACKENDS: dict[str, tuple[Callable[[Any, Tensor], str | None], Callable[[Any, Tensor], Tensor]]] = {
+    "cuda": (_cuda_unsupported, _cuda_linear),
+    "triton": (_triton_unsupported, _triton_linear),
+    "cpu": (_cpu_unsupported, cpu.linear),
+    "reference": (_ref_unsupported, _ref_linear),
+}
+
+
+def choose(layer: Any, x: Tensor) -> str:
+    """The backend that runs `layer(x)`: COMPRESS_KERNEL if set (and able), else the first able default."""
+    forced = os.environ.get(ENV, "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise CompressError(f"{ENV}={forced!r} is not a backend; choose one of {', '.join(BACKENDS)}")
+        why = BACKENDS[forced][0](layer, x)
+        if why is not None:
+            raise CompressError(f"{ENV}={forced} cannot run this layer: {why}; unset {ENV} to let compress choose")
+        return forced
+    if x.is_cuda:
+        order = ("cuda", "triton", "reference")
+    else:
+        order = ("cpu", "reference") if x.dtype == torch.bfloat16 else ("reference",)
+    return next(b for b in order if BACKENDS[b][0](layer, x) is None)
+
+
+def linear(layer: Any, x: Tensor) -> Tensor:
+    """y = x Ŵᵀ + b for a CompressedLinear, through the chosen backend."""
+    return BACKENDS[choose(layer, x)][1](layer, x)
+
+
+__all__ = ["BACKENDS", "ENV", "Part", "choose", "linear", "parts", "reference"]

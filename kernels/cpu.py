@@ -1,0 +1,91 @@
+"""CPU fast path: lower group-wise codes of width <= 4 to PyTorch's int4 CPU matmul (tinygemm layout).
+
+tinygemm decodes w = (q − 8)·scale' + zero' per group of g' columns. Our grid is w = (q − z)·s; with
+codes shifted per group, q' = q − d, it is reproduced by scale' = s, zero' = (8 − z + d)·s for any integer d
+keeping q' in [0, 15] (kernels.md §6 uses d = 0). We take d = z − 8 clamped to that range, so zero' = 0
+whenever the codes allow it (always for widths ≤ 3): only the bf16 rounding of the scale remains, instead
+of a bf16-rounded (8 − z)·s shared by every weight of the group. Mixed widths inside a layer lower too.
+g' is the largest of {256, 128, 64, 32} dividing the layer's group width (a per-row scale is repeated over
+its groups); K is padded to a multiple of g' (padded activations are zero) and N to a multiple of 16.
+
+The kernel wants bf16 activations (fp32 ones are several times slower than a dense matmul), so the
+dispatcher uses this path by default only for bf16 inputs; fp32 models keep the exact reference unless
+COMPRESS_KERNEL=cpu asks for it. Memory: 4 bits per weight for the prepared copy, whatever the width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+GROUPS = (256, 128, 64, 32)
+
+
+@dataclass
+class Prepared:
+    packed: Tensor  # uint8 [Np, Kp / 2], tinygemm's CPU int4 layout (N padded to a multiple of 16)
+    scales_zeros: Tensor  # bf16 [Kp / g', Np, 2]: (scale', zero') per group of g' columns
+    group: int  # g'
+    K: int
+    Kp: int
+    N: int
+
+
+def unsupported(layer: object) -> str | None:
+    """Why this layer cannot take the int4 CPU path, or None when it can."""
+    spec = layer.spec  # type: ignore[attr-defined]
+    if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        return f"torch {torch.__version__} has no _weight_int4pack_mm_for_cpu (needs >= 2.6)"
+    if spec.levels is not None:
+        return "per-column level grids (BAQ faithful mode) are not group-wise"
+    K = layer.in_features  # type: ignore[attr-defined]
+    if max(spec.group_bits(K)) > 4:
+        return "codes wider than 4 bits do not fit int4"
+    if not any(spec.group_width(K) % g == 0 for g in GROUPS):
+        return f"group width {spec.group_width(K)} is not a multiple of 32"
+    return None
+
+
+def prepare(layer: object) -> Prepared:
+    """The tinygemm copy of a CompressedLinear (done once, at the first CPU forward)."""
+    spec, K = layer.spec, layer.in_features  # type: ignore[attr-defined]
+    gw = spec.group_width(K)
+    g = next(g for g in GROUPS if gw % g == 0)
+    Kp = -(-K // g) * g
+    codes = layer.codes().to(torch.int32)  # type: ignore[attr-defined]
+    N = codes.shape[0]
+    Np = -(-N // 16) * 16  # the packer wants N % 16 == 0: padded rows are dropped from the output
+    src = torch.arange(Kp // g) * g // gw  # the layer group of each tinygemm group
+    s = F.pad(layer.scale.float()[:, src], (0, 0, 0, Np - N))  # type: ignore[attr-defined]
+    z = F.pad(layer.zero_points()[:, src], (0, 0, 0, Np - N)).round().to(torch.int32)  # type: ignore[attr-defined]
+    q = z.repeat_interleave(g, dim=1)  # padding holds each group's zero point (decodes to 0)
+    q[:N, :K] = codes
+    qg = q.view(Np, Kp // g, g)
+    # Shift each group's codes by d so that tinygemm's zero' = (8 - z + d)·s vanishes where the codes allow
+    # (always for widths <= 3): a large zero' would lose its low bits to bf16 in every weight of the group.
+    d = (z - 8).clamp(min=qg.amax(-1) - 15).minimum(qg.amin(-1))
+    q = (qg - d.unsqueeze(-1)).view(Np, Kp)
+    sz = torch.stack([s.T, ((8 - z + d) * s).T], dim=-1).to(torch.bfloat16).contiguous()
+    return Prepared(torch._convert_weight_to_int4pack_for_cpu(q, 1), sz, g, K, Kp, N)
+
+
+def linear(layer: object, x: Tensor) -> Tensor:
+    """y = x Ŵᵀ + b through the int4 CPU kernel; computed with bf16 activations, returned in x's dtype."""
+    p: Prepared | None = getattr(layer, "_cpu_prepared", None)
+    if p is None:
+        p = prepare(layer)
+        layer._cpu_prepared = p  # type: ignore[attr-defined]
+    shape = x.shape
+    x2 = x.reshape(-1, p.K).to(torch.bfloat16)
+    if p.Kp != p.K:
+        x2 = F.pad(x2, (0, p.Kp - p.K))
+    y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), p.packed, p.group, p.scales_zeros)
+    y = y[:, : p.N].to(x.dtype).reshape(*shape[:-1], p.N)
+    bias = layer.bias  # type: ignore[attr-defined]
+    return y if bias is None else y + bias.to(x.dtype)
+
+
+

@@ -1,0 +1,95 @@
+"""Kernel dispatch and the CPU int4 path, against the reference decode (the packing spec as a function)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+from test_pipeline import IDS, run
+
+from compress import kernels
+from compress.errors import CompressError
+from compress.kernels import cpu, reference
+from compress.nn import CompressedLinear
+from compress.plan import LayerSpec, LayerWeight
+from compress.round import rtn
+
+
+def layer(spec: LayerSpec, N: int = 40, K: int = 576, bias: bool = True, seed: int = 0) -> CompressedLinear:
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(N, K, generator=g) * 0.05
+    lw = rtn.apply(LayerWeight(W, spec), None, rtn.Config())
+    return CompressedLinear.from_weight(lw, torch.randn(N, generator=g) if bias else None)
+
+
+SPECS = [
+    LayerSpec(bits=4, group_size=128, symmetric=False),  # K = 576: the last group is 64 wide
+    LayerSpec(bits=3, group_size=64, symmetric=True),
+    LayerSpec(bits=2, group_size=32, symmetric=False),
+    LayerSpec(bits=1, group_size=128, symmetric=False),
+    LayerSpec(bits=4, group_size=-1, symmetric=False),  # per row: repeated over tinygemm groups
+    LayerSpec(bits=(2, 4, 3, 2, 4), group_size=128, symmetric=False),  # mixed widths inside the layer
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"b{s.bits}-g{s.group_size}-{'sym' if s.symmetric else 'asym'}")
+def test_width_parts_recombine_to_the_reference(spec: LayerSpec) -> None:
+    m = layer(spec)
+    x = torch.randn(3, 576)
+    expected = x @ m.dequantize().T + m.bias
+    got = kernels._by_parts(reference.wq_matmul, m, x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"b{s.bits}-g{s.group_size}-{'sym' if s.symmetric else 'asym'}")
+@pytest.mark.parametrize("M", [1, 5])
+def test_cpu_int4_path_matches_the_reference_within_bf16(spec: LayerSpec, M: int) -> None:
+    m = layer(spec)
+    assert cpu.unsupported(m) is None
+    x = torch.randn(M, 576)
+    exact = x @ m.dequantize().T + m.bias
+    y = cpu.linear(m, x.bfloat16()).float()
+    bf16 = (x.bfloat16().float() @ m.dequantize().bfloat16().float().T + m.bias)  # what bf16 inputs cost anyway
+    err, floor = (y - exact).norm() / exact.norm(), (bf16 - exact).norm() / exact.norm()
+    assert err < 3 * floor, (err, floor)  # the per-group code shift keeps zero' out of bf16 rounding
+
+
+def test_dispatch_keeps_fp32_exact_and_takes_the_int4_path_for_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    m = layer(SPECS[0])
+    assert kernels.choose(m, torch.randn(1, 576)) == "reference"
+    assert kernels.choose(m, torch.randn(1, 576).bfloat16()) == "cpu"
+    wide = layer(LayerSpec(bits=8, group_size=128, symmetric=False))
+    assert kernels.choose(wide, torch.randn(1, 576).bfloat16()) == "reference"  # 8 bits do not fit int4
+
+
+def test_forced_backends_are_honoured_or_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = layer(SPECS[0])
+    x = torch.randn(2, 576)
+    monkeypatch.setenv(kernels.ENV, "cpu")
+    assert kernels.choose(m, x) == "cpu"
+    torch.testing.assert_close(m(x), cpu.linear(m, x))
+    monkeypatch.setenv(kernels.ENV, "cuda")
+    with pytest.raises(CompressError, match="COMPRESS_KERNEL=cuda cannot run this layer: the input is not on a CUDA"):
+        m(x)
+    monkeypatch.setenv(kernels.ENV, "fast")
+    with pytest.raises(CompressError, match="not a backend; choose one of cuda, triton, cpu, reference"):
+        m(x)
+    monkeypatch.setenv(kernels.ENV, "cpu")
+    with pytest.raises(CompressError, match="wider than 4 bits"):
+        layer(LayerSpec(bits=8, group_size=128, symmetric=False))(x)
+
+
+def test_bf16_model_logits_through_the_int4_path_stay_close_to_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = tiny_llama()
+    run(m, "gptq-4bit")
+    m = m.to(torch.bfloat16)
+    monkeypatch.setenv(kernels.ENV, "reference")
+    with torch.no_grad():
+        ref = m(IDS).logits.float()
+    monkeypatch.delenv(kernels.ENV)
+    with torch.no_grad():
+        fast = m(IDS).logits.float()
+    assert kernels.choose(m.model.layers[0].mlp.down_proj, torch.zeros(1, 160, dtype=torch.bfloat16)) == "cpu"
+    assert (fast.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
+    assert (fast - ref).norm() / ref.norm() < 0.05
