@@ -24,12 +24,11 @@ EVAL_WINDOWS, SEQLEN = 40, 512
 
 
 def job(spec: dict) -> dict:
-    import resource
-
     import torch
 
     import compress
     from compress import data, evaluate, models, recipe
+    from compress.pipeline import peak_rss_mb
 
     torch.set_num_threads(2)
     ref = models.resolve("smollm2-135m")
@@ -44,7 +43,7 @@ def job(spec: dict) -> dict:
     t0 = time.perf_counter()
     result = compress.compress(model, tok, rec)
     out["compress_seconds"] = time.perf_counter() - t0
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = peak_rss_mb()
     out["layer_loss"] = result.total_loss
     out["bits_code"], out["bits_total"] = result.avg_bits()
     out["allocation"] = result.allocation

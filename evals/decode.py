@@ -1,0 +1,150 @@
+"""CPU decode benchmark: greedy tokens/s and peak RSS of SmolLM2-135M, dense vs packed, one process per row.
+
+Checkpoints are made once into evals/.cache/decode (a dense safetensors copy of the GGUF model, and RTN
+packed copies: the rounding method does not change the speed), then every row loads its checkpoint with
+`from_pretrained` in a fresh process, decodes `--tokens` tokens greedily after a 64-token prompt with the KV
+cache, and reports decode tokens/s (prefill excluded), the process's peak RSS and the kernel backend that ran.
+Packed rows in bf16 take the CPU int4 path; "reference" rows force COMPRESS_KERNEL=reference (dequantize
+each layer per call). The fidelity columns compare the row's next-token logits on the prompt with the
+reference path of the same checkpoint in fp32. Writes evals/results/decode.{json,md}.
+
+    python evals/decode.py            # every row (minutes; run it alone: timings need a quiet machine)
+    python evals/decode.py --render
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from common import merge, report
+
+CACHE = Path(__file__).parent / ".cache" / "decode"
+ROWS: dict[str, tuple[str, str, str | None]] = {  # label -> (checkpoint, dtype, forced backend)
+    "dense fp32": ("dense", "float32", None),
+    "dense bf16": ("dense", "bfloat16", None),
+    "packed w4g128, bf16 (cpu int4)": ("rtn-w4g128", "bfloat16", None),
+    "packed w3g128, bf16 (cpu int4)": ("rtn-w3g128", "bfloat16", None),
+    "packed w4g128, fp32 (reference)": ("rtn-w4g128", "float32", "reference"),
+}
+PACKED = {"rtn-w4g128": ["weights.bits=4"], "rtn-w3g128": ["weights.bits=3"]}
+
+
+def make_checkpoints() -> None:
+    import compress
+    from compress import checkpoint, models, recipe
+
+    ref = models.resolve("smollm2-135m")
+    if not (CACHE / "dense" / "config.json").is_file():
+        model, tok = models.load(ref)
+        model.save_pretrained(CACHE / "dense")
+        tok.save_pretrained(CACHE / "dense")
+    for name, edits in PACKED.items():
+        if not (CACHE / name / "config.json").is_file():
+            model, tok = models.load(ref)
+            rec = recipe.load("rtn-4bit", edits)
+            res = compress.compress(model, tok, rec)
+            checkpoint.save(model, tok, res.plan, res.recipe, CACHE / name, card=f"decode benchmark: {name}")
+
+
+def job(label: str, tokens: int) -> dict:
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import compress  # noqa: F401  (registers the quantization method)
+    from compress import kernels
+    from compress.nn import CompressedLinear
+    from compress.pipeline import peak_rss_mb
+
+    torch.set_num_threads(2)
+    ckpt, dtype, forced = ROWS[label]
+    if forced:
+        os.environ[kernels.ENV] = forced
+    path = CACHE / ckpt
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    from pydoc_data.topics import topics
+
+    text = topics[sorted(topics)[0]][:2000]  # the start of the corpus the other benchmarks evaluate on
+    prompt = tok(text, return_tensors="pt").input_ids[:, :64]
+    packed = [m for m in model.modules() if isinstance(m, CompressedLinear)]
+    backend = kernels.choose(packed[0], torch.zeros(1, packed[0].in_features, dtype=model.dtype)) if packed else "dense"
+    with torch.no_grad():
+        logits = model(prompt).logits[0, -1].float()
+        model.generate(prompt, max_new_tokens=4, do_sample=False)  # warm-up (prepares the int4 copies)
+        t0 = time.perf_counter()
+        model.generate(prompt, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        total = time.perf_counter() - t0
+    return {"label": label, "tokens": tokens, "tokens_per_s": (tokens - 1) / (total - prefill),
+            "peak_rss_mb": peak_rss_mb(), "backend": backend,
+            "logits": logits.tolist(), "text": tok.decode(out[0, 64:])[:80]}
+
+
+def fidelity(rows: list[dict]) -> dict[str, tuple[float, bool]]:
+    """Per row: relative L2 error and argmax match of the prompt's last logits vs the fp32 reference row."""
+    import torch
+
+    base = {r["label"]: torch.tensor(r["logits"]) for r in rows}
+    out = {}
+    for r in rows:
+        ref_label = "dense fp32" if ROWS[r["label"]][0] == "dense" else "packed w4g128, fp32 (reference)"
+        if ROWS[r["label"]][0] == "rtn-w3g128" or ref_label not in base:
+            continue
+        a, b = base[r["label"]], base[ref_label]
+        out[r["label"]] = (float((a - b).norm() / b.norm()), bool(a.argmax() == b.argmax()))
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    dense = next((r["tokens_per_s"] for r in rows if r["label"] == "dense fp32"), None)
+    fid = fidelity(rows)
+    lines = ["| row | backend | decode tokens/s | vs dense fp32 | peak RSS MB | logits rel. err vs fp32 reference | "
+             "same next token |", "|" + "---|" * 7]
+    for r in rows:
+        speed = f"{r['tokens_per_s'] / dense:.2f}x" if dense else "-"
+        e = fid.get(r["label"])
+        lines.append(f"| {r['label']} | {r['backend']} | {r['tokens_per_s']:.1f} | {speed} | {r['peak_rss_mb']:.0f} | "
+                     f"{'-' if e is None else f'{e[0]:.2e}'} | {'-' if e is None else e[1]} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    ap.add_argument("--rows", nargs="*", choices=list(ROWS), default=list(ROWS))
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode")
+    ap.add_argument("--render", action="store_true")
+    args = ap.parse_args()
+    if args.job:
+        print(json.dumps(job(args.job, args.tokens)))
+        return
+    saved = args.out.with_suffix(".json")
+    rows = json.loads(saved.read_text()) if saved.is_file() else []
+    if not args.render:
+        make_checkpoints()
+        for label in args.rows:
+            p = subprocess.run([sys.executable, __file__, "--job", label, "--tokens", str(args.tokens)],
+                               capture_output=True, text=True)
+            if p.returncode != 0:
+                raise SystemExit(f"{label} failed:\n{p.stderr[-3000:]}")
+            new = json.loads(p.stdout.strip().splitlines()[-1])
+            print(f"{label}: {new['tokens_per_s']:.1f} tokens/s ({new['backend']})", flush=True)
+            rows = merge(saved, new, list(ROWS))
+    report(args.out, "CPU decode benchmark: SmolLM2-135M", "Command: `python evals/decode.py`. Greedy decoding of "
+           f"{rows[0]['tokens'] if rows else '-'} tokens after a 64-token pydoc prompt, KV cache, batch 1, 2 CPU "
+           "threads, one process per row; checkpoints loaded with from_pretrained; embeddings and lm_head stay "
+           "dense in the row's dtype.", table(rows))
+
+
+if __name__ == "__main__":
+    main()
