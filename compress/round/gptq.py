@@ -35,6 +35,7 @@ d = [0, -.4, .6], loss .044 (tests/test_gptq.py checks these numbers).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,31 @@ def inverse_cholesky(H: Tensor, damp: float, max_damp: float) -> tuple[Tensor | 
         if damp >= max_damp:
             return None, damp
         damp = min(max(damp * 10, 1e-4), max_damp)
+
+
+def sweep(WT: Tensor, U: Tensor, B: int, column: Callable[[int, Tensor, Tensor], Tensor]) -> Tensor:
+    """The OBQ column sweep shared by every GPTQ-style method (GPTQ, PB-LLM's GPTQ-PB).
+
+    WT [K, N] is Wᵀ in processing order (updated in place: lazily, at block ends); U [K, K] the upper
+    Cholesky factor of H⁻¹ in the same order. `column(j, w, WT)` rounds column j, whose current value
+    (with every earlier error pushed in) is w [N], and returns its decoded value [N]; WT is passed for
+    methods that fit parameters on the block-start state. Returns the scaled errors ErrT [K, N].
+    """
+    K = WT.shape[0]
+    ErrT = torch.zeros_like(WT)
+    for i1 in range(0, K, B):
+        i2 = min(i1 + B, K)
+        W1 = WT[i1:i2].clone()  # [B, N], receives the eager in-block updates
+        U1 = U[i1:i2, i1:i2]
+        diag = U1.diagonal().tolist()
+        for i in range(i2 - i1):
+            j = i1 + i
+            w = W1[i]
+            err = (w - column(j, w, WT)) / diag[i]  # scaled error, [N]
+            ErrT[j] = err
+            W1[i:].addr_(U1[i, i:], err, alpha=-1)  # OBQ update of the rest of the block
+        WT[i2:].addmm_(U[i1:i2, i2:].T, ErrT[i1:i2], alpha=-1)  # lazy update of everything after it
+    return ErrT
 
 
 def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
@@ -131,29 +157,20 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
     # The loop runs on Wᵀ [K, N] so that a column of W is a contiguous row.
     WT = W.T.contiguous()
     QT = torch.zeros_like(WT)
-    ErrT = torch.zeros_like(WT)
-    B = cfg.block_size
-    for i1 in range(0, K, B):
-        i2 = min(i1 + B, K)
-        W1 = WT[i1:i2].clone()  # [B, N], receives the eager in-block updates
-        U1 = U[i1:i2, i1:i2]
-        diag = U1.diagonal().tolist()
-        for i in range(i2 - i1):
-            j = i1 + i
-            if static:
-                s, z, qmax = ST[j], ZT[j], col_qmax[j]
-            else:
-                g = j // gs
-                if j % gs == 0:  # fit on W as of the block start (reference behaviour)
-                    scale[:, g], zero[:, g] = grid.choose_qparams(WT[j : j + gs].T, gbits[g], sym, sdt)
-                s, z, qmax = scale[:, g], zero[:, g], grid.maxq(gbits[g])
-            w = W1[i]
-            q = torch.round(w / s).add_(z).clamp_(0, qmax)
-            err = (w - s * (q - z)) / diag[i]  # scaled error, [N]
-            QT[j] = q
-            ErrT[j] = err
-            W1[i:].addr_(U1[i, i:], err, alpha=-1)  # OBQ update of the rest of the block
-        WT[i2:].addmm_(U[i1:i2, i2:].T, ErrT[i1:i2], alpha=-1)  # lazy update of everything after it
+
+    def column(j: int, w: Tensor, WT: Tensor) -> Tensor:
+        if static:
+            s, z, qmax = ST[j], ZT[j], col_qmax[j]
+        else:
+            g = j // gs
+            if j % gs == 0:  # fit on W as of the block start (reference behaviour)
+                scale[:, g], zero[:, g] = grid.choose_qparams(WT[j : j + gs].T, gbits[g], sym, sdt)
+            s, z, qmax = scale[:, g], zero[:, g], grid.maxq(gbits[g])
+        q = torch.round(w / s).add_(z).clamp_(0, qmax)
+        QT[j] = q
+        return s * (q - z)
+
+    ErrT = sweep(WT, U, cfg.block_size, column)
     Q = QT.T
     Losses = ErrT.T**2 / 2  # (w - q)² / U_jj² / 2 per weight
 
