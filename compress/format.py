@@ -34,6 +34,26 @@ order, K_w of them) are packed as above into ceil(K_w/32) * w words per row, and
 concatenation of these parts along the last dim. The partition follows from the plan, so nothing else
 is stored; a layer with a single width is exactly the v1 layout.
 
+Binary layers (PB-LLM, `LayerSpec.binary`; FORMAT_VERSION 3, older checkpoints are valid v3 ones).
+W_hat[n, k] = mu[n, k // g] + alpha[n, k // g] * (2 * sign[n, k] - 1), except at salient positions,
+where W_hat[n, k] = salient_scale[n] * (salient_q - salient_zero[n]):
+
+    <fqn>.qweight          int32 [N, ceil(K/32)]   sign bits (1 = +), a 1-bit plane as above
+    <fqn>.scale            scale_dtype [N, G]      alpha
+    <fqn>.mu               scale_dtype [N, G]      mu
+    salient part, when the plan's nnz > 0:
+    <fqn>.salient_mask     int32 [N, ceil(K/32)]   (index "bitmask") salient positions as a 1-bit plane
+    <fqn>.salient_rowptr   int32 [N + 1]           (index "csr") row offsets into the arrays below
+    <fqn>.salient_col      int16 [nnz]             (index "csr") column of each salient weight (int32 if K > 32767)
+    <fqn>.salient_q        uint8 [nnz]             8-bit codes, row-major order of the positions
+    <fqn>.salient_scale    scale_dtype [N, 1]      per-row 8-bit grid (min-max over the whole row)
+    <fqn>.salient_zero     uint8 [N, 1]
+
+The rounding picks the smaller index (a bitmask costs 1 bit per weight, CSR 16 or 32 bits per salient
+weight plus the row offsets) and records it with nnz in the plan. Sign bits at salient positions are
+stored but unused, so a kernel can run the sign GEMV over every column and add a sparse correction.
+Bits per weight are counted as stored: signs + index + 8-bit values (+ alpha, mu and the 8-bit grid).
+
 config.json's `quantization_config` carries the format version and the per-layer plan, so a checkpoint
 is self-describing.
 """
@@ -49,7 +69,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from compress.plan import LayerSpec
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 QUANT_METHOD = "compress"
 REQUIRED = ("qweight", "scale")
 OPTIONAL = ("zero", "bias")
@@ -110,6 +130,8 @@ def width_parts(spec: LayerSpec, K: int) -> list[tuple[int, Tensor]]:
 
 def layer_words(spec: LayerSpec, K: int) -> int:
     """int32 words per row of a layer's qweight."""
+    if spec.binary:
+        return packed_words(K, 1)
     return sum(packed_words(len(cols), w) for w, cols in width_parts(spec, K))
 
 
@@ -134,11 +156,60 @@ def unpack_layer(qweight: Tensor, spec: LayerSpec, K: int) -> Tensor:
     return codes
 
 
+def index_bits(index: str, N: int, K: int, nnz: int) -> int:
+    """Storage bits of the salient positions in a layout ("bitmask" or "csr")."""
+    if index == "bitmask":
+        return N * packed_words(K, 1) * 32
+    return 32 * (N + 1) + nnz * (16 if K <= 32767 else 32)
+
+
+def choose_index(N: int, K: int, nnz: int) -> str:
+    """The smaller salient index for nnz positions in an N x K matrix."""
+    return "bitmask" if index_bits("bitmask", N, K, nnz) < index_bits("csr", N, K, nnz) else "csr"
+
+
+def pack_salient(mask: Tensor, codes: Tensor, index: str) -> dict[str, Tensor]:
+    """bool mask [N, K] + uint8 codes [N, K] -> the salient tensors of `index` (names without prefix)."""
+    K = mask.shape[1]
+    out = {"salient_q": codes[mask].to(torch.uint8)}
+    if index == "bitmask":
+        out["salient_mask"] = pack(mask.to(torch.uint8), 1)
+    else:
+        counts = mask.sum(dim=1).to(torch.int64)
+        out["salient_rowptr"] = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+        out["salient_col"] = torch.nonzero(mask)[:, 1].to(torch.int16 if K <= 32767 else torch.int32)
+    return out
+
+
+def unpack_salient(t: dict[str, Tensor], index: str, N: int, K: int) -> tuple[Tensor, Tensor]:
+    """Inverse of `pack_salient`: (mask bool [N, K], codes uint8 [N, K], zero outside the mask)."""
+    device = t["salient_q"].device
+    if index == "bitmask":
+        mask = unpack(t["salient_mask"], 1, K).bool()
+    else:
+        rowptr = t["salient_rowptr"].long()
+        rows = torch.repeat_interleave(torch.arange(N, device=device), rowptr[1:] - rowptr[:-1])
+        mask = torch.zeros(N, K, dtype=torch.bool, device=device)
+        mask[rows, t["salient_col"].long()] = True
+    codes = torch.zeros(N, K, dtype=torch.uint8, device=device)
+    codes[mask] = t["salient_q"]
+    return mask, codes
+
+
 def bits_per_weight(spec: LayerSpec, N: int, K: int) -> tuple[float, float]:
-    """(code bits, code + scale + zero bits) per weight, as stored (K padding included)."""
+    """(code bits, code + scale + zero bits) per weight, as stored (K padding included). For binary
+    layers "code" is signs + salient index + 8-bit salient values, and the rest adds alpha, mu and the
+    salient rows' 8-bit grid."""
     code = N * layer_words(spec, K) * 32
     G = spec.groups(K)
     meta = N * G * torch.finfo(spec.torch_scale_dtype).bits
+    if spec.binary:  # alpha and mu per group
+        meta *= 2
+        nnz = max(spec.nnz, 0)
+        if nnz:
+            code += index_bits(spec.index or choose_index(N, K, nnz), N, K, nnz) + 8 * nnz
+            meta += N * (torch.finfo(spec.torch_scale_dtype).bits + 8)  # the salient rows' 8-bit grid
+        return code / (N * K), (code + meta) / (N * K)
     if spec.levels is not None:  # row range + row minimum, both in the scale dtype
         meta *= 2
     elif not spec.symmetric:

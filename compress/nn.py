@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from compress import format as fmt
 from compress import grid
-from compress.plan import LayerSpec, LayerWeight, Plan
+from compress.plan import LayerSpec, LayerWeight, Plan, Salient
 
 
 class CompressedLinear(nn.Module):
@@ -29,9 +29,23 @@ class CompressedLinear(nn.Module):
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         N, K, G = out_features, in_features, spec.groups(in_features)
         words = fmt.layer_words(spec, K)
+        sdt = spec.torch_scale_dtype
         self.register_buffer("qweight", torch.zeros(N, words, dtype=torch.int32, device=device))
-        self.register_buffer("scale", torch.ones(N, G, dtype=spec.torch_scale_dtype, device=device))
-        if spec.levels is not None:  # BAQ's per-column levels: scale = row range, rmin = row minimum
+        self.register_buffer("scale", torch.ones(N, G, dtype=sdt, device=device))
+        if spec.binary:  # PB-LLM: mu per group, and the salient part sized by the plan (format.py)
+            self.register_buffer("mu", torch.zeros(N, G, dtype=sdt, device=device))
+            if spec.nnz > 0:
+                index = spec.index or fmt.choose_index(N, K, spec.nnz)
+                if index == "bitmask":
+                    self.register_buffer("salient_mask", torch.zeros(N, words, dtype=torch.int32, device=device))
+                else:
+                    self.register_buffer("salient_rowptr", torch.zeros(N + 1, dtype=torch.int32, device=device))
+                    col_dtype = torch.int16 if K <= 32767 else torch.int32
+                    self.register_buffer("salient_col", torch.zeros(spec.nnz, dtype=col_dtype, device=device))
+                self.register_buffer("salient_q", torch.zeros(spec.nnz, dtype=torch.uint8, device=device))
+                self.register_buffer("salient_scale", torch.ones(N, 1, dtype=sdt, device=device))
+                self.register_buffer("salient_zero", torch.zeros(N, 1, dtype=torch.uint8, device=device))
+        elif spec.levels is not None:  # BAQ's per-column levels: scale = row range, rmin = row minimum
             self.register_buffer("rmin", torch.zeros(N, 1, dtype=spec.torch_scale_dtype, device=device))
         elif not spec.symmetric:
             self.register_buffer("zero", torch.zeros(N, G, dtype=torch.uint8, device=device))
@@ -44,7 +58,18 @@ class CompressedLinear(nn.Module):
         m = cls(K, N, lw.spec, bias=bias is not None, device=lw.W.device, dtype=None if bias is None else bias.dtype)
         m.qweight.copy_(fmt.pack_layer(lw.codes, lw.spec))
         m.scale.copy_(lw.scale.to(lw.spec.torch_scale_dtype))
-        if lw.spec.levels is not None:
+        if lw.spec.binary:
+            m.mu.copy_(lw.zero.to(lw.spec.torch_scale_dtype))
+            if lw.spec.nnz > 0:
+                sal = lw.salient
+                if sal is None or int(sal.mask.sum()) != lw.spec.nnz:
+                    raise ValueError("a binary layer's salient part must hold spec.nnz weights")
+                index = lw.spec.index or fmt.choose_index(N, K, lw.spec.nnz)
+                for k, v in fmt.pack_salient(sal.mask, sal.codes, index).items():
+                    getattr(m, k).copy_(v)
+                m.salient_scale.copy_(sal.scale.to(lw.spec.torch_scale_dtype))
+                m.salient_zero.copy_(sal.zero.to(torch.uint8))
+        elif lw.spec.levels is not None:
             m.rmin.copy_(lw.zero.to(lw.spec.torch_scale_dtype))
         elif not lw.spec.symmetric:
             m.zero.copy_(lw.zero.to(torch.uint8))
@@ -56,13 +81,31 @@ class CompressedLinear(nn.Module):
         return fmt.unpack_layer(self.qweight, self.spec, self.in_features)
 
     def zero_points(self) -> Tensor:
+        if self.spec.binary:
+            raise ValueError("binary layers have mu, not zero points")
         if self.spec.symmetric:  # GPTQ's symmetric grid: zero = 2**(bits-1) in every group
             gb = torch.tensor(self.spec.group_bits(self.in_features), device=self.scale.device)
             return (2.0 ** (gb - 1)).expand(self.out_features, -1)
         return self.zero.float()
 
+    def salient_part(self) -> Salient | None:
+        """PB-LLM's 8-bit part of a binary layer, decoded from its index (None when there is none)."""
+        if not self.spec.binary or self.spec.nnz <= 0:
+            return None
+        index = self.spec.index or fmt.choose_index(self.out_features, self.in_features, self.spec.nnz)
+        t = {k: getattr(self, k) for k in ("salient_mask", "salient_rowptr", "salient_col", "salient_q")
+             if hasattr(self, k)}
+        mask, codes = fmt.unpack_salient(t, index, self.out_features, self.in_features)
+        return Salient(mask, codes, self.salient_scale.float(), self.salient_zero.float())
+
     def dequantize(self) -> Tensor:
         """Ŵ fp32 [N, K]: the reference decode that every kernel must match."""
+        if self.spec.binary:
+            K, gw = self.in_features, self.spec.group_width(self.in_features)
+            sign = 2 * self.codes().float() - 1
+            W = grid.expand(self.mu.float(), gw, K) + grid.expand(self.scale.float(), gw, K) * sign
+            sal = self.salient_part()
+            return W if sal is None else sal.apply(W)
         if self.spec.levels is not None:
             s, z = grid.levels_grid(self.scale, self.rmin, self.spec.levels)
             return grid.dequantize(self.codes().float(), s, z)
@@ -81,7 +124,7 @@ class CompressedLinear(nn.Module):
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> CompressedLinear:
         # model.to(bfloat16) must move scales but never round them: keep their storage dtype.
-        kept = {k: getattr(self, k) for k in ("scale", "rmin") if hasattr(self, k)}
+        kept = {k: getattr(self, k) for k in ("scale", "rmin", "mu", "salient_scale") if hasattr(self, k)}
         self.__dict__.pop("_cpu_prepared", None)  # kernel-side copies are rebuilt where the module lands
         self.__dict__.pop("_parts", None)
         super()._apply(fn, recurse)

@@ -121,7 +121,9 @@ def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | 
             on_block_done=None if workdir is None else workdir.save_block,
             progress=progress,
         )
-    return Result(model, allocation.plan, recipe, blocks,
+    # The rounding may complete a spec (PB-LLM's salient count and index): the modules hold the final plan.
+    plan = Plan({n: model.get_submodule(n).spec for n in allocation.plan})
+    return Result(model, plan, recipe, blocks,
                   windows.describe() if windows is not None else "none (data-free)",
                   time.perf_counter() - t0, peak_rss_mb(), shapes, allocation.summary, rounding)
 

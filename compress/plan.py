@@ -34,6 +34,10 @@ class LayerSpec:
     levels:     per-column level counts M_j (BAQ's faithful mode, per-row grids only): column j of row n
                 uses scale (xmax_n - xmin_n)/(M_j - 1) and is stored with ceil(log2 M_j) bits; M_j = 1
                 means the column is zero and not stored. `bits` is then the nominal rate.
+    binary:     PB-LLM partial binarization (bits = 1): w = μ + α·sign, with μ, α per group of group_size
+                columns (-1: per row), except a `salient` fraction of the weights kept on a per-row 8-bit
+                asymmetric grid. `nnz` (salient count) and `index` ("bitmask" or "csr", whichever is
+                smaller) are set by the rounding, so a checkpoint's plan sizes every buffer.
     """
 
     bits: int | tuple[int, ...] = 4
@@ -42,6 +46,10 @@ class LayerSpec:
     scale_dtype: str = "float16"
     method: str = "gptq"
     levels: tuple[int, ...] | None = None
+    binary: bool = False
+    salient: float = 0.0
+    nnz: int = -1
+    index: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, list):
@@ -58,6 +66,15 @@ class LayerSpec:
                 raise CompressError("per-column levels need a per-row asymmetric grid (group_size=-1, symmetric=false)")
             if not all(1 <= m <= 256 for m in self.levels):
                 raise CompressError("per-column level counts must lie in 1..256")
+        if self.binary:
+            if self.bits != 1 or self.levels is not None:
+                raise CompressError("binary layers have bits=1 and no per-column levels")
+            if not 0.0 <= self.salient < 1.0:
+                raise CompressError(f"salient={self.salient} must be a fraction in [0, 1)")
+            if self.index not in ("", "bitmask", "csr"):
+                raise CompressError(f"index={self.index!r} must be bitmask or csr")
+        elif self.salient:
+            raise CompressError("salient weights belong to binary layers; set binary: true (and bits: 1)")
         if self.scale_dtype not in SCALE_DTYPES:
             raise CompressError(f"scale_dtype={self.scale_dtype!r} is invalid; choose one of {list(SCALE_DTYPES)}")
 
@@ -159,8 +176,30 @@ class Plan:
 
 
 @dataclass
+class Salient:
+    """PB-LLM's salient weights: kept on a per-row asymmetric 8-bit grid.
+
+    mask: bool [N, K]; codes: uint8 [N, K] (meaningful where mask); scale, zero: fp32 [N, 1]."""
+
+    mask: Tensor
+    codes: Tensor
+    scale: Tensor
+    zero: Tensor
+
+    def values(self) -> Tensor:
+        """Decoded salient weights [N, K] (zero outside the mask)."""
+        return (self.scale * (self.codes.float() - self.zero)) * self.mask
+
+    def apply(self, W: Tensor) -> Tensor:
+        return torch.where(self.mask, self.values(), W)
+
+
+@dataclass
 class LayerWeight:
     """One weight matrix moving through the weight stages.
+
+    Binary layers (spec.binary): codes are the sign bits (1 = +), scale = α and zero = μ [N, G] (floats),
+    `salient` the 8-bit part.
 
     W:     fp32 [N, K], the dense weight the stage starts from (never modified in place).
     codes: uint8 [N, K] in [0, 2**bits), filled by a rounding method.
@@ -180,12 +219,18 @@ class LayerWeight:
     zero: Tensor | None = None
     loss: Tensor | None = None
     info: dict[str, float] = field(default_factory=dict)
+    salient: Salient | None = None
 
     def dequantize(self) -> Tensor:
         from compress import grid
 
         if self.codes is None or self.scale is None or self.zero is None:
             raise ValueError("LayerWeight has not been rounded yet")
+        if self.spec.binary:
+            K = self.W.shape[1]
+            gw = self.spec.group_width(K)
+            W = grid.expand(self.zero, gw, K) + grid.expand(self.scale, gw, K) * (2 * self.codes.float() - 1)
+            return W if self.salient is None else self.salient.apply(W)
         if self.spec.levels is not None:
             s, z = grid.levels_grid(self.scale, self.zero, self.spec.levels)
             return grid.dequantize(self.codes.float(), s, z)

@@ -47,6 +47,8 @@ class Weights:
     group_size: int = 128
     symmetric: bool = False
     scale_dtype: str = "float16"
+    binary: bool = False  # PB-LLM: mu + alpha * sign (bits must be 1), rounded by round.method=pbllm
+    salient: float = 0.0  # binary layers: fraction of weights kept at 8 bits
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class Override:
     bits: int | None = None
     group_size: int | None = None
     symmetric: bool | None = None
+    binary: bool | None = None
+    salient: float | None = None
     skip: bool = False  # keep this Linear dense
 
 
@@ -93,13 +97,16 @@ class Recipe:
 
         w = self.weights
         spec = dict(bits=w.bits, group_size=w.group_size, symmetric=w.symmetric, scale_dtype=w.scale_dtype,
-                    method=self.round.method)
+                    method=self.round.method, binary=w.binary, salient=w.salient)
         for o in self.overrides:
             if fnmatch.fnmatchcase(name, o.match):
                 if o.skip:
                     return None
                 spec.update({k: v for k, v in (("bits", o.bits), ("group_size", o.group_size),
-                                                ("symmetric", o.symmetric)) if v is not None})
+                                                ("symmetric", o.symmetric), ("binary", o.binary),
+                                                ("salient", o.salient)) if v is not None})
+                if o.binary is False:  # quantized, not binarized: no salient part either
+                    spec["salient"] = 0.0
                 break
         return LayerSpec(**spec)
 

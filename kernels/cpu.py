@@ -41,6 +41,8 @@ def unsupported(layer: object) -> str | None:
         return f"torch {torch.__version__} has no _weight_int4pack_mm_for_cpu (needs >= 2.6)"
     if spec.levels is not None:
         return "per-column level grids (BAQ faithful mode) are not group-wise"
+    if spec.binary:
+        return "binary (PB-LLM) layers have no int4 lowering yet"
     K = layer.in_features  # type: ignore[attr-defined]
     if max(spec.group_bits(K)) > 4:
         return "codes wider than 4 bits do not fit int4"

@@ -44,7 +44,7 @@ def test_main_job_writes_a_complete_checkpoint(compressed_dir: Path) -> None:
     assert {"config.json", "model.safetensors", "recipe.yaml", "README.md", "tokenizer.json"} <= files
     assert ".partial" not in files  # finished work directories are removed
     qc = json.loads((compressed_dir / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "compress" and qc["format_version"] == 2
+    assert qc["quant_method"] == "compress" and qc["format_version"] == 3
     assert len(qc["plan"]) == 14 and qc["plan"]["model.layers.0.mlp.down_proj"]["bits"] == 4
     assert qc["avg_bits_code"] == 4.0
     assert "seqlen: 64" in (compressed_dir / "recipe.yaml").read_text()

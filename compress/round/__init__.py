@@ -11,9 +11,9 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from compress.round import discquant, gptq, rtn
+from compress.round import discquant, gptq, pbllm, rtn
 
-METHODS: dict[str, ModuleType] = {"rtn": rtn, "gptq": gptq, "discquant": discquant}
+METHODS: dict[str, ModuleType] = {"rtn": rtn, "gptq": gptq, "discquant": discquant, "pbllm": pbllm}
 
 
 def joint(method: str) -> bool:

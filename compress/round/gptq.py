@@ -115,6 +115,8 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
     if not torch.isfinite(H).all():
         raise CompressError("the calibration Hessian holds NaN/inf (the model produced non-finite activations); "
                             "load the model in float32 or use other calibration data")
+    if lw.spec.binary:
+        raise CompressError("binary layers are rounded by round.method=pbllm (PB-LLM), not gptq")
     spec = lw.spec
     W = lw.W.float().clone()  # [N, K]
     N, K = W.shape

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from compress import grid
+from compress.errors import CompressError
 from compress.plan import LayerWeight
 from compress.round.loss import column_loss
 
@@ -19,6 +20,8 @@ class Config:
 
 def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
     """Quantize every group of W [N, K] to its nearest grid point."""
+    if lw.spec.binary:
+        raise CompressError("binary layers are rounded by round.method=pbllm (PB-LLM), not rtn")
     spec, W = lw.spec, lw.W.float()
     if spec.levels is not None:  # BAQ's per-column level counts on the row's range
         scale, zero = grid.choose_range(W, spec.torch_scale_dtype)
