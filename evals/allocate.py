@@ -12,11 +12,9 @@ EvoPress rows share their level database (evals/.cache/evopress-smollm2), so the
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
-from common import fmt_num, fmt_ppl, job, report, run_rows
+from common import cli, fmt_num, fmt_ppl
 
 # The EvoPress rows share one teacher + level database (it does not depend on the target): built once.
 DB = [f"allocate.database={Path(__file__).parent / '.cache' / 'evopress-smollm2'}"]
@@ -54,24 +52,11 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--job", help=argparse.SUPPRESS)
-    ap.add_argument("--rows", nargs="*", choices=list(ROWS), default=list(ROWS))
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "allocate")
-    ap.add_argument("--render", action="store_true")
-    args = ap.parse_args()
-    if args.job:
-        print(json.dumps(job(json.loads(args.job))))
-        return
-    saved = args.out.with_suffix(".json")
-    rows = json.loads(saved.read_text()) if saved.is_file() else []
-    if not args.render:
-        rows = run_rows(args.rows, lambda label: {"label": label, "recipe": ROWS[label][0], "edits": ROWS[label][1]},
-                        saved, ["dense", *ROWS], __file__)
-    report(args.out, "Allocation benchmark: SmolLM2-135M, pydoc-512 protocol",
-           "Command: `python evals/allocate.py`. All rows: g128 asymmetric grids, fp16 scales, GPTQ with act-order "
-           "(static groups), 128 x 512 calibration windows. Predicted layer-loss ratio = BAQ's modelled Σ layer loss "
-           "of the allocation over that of uniform bits at the target.", table(rows))
+    cli(__doc__, ROWS, table, "Allocation benchmark: SmolLM2-135M, pydoc-512 protocol",
+        "Command: `python evals/allocate.py`. All rows: g128 asymmetric grids, fp16 scales, GPTQ with act-order "
+        "(static groups), 128 x 512 calibration windows. Predicted layer-loss ratio = BAQ's modelled Σ layer loss "
+        "of the allocation over that of uniform bits at the target.", __file__, "allocate")
+
 
 if __name__ == "__main__":
     main()

@@ -49,6 +49,14 @@ def job(spec: dict) -> dict:
     out["allocation"] = result.allocation
     out["rounding"] = result.rounding
     out["widths"] = _width_histogram(result)
+    if spec.get("save"):  # bytes on disk of the packed checkpoint (weights files only)
+        import tempfile
+
+        from compress import checkpoint
+
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint.save(model, tok, result.plan, result.recipe, Path(d), card="benchmark")
+            out["disk_mb"] = checkpoint.disk_bytes(Path(d)) / 2**20
     dense, _ = models.load(ref)  # after compressing, so the peak RSS above is the compression's own
     t0 = time.perf_counter()
     d, c = evaluate.compare({"dense": dense, "compressed": model}, ev.ids)
@@ -106,3 +114,26 @@ def run_rows(labels: list[str], spec_of: Callable[[str], dict], saved: Path, ord
 def report(out: Path, title: str, intro: str, md: str) -> None:
     print(md)
     out.with_suffix(".md").write_text(f"# {title}\n\n{intro}\n\n{md}\n")
+
+
+def cli(doc: str, rows: dict[str, tuple[str, list[str]]], table: Callable[[list[dict]], str], title: str,
+        intro: str, script: str, name: str, **spec: object) -> None:
+    """The command line of a recipe benchmark: `--rows` to run some rows (others are kept), `--render` to
+    re-render the saved table; each row is {label: (recipe, edits)}, extra job fields in `spec`."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    ap.add_argument("--rows", nargs="*", choices=list(rows), default=list(rows))
+    ap.add_argument("--out", type=Path, default=Path(script).parent / "results" / name)
+    ap.add_argument("--render", action="store_true")
+    args = ap.parse_args()
+    if args.job:
+        print(json.dumps(job(json.loads(args.job))))
+        return
+    saved = args.out.with_suffix(".json")
+    done = json.loads(saved.read_text()) if saved.is_file() else []
+    if not args.render:
+        done = run_rows(args.rows, lambda label: {"label": label, "recipe": rows[label][0], "edits": rows[label][1],
+                                                  **spec}, saved, ["dense", *rows], script)
+    report(args.out, title, intro, table(done))

@@ -12,11 +12,7 @@ evals/results/discquant.{json,md}.
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
-from common import fmt_num, fmt_ppl, job, report, run_rows
+from common import cli, fmt_num, fmt_ppl
 
 GRID = ["weights.bits=3", "weights.group_size=64", "weights.symmetric=true"]
 ROWS: dict[str, tuple[str, list[str]]] = {
@@ -47,25 +43,11 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--job", help=argparse.SUPPRESS)
-    ap.add_argument("--rows", nargs="*", choices=list(ROWS), default=list(ROWS))
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "discquant")
-    ap.add_argument("--render", action="store_true")
-    args = ap.parse_args()
-    if args.job:
-        print(json.dumps(job(json.loads(args.job))))
-        return
-    saved = args.out.with_suffix(".json")
-    rows = json.loads(saved.read_text()) if saved.is_file() else []
-    if not args.render:
-        rows = run_rows(args.rows, lambda label: {"label": label, "recipe": ROWS[label][0], "edits": ROWS[label][1]},
-                        saved, ["dense", *ROWS], __file__)
-    report(args.out, "DiscQuant benchmark: SmolLM2-135M, pydoc-512 protocol",
-           "Command: `python evals/discquant.py`. All rows: 3-bit symmetric min-max grid, groups of 64 along "
-           "in_features, fp16 scales (3.25 bits per weight with scales), 128 x 512 pydoc calibration windows. "
-           "DiscQuant: 2 windows of 512 tokens per step, lr 0.05, κ 1.0, ρ 200, full-vocabulary KL, random init. "
-           "Train KL is the per-step KL(dense ‖ W_x) on that step's windows (before rounding).", table(rows))
+    cli(__doc__, ROWS, table, "DiscQuant benchmark: SmolLM2-135M, pydoc-512 protocol",
+        "Command: `python evals/discquant.py`. All rows: 3-bit symmetric min-max grid, groups of 64 along "
+        "in_features, fp16 scales (3.25 bits per weight with scales), 128 x 512 pydoc calibration windows. "
+        "DiscQuant: 2 windows of 512 tokens per step, lr 0.05, κ 1.0, ρ 200, full-vocabulary KL, random init. "
+        "Train KL is the per-step KL(dense ‖ W_x) on that step's windows (before rounding).", __file__, "discquant")
 
 
 if __name__ == "__main__":
