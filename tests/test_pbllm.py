@@ -74,7 +74,7 @@ def test_binary_layer_packs_and_decodes_exactly(salient: float) -> None:
         ["qweight", "scale", "mu", "salient_q", "salient_scale", "salient_zero"]
         + (["salient_rowptr", "salient_col"] if lw.spec.index == "csr" else ["salient_mask"]))
     stored = sum(t.numel() * t.element_size() * 8 for t in m.state_dict().values())
-    code, total = lw.spec.bits_per_weight(40, 200)
+    _, total = lw.spec.bits_per_weight(40, 200)
     assert total * W.numel() == pytest.approx(stored, abs=16)  # counted exactly as stored
 
 
@@ -89,7 +89,7 @@ def test_bits_per_weight_count_signs_index_and_values() -> None:
 
 def test_quantizers_refuse_binary_layers() -> None:
     spec = LayerSpec(bits=1, binary=True, salient=0.1)
-    with pytest.raises(CompressError, match="round.method=pbllm"):
+    with pytest.raises(CompressError, match=r"round\.method=pbllm"):
         gptq.apply(LayerWeight(weight(), spec), hessian(96), gptq.Config())
     with pytest.raises(CompressError, match="binary: true"):
         LayerSpec(bits=2, salient=0.1)
