@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any
 
@@ -207,6 +207,17 @@ def _round_block(model: nn.Module, block: nn.Module, groups: list[list[str]], pl
 
 
 @torch.no_grad()
+def saved_spec(spec: Any, state: dict[str, Tensor], rel: str) -> Any:
+    """The spec a saved block's Linear was packed with: a binary layer's salient size and index are decided
+    by its rounding, so they are read back from the saved tensors."""
+    if not spec.binary:
+        return spec
+    q = state.get(f"{rel}.salient_q")
+    if q is None:
+        return replace(spec, nnz=0, index="")
+    return replace(spec, nnz=q.numel(), index="csr" if f"{rel}.salient_rowptr" in state else "bitmask")
+
+
 def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, windows: Tensor | None, *,
         batch_size: int = 8, true_sequential: bool = False, device: torch.device | str = "cpu",
         resume: Callable[[int], dict[str, Tensor] | None] | None = None,
@@ -239,7 +250,7 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
         state = resume(i) if resume is not None else None
         layer_reports: list[LayerReport] = []
         if state is not None:
-            swap_linears(model, Plan({n: plan[n] for n in linears}))
+            swap_linears(model, Plan({n: saved_spec(plan[n], state, n[len(prefix) + 1 :]) for n in linears}))
             block.load_state_dict(state)
         else:
             groups = _groups(arch, prefix, linears, true_sequential)

@@ -110,22 +110,23 @@ def test_bfloat16_model_stays_bfloat16_and_scales_stay_float16(tmp_path: Path) -
     assert torch.equal(q.scale, scale)
 
 
-def test_interrupted_run_resumes_to_the_same_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["gptq-4bit", "pbllm-10"])  # PB-LLM: buffers sized by the rounding
+def test_interrupted_run_resumes_to_the_same_model(name: str, tmp_path: Path) -> None:
     fingerprint = {"test": 1}
     expected = tiny_llama()
-    run(expected)
+    run(expected, name)
 
     def stop_after_first_block(rep: BlockReport) -> None:
         if rep.index == 0:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run(tiny_llama(), workdir=checkpoint.WorkDir(tmp_path, fingerprint), progress=stop_after_first_block)
+        run(tiny_llama(), name, workdir=checkpoint.WorkDir(tmp_path, fingerprint), progress=stop_after_first_block)
     work = checkpoint.WorkDir(tmp_path, fingerprint)
     assert work.finished == 1
     seen = []
     resumed = tiny_llama()
-    run(resumed, workdir=work, progress=seen.append)
+    run(resumed, name, workdir=work, progress=seen.append)
     assert [r.resumed for r in seen] == [True, False]
     assert torch.equal(logits(resumed), logits(expected))
 
