@@ -246,43 +246,130 @@ def _stats_table(stats: list[ModelStats], title: str) -> Table:
     return t
 
 
-@eval_app.command(help="Compare ORIGINAL and COMPRESSED side by side on identical windows.")
+@eval_app.command(help="Compare ORIGINAL with one or more COMPRESSED checkpoints on identical inputs.")
 def eval_cmd(
     original: Annotated[str, typer.Argument(help="the original: alias, hub id, local dir or .gguf")],
-    compressed: Annotated[Path, typer.Argument(help="a checkpoint directory written by `compress`")],
-    dataset: Annotated[str, typer.Option("--dataset", help="pydoc|wikitext2|c4|ptb|text file")] = "pydoc",
+    compressed: Annotated[list[Path], typer.Argument(help="checkpoint directories written by `compress`")],
+    suite_name: Annotated[str, typer.Option("--suite", help="quick | standard (+ offline MC) | full (+ hub ppl)")]
+    = "quick",
+    dataset: Annotated[str, typer.Option("--dataset", help="perplexity text: pydoc|wikitext2|c4|ptb|file")] = "pydoc",
     seqlen: Annotated[int, typer.Option("--seqlen")] = 512,
     windows: Annotated[int, typer.Option("--windows", help="windows from the start of the text (0: all)")] = 40,
-    json_out: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
+    baseline: Annotated[list[str] | None, typer.Option("--baseline", help="also score the original compressed "
+                                                       "in memory with this recipe (e.g. rtn-4bit); repeatable")]
+    = None,
+    out: Annotated[Path | None, typer.Option("--out", help="report folder (default: the first checkpoint)")] = None,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse results per (model, task)")] = True,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the JSON here")] = None,
     device: Annotated[str, typer.Option("--device")] = "cpu",
     threads: Annotated[int | None, typer.Option("--threads")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    from compress import checkpoint, data, evaluate, models
+    import os
+
+    from compress import checkpoint, evaluate, models, suite
+    from compress import recipe as recipes
+    from compress.pipeline import compress as run_recipe
 
     _setup(verbose, threads)
     device = _check_device(device)
     ref = models.resolve(original)
-    with console.status("loading models"):
-        orig, tok = models.load(ref)
-        comp = checkpoint.load(compressed, device=device)
-        orig.to(device)
-    ev = data.evaluation(tok, dataset, seqlen, windows or None, vocab_size=orig.config.vocab_size)
-    bar = Progress(TextColumn("windows"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    if suite_name not in suite.SUITES:
+        raise CompressError(f"unknown suite {suite_name!r}; choose one of {', '.join(suite.SUITES)}")
+    ppl = suite.Perplexity(dataset, seqlen, windows or None)
+    tasks_ = (ppl, *[t for t in suite.SUITES[suite_name] if not (isinstance(t, suite.Perplexity) and
+                                                                 t.dataset == dataset)])
+    for c in compressed:
+        if not (c / "config.json").is_file():
+            raise CompressError(f"{c} is not a checkpoint directory (no config.json)")
+    base = Path(ref.source)
+    ref_files = [base / ref.gguf_file] if ref.gguf_file else sorted(base.glob("*.safetensors")) if base.is_dir() else []
+    with console.status("loading the original's tokenizer"):
+        orig_model, tok = models.load(ref)
+    entries = [suite.Entry(ref.display, suite.fingerprint(ref.source, ref.gguf_file, files=ref_files),
+                           lambda: orig_model.to(device), {"disk_bytes": models.disk_bytes(ref)})]
+    for c in compressed:
+        files = [*sorted(c.glob("*.safetensors")), c / "config.json"]
+
+        def load(c: Path = c) -> Any:
+            return checkpoint.load(c, device=device)
+
+        m_bits = json.loads((c / "config.json").read_text()).get("quantization_config", {})
+        entries.append(suite.Entry(c.name, suite.fingerprint(str(c.resolve()), files=files), load,
+                                   {"bits": (m_bits.get("avg_bits_code"), m_bits.get("avg_bits_total")),
+                                    "disk_bytes": checkpoint.disk_bytes(c)}))
+    for name in baseline or []:
+        rec = recipes.load(name)
+
+        def make(rec: Any = rec) -> Any:
+            m, _ = models.load(ref)
+            run_recipe(m, tok, rec, device=device)
+            return m.to(device)
+
+        entries.append(suite.Entry(f"{name} (in memory)", suite.fingerprint(entries[0].fingerprint, rec.to_dict()),
+                                   make, {"bits": None}))
+    root = Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress")) / "eval"
+    store = suite.Cache(root if cache else None)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn(), console=console)
     with bar:
-        task = bar.add_task("eval", total=len(ev))
-        stats = evaluate.compare({ref.display: orig, compressed.name: comp}, ev.ids,
-                                 progress=lambda i, n: bar.update(task, completed=i))
-    stats[0].disk_bytes = models.disk_bytes(ref)
-    stats[1].disk_bytes = checkpoint.disk_bytes(compressed)
-    out_console.print(_stats_table(stats, f"{ev.describe()} · token-level perplexity (GPTQ protocol)"))
-    path = json_out or compressed / f"eval-{Path(dataset).name}-{seqlen}x{len(ev)}.json"
-    payload = {"dataset": dataset, "windows": len(ev), "seqlen": seqlen, "source": ev.source,
-               "protocol": "token-level ppl, consecutive non-overlapping windows, each scored on its own",
-               "models": [s.to_dict() for s in stats]}
-    path.write_text(json.dumps(payload, indent=1))
-    console.print(f"wrote {path}")
+        ids: dict[str, Any] = {}
+
+        def progress(key: str, i: int, n: int) -> None:
+            if key not in ids:
+                ids[key] = bar.add_task(key, total=n)
+            bar.update(ids[key], completed=i)
+
+        report = suite.run(tasks_, entries, tok, store, progress, name=suite_name)
+    for e in entries[1 + len(compressed) :]:  # in-memory baselines: bits are known once built (then cached)
+        if e._model is not None:
+            e.facts["bits"] = evaluate.bits(e._model)
+            store.put(e.fingerprint, "facts", {"bits": e.facts["bits"]})
+        else:
+            e.facts["bits"] = (store.get(e.fingerprint, "facts") or {}).get("bits")
+    md = suite.markdown(report)
+    out_console.print(_report_table(report))
+    folder = out or compressed[0]
+    stem = f"eval-{suite_name}-{Path(dataset).name}-{seqlen}x{windows or 'all'}"
+    payload = report.to_dict() | {"protocol": "token-level ppl, consecutive non-overlapping windows, each scored on "
+                                              "its own (the GPTQ protocol), not lm-eval's word perplexity"}
+    (folder / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    if json_out is not None:
+        json_out.write_text(json.dumps(payload, indent=1))
+    (folder / f"{stem}.md").write_text(f"# compress eval · suite {suite_name}\n\n{md}\n")
+    png = suite.plot(report, folder / f"{stem}.png")
+    console.print(f"wrote {folder / stem}.json, .md" + (", .png" if png else " (no plot: pip install matplotlib)"))
+
+
+def _report_table(report: Any) -> Table:
+    t = Table(title=f"suite {report.suite}: token-level perplexity (GPTQ protocol), KL(original‖model), top-1 "
+                    "agreement, offline multiple choice")
+    t.add_column("metric")
+    for e in report.entries:
+        t.add_column(e.name, justify="right")
+
+    def fmt(x: Any, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
+
+    rows: list[tuple[str, list[str]]] = []
+    for key, rs in report.results.items():
+        if key.startswith("ppl"):
+            rows += [(f"{key}: perplexity", [fmt((r or {}).get("ppl"), ".3f") for r in rs]),
+                     ("KL(original‖model) / token", [fmt((r or {}).get("kl_mean"), ".4f") for r in rs]),
+                     ("max KL of a token", [fmt((r or {}).get("kl_max"), ".2f") for r in rs]),
+                     ("top-1 agreement", [fmt((r or {}).get("top1"), ".2%") for r in rs]),
+                     ("forward tokens/s", [fmt((r or {}).get("tokens_per_s"), ".0f") for r in rs])]
+        else:
+            rows.append((f"{key}: accuracy", [f"{r['accuracy']:.1%} ± {r['stderr']:.1%}" if r else "-" for r in rs]))
+    rows.append(("bits/weight (codes / +scales)", [
+        "-" if not (e.facts.get("bits") or [None])[0] else f"{e.facts['bits'][0]:.3f} / {e.facts['bits'][1]:.3f}"
+        for e in report.entries]))
+    rows.append(("bytes on disk", [_human_bytes(e.facts.get("disk_bytes")) for e in report.entries]))
+    for label, cells in rows:
+        t.add_row(label, *cells)
+    for key, why in report.skipped.items():
+        t.caption = (t.caption or "") + f"skipped {key}: {why}  "
+    return t
 
 
 @app.command(name="recipes", help="List the named recipes.")

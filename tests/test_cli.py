@@ -53,15 +53,25 @@ def test_main_job_writes_a_complete_checkpoint(compressed_dir: Path) -> None:
 
 
 def test_eval_prints_both_models_and_writes_json(tiny_llama_dir: Path, compressed_dir: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = cli(["eval", str(tiny_llama_dir), str(compressed_dir), "--seqlen", "64", "--windows", "3"], capsys)
+                                                 capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path))
+    args = ["eval", str(tiny_llama_dir), str(compressed_dir), "--seqlen", "64", "--windows", "3",
+            "--baseline", "rtn-3bit"]
+    code, out, _ = cli(args, capsys)
     assert code == 0
-    assert "perplexity" in out and "top-1 agreement" in out
-    res = json.loads((compressed_dir / "eval-pydoc-64x3.json").read_text())
-    orig, comp = res["models"]
-    assert comp["kl_mean"] > 0 and 0 < comp["top1"] <= 1 and comp["bits_code"] == 4.0
-    assert comp["tokens"] == 3 * 63
+    assert "perplexity" in out and "top-1 agreement" in out and "rtn-3bit" in out
+    res = json.loads((compressed_dir / "eval-quick-pydoc-64x3.json").read_text())
+    orig, comp, rtn3 = res["models"]
+    ppl = comp["tasks"]["ppl-pydoc-64x3"]
+    assert ppl["kl_mean"] > 0 and 0 < ppl["top1"] <= 1 and comp["bits"][0] == 4.0
+    assert ppl["tokens"] == 3 * 63
     assert comp["disk_bytes"] < orig["disk_bytes"]
+    assert rtn3["bits"][0] == 3.0 and rtn3["tasks"]["ppl-pydoc-64x3"]["kl_mean"] > ppl["kl_mean"]
+    assert (compressed_dir / "eval-quick-pydoc-64x3.md").is_file()
+    code, _, _ = cli(args, capsys)  # served from the cache: same numbers
+    assert code == 0 and json.loads((compressed_dir / "eval-quick-pydoc-64x3.json").read_text())["models"] == \
+        res["models"]
 
 
 def test_unknown_recipe_key_is_one_line_naming_it(tiny_llama_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

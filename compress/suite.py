@@ -1,0 +1,257 @@
+"""Eval suites: the original and any number of compressed models on identical inputs, cached per
+(model fingerprint, task).
+
+A suite is a literal tuple of tasks. Each task scores every model and returns one dict of metrics per
+model; the first model is the original (the reference for KL and top-1 agreement):
+
+    Perplexity(dataset, seqlen, windows)   token-level ppl over consecutive windows (the GPTQ protocol),
+                                           KL(original ‖ model) mean and max, top-1 agreement, tokens/s
+    MultipleChoice(n, ...)                 the offline pydoc continuation task (compress.tasks), acc ± stderr
+
+Results are cached as JSON under `cache_dir/<fingerprint>/<task key>.json`; a model whose every task is
+cached is never loaded. A task whose data is not available here (a hub dataset while offline) is reported
+as skipped with the reason, never silently dropped; a model that fails to load is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from compress import data, evaluate, tasks
+from compress.errors import CompressError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Entry:
+    """One model of the comparison: loaded only when some task is not cached."""
+
+    name: str
+    fingerprint: str
+    load: Callable[[], nn.Module]
+    facts: dict[str, Any] = field(default_factory=dict)  # bits, bytes on disk, ... (shown as columns)
+    _model: nn.Module | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        if self._model is None:
+            self._model = self.load()
+        return self._model
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    dataset: str = "pydoc"
+    seqlen: int = 512
+    windows: int | None = 40
+
+    @property
+    def key(self) -> str:
+        return f"ppl-{Path(self.dataset).name}-{self.seqlen}x{self.windows or 'all'}"
+
+    def prepare(self, tokenizer: Any) -> data.Windows:
+        return data.evaluation(tokenizer, self.dataset, self.seqlen, self.windows)
+
+    def score(self, entries: list[Entry], ev: data.Windows, progress: Callable[[str, int, int], None]) -> list[dict]:
+        stats = evaluate.compare({e.name: e.model for e in entries}, ev.ids,
+                                 progress=lambda i, n: progress(self.key, i, n))
+        out = []
+        for s in stats:
+            out.append({"ppl": s.ppl, "kl_mean": s.kl_mean, "kl_max": s.kl_max, "top1": s.top1, "tokens": s.tokens,
+                        "tokens_per_s": s.tokens / s.seconds if s.seconds else None, "source": ev.source,
+                        "worst_windows": sorted(range(len(s.window_nll)), key=lambda i: -s.window_nll[i])[:3]})
+        return out
+
+
+@dataclass(frozen=True)
+class MultipleChoice:
+    n: int = 400
+    context: int = 64
+    continuation: int = 12
+    choices: int = 4
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"mc-pydoc-{self.n}-{self.context}-{self.continuation}-{self.choices}-{self.seed}"
+
+    def prepare(self, tokenizer: Any) -> list[tasks.Item]:
+        return tasks.pydoc_mc(tokenizer, self.n, self.context, self.continuation, self.choices, self.seed)
+
+    def score(self, entries: list[Entry], items: list[tasks.Item],
+              progress: Callable[[str, int, int], None]) -> list[dict]:
+        out = []
+        for e in entries:
+            r = tasks.score(e.model, items, lambda i, n, name=e.name: progress(f"{self.key} {name}", i, n))
+            out.append(r.to_dict())
+        return out
+
+
+Task = Perplexity | MultipleChoice
+SUITES: dict[str, tuple[Task, ...]] = {
+    "quick": (Perplexity("pydoc", 512, 40),),
+    "standard": (Perplexity("pydoc", 512, 40), MultipleChoice()),
+    "full": (Perplexity("pydoc", 512, 40), MultipleChoice(), Perplexity("wikitext2", 2048, None),
+             Perplexity("c4", 2048, 256)),
+}
+
+
+class Cache:
+    """JSON results per (fingerprint, task key); `None` directory = no caching."""
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = root
+
+    def _path(self, fp: str, key: str) -> Path:
+        assert self.root is not None
+        return self.root / fp / f"{key}.json"
+
+    def get(self, fp: str, key: str) -> dict | None:
+        if self.root is None or not self._path(fp, key).is_file():
+            return None
+        return json.loads(self._path(fp, key).read_text())
+
+    def put(self, fp: str, key: str, value: dict) -> None:
+        if self.root is None:
+            return
+        p = self._path(fp, key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.with_suffix(".tmp").write_text(json.dumps(value))
+        p.with_suffix(".tmp").replace(p)
+
+
+def fingerprint(*parts: Any, files: list[Path] = ()) -> str:
+    """A short stable id from `parts` and the names, sizes and modification times of `files`."""
+    h = hashlib.sha256(json.dumps(parts, default=str).encode())
+    for f in sorted(files):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:20]
+
+
+@dataclass
+class Report:
+    suite: str
+    entries: list[Entry]
+    results: dict[str, list[dict | None]]  # task key -> one result per entry (None = skipped)
+    skipped: dict[str, str]  # task key -> why
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"suite": self.suite, "seconds": self.seconds, "skipped": self.skipped,
+                "models": [{"name": e.name, "fingerprint": e.fingerprint, **e.facts,
+                            "tasks": {k: v[i] for k, v in self.results.items()}}
+                           for i, e in enumerate(self.entries)]}
+
+
+def run(suite: str | tuple[Task, ...], entries: list[Entry], tokenizer: Any, cache: Cache,
+        progress: Callable[[str, int, int], None] | None = None, name: str = "custom") -> Report:
+    """Run every task of `suite` (a name in SUITES, or tasks) on `entries` (the first is the original),
+    reusing cached results."""
+    if isinstance(suite, str):
+        if suite not in SUITES:
+            raise CompressError(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}")
+        name, task_list = suite, SUITES[suite]
+    else:
+        task_list = suite
+    t0 = time.perf_counter()
+    progress = progress or (lambda *a: None)
+    results: dict[str, list[dict | None]] = {}
+    skipped: dict[str, str] = {}
+    for task in task_list:
+        # a comparison task must see the original whenever any other model needs scoring
+        ref_fp = entries[0].fingerprint
+        keys = [f"{task.key}-vs-{ref_fp}" if i and isinstance(task, Perplexity) else task.key
+                for i in range(len(entries))]
+        got = [cache.get(e.fingerprint, k) for e, k in zip(entries, keys, strict=True)]
+        if all(g is not None for g in got):
+            results[task.key] = got
+            continue
+        todo = [i for i, g in enumerate(got) if g is None]
+        if isinstance(task, Perplexity) and 0 not in todo:
+            todo = [0, *todo]  # KL needs the original's distributions
+        try:
+            inputs = task.prepare(tokenizer)
+        except CompressError as e:  # the task's data is not available here (a hub dataset while offline)
+            skipped[task.key] = str(e)
+            log.warning("skipped %s: %s", task.key, e)
+            continue
+        fresh = task.score([entries[i] for i in todo], inputs, progress)  # type: ignore[arg-type]
+        for i, r in zip(todo, fresh, strict=True):
+            got[i] = r
+            cache.put(entries[i].fingerprint, keys[i], r)
+        results[task.key] = got
+    return Report(name, entries, results, skipped, time.perf_counter() - t0)
+
+
+def markdown(report: Report) -> str:
+    """One table: a row per model, columns for its facts and every task's headline metrics."""
+    cols = ["model", "bits (codes / total)", "disk MB"]
+    for key in report.results:
+        cols += [f"{key} ppl", "KL / token", "top-1", "tokens/s"] if key.startswith("ppl") else [f"{key} acc ± se"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for i, e in enumerate(report.entries):
+        b = e.facts.get("bits")
+        row = [e.name, "-" if not b else f"{b[0]:.3f} / {b[1]:.3f}",
+               "-" if e.facts.get("disk_bytes") is None else f"{e.facts['disk_bytes'] / 2**20:.1f}"]
+        for key, rs in report.results.items():
+            r = rs[i] or {}
+            if key.startswith("ppl"):
+                row += [_f(r.get("ppl"), ".3f"), _f(r.get("kl_mean"), ".4f"), _f(r.get("top1"), ".2%"),
+                        _f(r.get("tokens_per_s"), ".0f")]
+            else:
+                row.append("-" if "accuracy" not in r else f"{r['accuracy']:.1%} ± {r['stderr']:.1%}")
+        lines.append("| " + " | ".join(row) + " |")
+    for key, why in report.skipped.items():
+        lines.append(f"\nskipped {key}: {why}")
+    return "\n".join(lines)
+
+
+def _f(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def plot(report: Report, path: Path) -> Path | None:
+    """Quality against average bits (PNG); None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    keys = list(report.results)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        metric = "ppl" if key.startswith("ppl") else "accuracy"
+        for i, e in enumerate(report.entries):
+            r = report.results[key][i]
+            if r is None or r.get(metric) is None:
+                continue
+            b = e.facts.get("bits")
+            if i == 0 or not b:
+                ax.axhline(r[metric], color="gray", ls="--", lw=1)
+                ax.annotate(e.name, (0.01, r[metric]), xycoords=("axes fraction", "data"), fontsize=8)
+                continue
+            err = r.get("stderr")
+            ax.errorbar(b[1], r[metric], yerr=err, fmt="o")
+            ax.annotate(e.name, (b[1], r[metric]), fontsize=8, textcoords="offset points", xytext=(4, 4))
+        ax.set_xlabel("bits per weight (with scales/zeros)")
+        ax.set_ylabel(metric)
+        ax.set_title(key, fontsize=9)
+        if metric == "ppl":
+            ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
