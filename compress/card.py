@@ -66,6 +66,11 @@ def model_card(ref: ModelRef, result: Result, quick: Reference | None, checked: 
         f"| calibration | {result.calibration} |",
         f"| wall time / peak RSS | {result.seconds:.0f} s / {result.peak_rss_mb:.0f} MB |",
     ]
+    kd = result.distilled
+    if kd:
+        lines.append(f"| distillation ({kd['train']}) | {kd['steps']} steps x {kd['windows_per_step']} windows = "
+                     f"{kd['tokens']} tokens, {kd['seconds']:.0f} s; KL(original‖model) on the training windows "
+                     f"{kd['kl_first']:.4f} → {kd['kl_last']:.4f} |")
     r = result.rounding
     if r:  # a joint rounding has no layer losses: report its optimisation instead
         kl = r.get("train_kl") or [float("nan")]

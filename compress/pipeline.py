@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress import data, models, sequential
+from compress import data, distill, models, sequential, teacher
 from compress.allocate import METHODS as ALLOCATORS
 from compress.allocate.context import Allocation, Context
 from compress.checkpoint import WorkDir
@@ -44,6 +44,7 @@ class Result:
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
     allocation: dict[str, Any] = field(default_factory=dict)  # what the allocator reports (predicted gain, ...)
     rounding: dict[str, Any] = field(default_factory=dict)  # what a joint rounding reports (steps, KL history)
+    distilled: dict[str, Any] = field(default_factory=dict)  # what the distillation stage did (steps, KL)
 
     def avg_bits(self) -> tuple[float, float]:
         return self.plan.avg_bits(self.shapes)
@@ -96,13 +97,21 @@ def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | 
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in base}
     rnd, alloc, c = recipe.round, recipe.allocate, recipe.calibrate
     windows = None
-    if rnd.config.needs_hessian or getattr(rnd.config, "needs_calibration", False) or alloc.config.needs_calibration:
+    kd = recipe.distill
+    if (rnd.config.needs_hessian or getattr(rnd.config, "needs_calibration", False) or alloc.config.needs_calibration
+            or kd.steps):
         windows = data.calibration(tokenizer, c.dataset, c.samples, c.seqlen, c.seed,
                                    vocab_size=model.config.vocab_size)
         log.info("calibration: %s", windows.describe())
     ids = None if windows is None else windows.ids
     ctx = Context(model, arch, base, {n for n in base if recipe.pinned(n)}, ids, recipe, torch.device(device),
                   None if workdir is None else workdir.dir, progress, say or log.info)
+    teach, distilled = None, {}
+    if kd.steps:  # the original's distributions, before any weight is rounded
+        assert ids is not None
+        (say or log.info)(f"distill: dense teacher log-probs on {ids.numel()} calibration tokens")
+        teach = teacher.cached(None if workdir is None else workdir.dir / "distill-teacher.safetensors",
+                               model.to(device), ids, kd.topk, c.batch_size, torch.device(device))
     allocation = allocate(ctx, workdir)
     rounding: dict[str, Any] = {}
     if joint(rnd.method):  # rounds the whole model at once (DiscQuant), on the allocation's plan
@@ -121,11 +130,19 @@ def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | 
             on_block_done=None if workdir is None else workdir.save_block,
             progress=progress,
         )
+    if teach is not None:
+        t1 = time.perf_counter()
+        history = distill.distill(model, teach, ids, kd, workdir=None if workdir is None else workdir.dir,
+                                  device=device, log=say or log.info)
+        distilled = {"steps": kd.steps, "train": kd.train, "windows_per_step": kd.windows_per_step,
+                               "tokens": kd.steps * kd.windows_per_step * (ids.shape[1] - 1),
+                               "kl_first": history[0] if history else None,
+                               "kl_last": history[-1] if history else None, "seconds": time.perf_counter() - t1}
     # The rounding may complete a spec (PB-LLM's salient count and index): the modules hold the final plan.
     plan = Plan({n: model.get_submodule(n).spec for n in allocation.plan})
     return Result(model, plan, recipe, blocks,
                   windows.describe() if windows is not None else "none (data-free)",
-                  time.perf_counter() - t0, peak_rss_mb(), shapes, allocation.summary, rounding)
+                  time.perf_counter() - t0, peak_rss_mb(), shapes, allocation.summary, rounding, distilled)
 
 
 def allocate(ctx: Context, workdir: WorkDir | None) -> Allocation:

@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from compress.distill import Config as DistillConfig
 from compress.errors import CompressError
 from compress.plan import LayerSpec
 
@@ -82,6 +83,7 @@ class Recipe:
     allocate: Allocate = field(default_factory=Allocate)
     weights: Weights = field(default_factory=Weights)
     round: Round = field(default_factory=Round)
+    distill: DistillConfig = field(default_factory=DistillConfig)  # steps: 0 = no distillation stage
     overrides: tuple[Override, ...] = ()
 
     def pinned(self, name: str) -> bool:
@@ -187,9 +189,13 @@ def from_dict(data: dict[str, Any]) -> Recipe:
 
     data = dict(data)
     rnd = Round(*_build_choice("round", data.pop("round", {}), ROUNDERS, "gptq"))
+    distill_data = data.pop("distill", {})
+    if not isinstance(distill_data, dict):
+        raise CompressError(f"recipe value distill must be a mapping, got {distill_data!r}")
+    distill = _build(DistillConfig, distill_data, "distill")
     alloc = Allocate(*_build_choice("allocate", data.pop("allocate", {}), ALLOCATORS, "uniform"))
     recipe = _build(Recipe, data, "")
-    recipe = dataclasses.replace(recipe, round=rnd, allocate=alloc)
+    recipe = dataclasses.replace(recipe, round=rnd, allocate=alloc, distill=distill)
     for o in recipe.overrides:  # validate override values through LayerSpec's own checks
         if not o.skip:
             recipe.layer_spec(o.match)

@@ -1,0 +1,278 @@
+"""Knowledge-distillation recovery: train what the recipe allows of the compressed model to match the original.
+
+Teacher = the original model's next-token log-probs on the distillation windows (computed before any
+weight is rounded, top-K + rest like EvoPress's; compress.teacher). Student = the compressed model.
+Loss = token-mean KL(teacher ‖ student). What trains (`train`):
+
+    scales   every compressed Linear's scale (and μ of binary layers), codes fixed
+    norms    the scales plus the RMSNorm/LayerNorm weights
+    ste      every compressed weight through a straight-through estimator on the plan's fixed grid
+             (latent fp32 weights; the forward sees them rounded), re-rounded onto the grid at the end
+
+AdamW (bitsandbytes' 8-bit AdamW on CUDA when installed) with linear warm-up and cosine decay, gradient
+accumulation over `windows_per_step` windows in micro-batches of `batch_size`, optional gradient
+checkpointing. The state (trained tensors, optimiser, schedule, loss history) is saved every `save_every`
+steps; re-running resumes it, and the windows of step t depend on (seed, t) only, so a resumed run ends
+where an uninterrupted one does.
+
+Data parallel: under `torchrun` / `accelerate launch` (WORLD_SIZE > 1) every process takes its share of
+each step's windows and gradients are summed with all-reduce (gloo on CPU, NCCL on GPU), so the loss
+curve matches one process with the same global batch. Only rank 0 writes state and logs.
+The result is written back into the packed buffers: the checkpoint format does not change.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from compress import grid
+from compress.errors import CompressError
+from compress.nn import CompressedLinear
+from compress.teacher import Teacher
+
+
+@dataclass(frozen=True)
+class Config:
+    steps: int = 0  # 0 = no distillation
+    windows_per_step: int = 8  # the global batch (over all processes)
+    batch_size: int = 1  # windows per forward/backward on one process
+    lr: float = 1e-4
+    warmup: int = 16
+    train: str = "scales"  # scales | norms | ste
+    topk: int = 256  # teacher cache: dense top-K log-probs (+ rest); 0 = full vocabulary
+    gradient_checkpointing: bool = False
+    save_every: int = 32
+    log_every: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.windows_per_step < 1 or self.batch_size < 1 or self.warmup < 0:
+            raise CompressError("distill steps >= 0, windows_per_step >= 1, batch_size >= 1, warmup >= 0")
+        if self.train not in ("scales", "norms", "ste"):
+            raise CompressError(f"distill train={self.train!r} is invalid; choose scales, norms or ste")
+        if not self.lr > 0:
+            raise CompressError("distill lr must be > 0")
+
+
+def schedule(step: int, cfg: Config) -> float:
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def step_windows(step: int, n: int, cfg: Config) -> list[int]:
+    """The global batch of step `step`: a seeded permutation per epoch, a function of (seed, step) only."""
+    out = []
+    for i in range(step * cfg.windows_per_step, (step + 1) * cfg.windows_per_step):
+        epoch, j = divmod(i, n)
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+        out.append(int(torch.randperm(n, generator=g)[j]))
+    return out
+
+
+# --- what trains --------------------------------------------------------------------------------------
+
+class _STE(torch.autograd.Function):
+    """Round onto the fixed grid in the forward, identity gradient in the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, w: Tensor, scale: Tensor, zero: Tensor, qmax: Tensor) -> Tensor:
+        return grid.dequantize(grid.quantize(w, scale, zero, qmax), scale, zero)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None, None]:
+        return g, None, None, None
+
+
+def _grid(m: CompressedLinear) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-element (scale, zero, qmax) [N, K] of a group-wise layer."""
+    K, gw = m.in_features, m.spec.group_width(m.in_features)
+    qmax = grid.expand(torch.tensor([m.spec.group_bits(K)], dtype=torch.float32).exp2() - 1, gw, K)
+    return grid.expand(m.scale.float(), gw, K), grid.expand(m.zero_points(), gw, K), qmax.to(m.scale.device)
+
+
+def prepare(model: nn.Module, train: str) -> list[nn.Parameter]:
+    """Turn what trains into fp32 Parameters (everything else frozen); returns them in a fixed order."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params: list[nn.Parameter] = []
+    for m in model.modules():
+        if isinstance(m, CompressedLinear):
+            if train == "ste":
+                if m.spec.binary or m.spec.levels is not None:
+                    raise CompressError("distill train=ste needs group-wise layers; use train=scales for binary "
+                                        "or per-column-level layers")
+                m._grid = _grid(m)
+                m._latent = nn.Parameter(m.dequantize())
+                params.append(m._latent)
+            else:
+                for name in ("scale", "mu"):
+                    if hasattr(m, name):
+                        t = getattr(m, name)
+                        m._storage = {**getattr(m, "_storage", {}), name: t.dtype}
+                        delattr(m, name)
+                        p = nn.Parameter(t.float())
+                        m.register_parameter(name, p)
+                        params.append(p)
+        elif train == "norms" and "norm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None:
+            m.weight.requires_grad_(True)
+            params.append(m.weight)
+    return params
+
+
+def finish(model: nn.Module, train: str) -> None:
+    """Write the trained tensors back into the packed buffers in their storage dtypes."""
+    from compress import format as fmt
+
+    for m in model.modules():
+        if not isinstance(m, CompressedLinear):
+            continue
+        if train == "ste":
+            S, Z, Q = m._grid
+            codes = grid.quantize(m._latent.detach(), S, Z, Q).to(torch.uint8)
+            m.qweight.copy_(fmt.pack_layer(codes, m.spec))
+            del m._latent, m._grid
+        else:
+            for name, dtype in getattr(m, "_storage", {}).items():
+                t = getattr(m, name).detach().to(dtype)
+                delattr(m, name)
+                m.register_buffer(name, t)
+            m.__dict__.pop("_storage", None)
+        m.__dict__.pop("_cpu_prepared", None)
+        m.__dict__.pop("_parts", None)
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def ste_forward(m: CompressedLinear, x: Tensor) -> Tensor:
+    S, Z, Q = m._grid
+    W = _STE.apply(m._latent, S, Z, Q)
+    return torch.nn.functional.linear(x, W.to(x.dtype), None if m.bias is None else m.bias.to(x.dtype))
+
+
+# --- the loop ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Progress:
+    step: int
+    steps: int
+    loss: float
+    tokens_per_s: float
+    eta: float
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group that torchrun / accelerate describe in the environment, if any."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def distill(model: nn.Module, teach: Teacher, windows: Tensor, cfg: Config, *, workdir: Path | None = None,
+            device: torch.device | str = "cpu", on_step: Callable[[Progress], None] | None = None,
+            log: Callable[[str], None] | None = None) -> list[float]:
+    """Train the compressed `model` in place toward the teacher's distributions on `windows` [n, T];
+    returns the per-step loss history (KL per token, averaged over the global batch)."""
+    say = log or (lambda s: None)
+    device = torch.device(device)
+    init_distributed(device)
+    rank, world = _world()
+    model.to(device)
+    params = prepare(model, cfg.train)
+    ste = cfg.train == "ste"
+    if ste:  # the forward sees the latent weights rounded onto the grid
+        for m in model.modules():
+            if isinstance(m, CompressedLinear):
+                m.forward = lambda x, m=m: ste_forward(m, x)  # type: ignore[method-assign]
+    opt = _optimizer(params, cfg, device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, cfg))
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+    state_file = None if workdir is None else workdir / "distill-state.pt"
+    start, history = 0, []
+    if state_file is not None and state_file.is_file():
+        st = torch.load(state_file, weights_only=True, map_location=device)
+        for p, v in zip(params, st["params"], strict=True):
+            p.data.copy_(v)
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        start, history = st["step"], st["history"]
+        say(f"distill: resuming at step {start}/{cfg.steps}")
+    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    t0, tokens = time.perf_counter(), 0
+    try:
+        for step in range(start, cfg.steps):
+            batch = step_windows(step, len(windows), cfg)
+            mine = batch[rank::world]
+            opt.zero_grad(set_to_none=True)
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for i in range(0, len(mine), cfg.batch_size):
+                w = torch.tensor(mine[i : i + cfg.batch_size])
+                logits = model(input_ids=windows[w].to(device), use_cache=False).logits
+                kl = teach.kl(logits, w)  # [b, T-1]
+                (kl.mean(-1).sum() / len(batch)).backward()  # mean over the global batch
+                loss_sum += float(kl.mean(-1).sum().detach())
+                tokens += kl.numel()
+            if world > 1:
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+                dist.all_reduce(loss_sum)
+            loss = float(loss_sum) / len(batch)
+            if not math.isfinite(loss):
+                raise CompressError(f"distillation loss became {loss} at step {step}; lower distill.lr")
+            opt.step()
+            sched.step()
+            history.append(loss)
+            done = step + 1
+            if rank == 0 and state_file is not None and (done % cfg.save_every == 0 or done == cfg.steps):
+                tmp = state_file.with_suffix(".tmp")
+                torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict(),
+                            "sched": sched.state_dict(), "step": done, "history": history}, tmp)
+                tmp.replace(state_file)
+            el = time.perf_counter() - t0
+            prog = Progress(done, cfg.steps, loss, tokens * world / el, el / (done - start) * (cfg.steps - done))
+            if on_step is not None:
+                on_step(prog)
+            if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
+                say(f"distill step {done}/{cfg.steps}: KL {loss:.4f}, {prog.tokens_per_s:.0f} tokens/s, "
+                    f"ETA {prog.eta:.0f}s")
+    finally:
+        for m in model.modules():
+            if isinstance(m, CompressedLinear):
+                m.__dict__.pop("forward", None)
+        if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
+            model.gradient_checkpointing_disable()
+        model.eval()
+        finish(model, cfg.train)
+    return history
+
+
+def _optimizer(params: list[nn.Parameter], cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    if device.type == "cuda":
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=0.0)
+        except Exception:  # bitsandbytes missing or unsupported here: plain AdamW
+            pass
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)

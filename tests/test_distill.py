@@ -1,0 +1,116 @@
+"""Distillation: KL falls, what must not train does not, the packed format survives, a resumed run ends
+where an uninterrupted one does, and two gloo processes follow the one-process loss curve."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama
+from test_pipeline import SMALL, logits, run
+
+import compress
+from compress import checkpoint, distill, recipe, teacher
+from compress.nn import CompressedLinear
+
+WINDOWS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+def setup(name: str = "rtn-4bit", edits: tuple[str, ...] = ("weights.bits=2",)
+          ) -> tuple[torch.nn.Module, teacher.Teacher]:
+    teach = teacher.teacher(tiny_llama(), WINDOWS, 0, 4, torch.device("cpu"))  # full vocabulary
+    m = tiny_llama()
+    run(m, name, edits)
+    return m, teach
+
+
+def kl_to_dense(m: torch.nn.Module) -> float:
+    """Full-vocabulary KL(dense ‖ m) on the training windows (random tokens: nothing to generalise to)."""
+    with torch.no_grad():
+        p = tiny_llama()(WINDOWS).logits.log_softmax(-1)
+        q = m(WINDOWS).logits.log_softmax(-1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("train", ["scales", "norms"])
+def test_distillation_lowers_kl_and_keeps_the_packed_format(train: str, tmp_path: Path) -> None:
+    m, teach = setup()
+    before_codes = {n: mod.qweight.clone() for n, mod in m.named_modules() if isinstance(mod, CompressedLinear)}
+    before = kl_to_dense(m)
+    cfg = distill.Config(steps=30, windows_per_step=8, batch_size=8, lr=1e-2, warmup=3, train=train)
+    history = distill.distill(m, teach, WINDOWS, cfg)
+    assert history[-1] < 0.8 * history[0] and kl_to_dense(m) < 0.8 * before
+    for n, mod in m.named_modules():
+        if isinstance(mod, CompressedLinear):
+            assert mod.scale.dtype == torch.float16 and "scale" in dict(mod.named_buffers())
+            assert torch.equal(mod.qweight, before_codes[n])  # only scales (and norms) move
+    assert not any(p.requires_grad for p in m.parameters())
+    res = run(tiny_llama(), "rtn-4bit", ("weights.bits=2",))  # the plan, to save with
+    checkpoint.save(m, None, res.plan, res.recipe, tmp_path, card="card")
+    assert torch.equal(logits(compress.load(tmp_path)), logits(m))
+
+
+def test_ste_re_rounds_onto_the_grid_exactly_what_training_saw() -> None:
+    m, teach = setup()
+    before = {n: mod.qweight.clone() for n, mod in m.named_modules() if isinstance(mod, CompressedLinear)}
+    seen = {}
+
+    def last(p: distill.Progress) -> None:
+        if p.step == p.steps:
+            with torch.no_grad():
+                seen["logits"] = m(WINDOWS).logits
+
+    distill.distill(m, teach, WINDOWS, distill.Config(steps=20, windows_per_step=8, batch_size=8, lr=3e-3,
+                                                      warmup=2, train="ste"), on_step=last)
+    moved = sum(int((mod.qweight != before[n]).sum()) for n, mod in m.named_modules()
+                if isinstance(mod, CompressedLinear))
+    assert moved > 0  # codes changed ...
+    with torch.no_grad():
+        torch.testing.assert_close(m(WINDOWS).logits, seen["logits"], rtol=1e-5, atol=1e-6)  # ... as trained
+
+
+def test_resumed_distillation_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> None:
+    cfg = distill.Config(steps=8, windows_per_step=2, lr=1e-2, warmup=2, save_every=2)
+    m, teach = setup()
+    straight = distill.distill(m, teach, WINDOWS, cfg, workdir=tmp_path / "a")
+
+    def stop(p: distill.Progress) -> None:
+        if p.step == 5:  # the last saved state is step 4
+            raise KeyboardInterrupt
+
+    m2, _ = setup()
+    with pytest.raises(KeyboardInterrupt):
+        distill.distill(m2, teach, WINDOWS, cfg, workdir=tmp_path / "b", on_step=stop)
+    m3, _ = setup()
+    resumed = distill.distill(m3, teach, WINDOWS, cfg, workdir=tmp_path / "b")
+    assert resumed == pytest.approx(straight, rel=1e-6)
+    assert torch.equal(logits(m3), logits(m))
+
+
+def test_pipeline_runs_the_distillation_stage_from_the_recipe() -> None:
+    m = tiny_llama()
+    rec = recipe.load("rtn-4bit", [*SMALL, "weights.bits=2", "distill={steps: 12, windows_per_step: 8, batch_size: 8, "
+                                                              "lr: 0.01, warmup: 1, topk: 0}"])
+    res = compress.compress(m, None, rec)  # 8 calibration windows, all of them every step
+    assert res.distilled["steps"] == 12 and res.distilled["kl_last"] < res.distilled["kl_first"]
+
+
+def torchrun(n: int, out: Path) -> list[float]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(29500 + n),
+           str(Path(__file__).parent / "workers" / "distill_worker.py"), str(out)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+def test_two_gloo_processes_follow_the_one_process_loss_curve(tmp_path: Path) -> None:
+    one = torchrun(1, tmp_path / "one.json")
+    two = torchrun(2, tmp_path / "two.json")
+    assert len(one) == len(two) == 6
+    assert two == pytest.approx(one, rel=1e-4)
