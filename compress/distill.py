@@ -8,6 +8,13 @@ Loss = token-mean KL(teacher ‖ student). What trains (`train`):
     norms    the scales plus the RMSNorm/LayerNorm weights
     ste      every compressed weight through a straight-through estimator on the plan's fixed grid
              (latent fp32 weights; the forward sees them rounded), re-rounded onto the grid at the end
+    weights  the dense weights of the Linears inside the blocks (a model that is pruned, not quantized)
+
+With `sparsity` > 0 (train=weights) the training prunes as ISS-P does (compress.prune): for the first
+`prune_steps` steps, after every optimiser step the lowest-magnitude `sparsity` of each Linear is
+multiplied by `iss_alpha` (recomputed every step); then the mask freezes, pruned weights are zeroed and
+kept at zero, and their gradients and Adam moments are masked. `iss_alpha` = 0 is iterative hard
+thresholding; `prune_steps` = 0 freezes the magnitude mask at once (magnitude pruning + the same budget).
 
 AdamW (bitsandbytes' 8-bit AdamW on CUDA when installed) with linear warm-up and cosine decay, gradient
 accumulation over `windows_per_step` windows in micro-batches of `batch_size`, optional gradient
@@ -54,12 +61,20 @@ class Config:
     save_every: int = 32
     log_every: int = 8
     seed: int = 0
+    sparsity: float = 0.0  # ISS-P target (train=weights)
+    pattern: str = "unstructured"  # or n:m, e.g. 2:4
+    iss_alpha: float = 0.999  # soft shrinkage factor during the pruning phase
+    prune_steps: int = -1  # length of the pruning phase; -1 = half of the steps
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.windows_per_step < 1 or self.batch_size < 1 or self.warmup < 0:
             raise CompressError("distill steps >= 0, windows_per_step >= 1, batch_size >= 1, warmup >= 0")
-        if self.train not in ("scales", "norms", "ste"):
-            raise CompressError(f"distill train={self.train!r} is invalid; choose scales, norms or ste")
+        if self.train not in ("scales", "norms", "ste", "weights"):
+            raise CompressError(f"distill train={self.train!r} is invalid; choose scales, norms, ste or weights")
+        if self.sparsity and self.train != "weights":
+            raise CompressError("distill sparsity (ISS-P) prunes dense weights: use train=weights")
+        if not 0 <= self.sparsity < 1 or not 0 <= self.iss_alpha <= 1:
+            raise CompressError("distill sparsity must be in [0, 1) and iss_alpha in [0, 1]")
         if not self.lr > 0:
             raise CompressError("distill lr must be > 0")
 
@@ -102,11 +117,23 @@ def _grid(m: CompressedLinear) -> tuple[Tensor, Tensor, Tensor]:
     return grid.expand(m.scale.float(), gw, K), grid.expand(m.zero_points(), gw, K), qmax.to(m.scale.device)
 
 
+def block_linears(model: nn.Module) -> list[nn.Linear]:
+    """The dense Linears inside the decoder blocks (not the embeddings or lm_head)."""
+    from compress import models
+
+    return [m for m in models.blocks_of(model, models.arch_of(model)).modules() if isinstance(m, nn.Linear)]
+
+
 def prepare(model: nn.Module, train: str) -> list[nn.Parameter]:
     """Turn what trains into fp32 Parameters (everything else frozen); returns them in a fixed order."""
     for p in model.parameters():
         p.requires_grad_(False)
     params: list[nn.Parameter] = []
+    if train == "weights":
+        for lin in block_linears(model):
+            lin.weight.requires_grad_(True)
+            params.append(lin.weight)
+        return params
     for m in model.modules():
         if isinstance(m, CompressedLinear):
             if train == "ste":
@@ -217,6 +244,9 @@ def distill(model: nn.Module, teach: Teacher, windows: Tensor, cfg: Config, *, w
     if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    masks: list[Tensor] | None = None
+    if cfg.sparsity and start >= _prune_steps(cfg):  # resumed after the pruning phase: the frozen masks
+        masks = [p.detach() != 0 for p in params]
     t0, tokens = time.perf_counter(), 0
     try:
         for step in range(start, cfg.steps):
@@ -242,6 +272,8 @@ def distill(model: nn.Module, teach: Teacher, windows: Tensor, cfg: Config, *, w
                 raise CompressError(f"distillation loss became {loss} at step {step}; lower distill.lr")
             opt.step()
             sched.step()
+            if cfg.sparsity:
+                masks = _prune_step(step, params, opt, cfg, masks)
             history.append(loss)
             done = step + 1
             if rank == 0 and state_file is not None and (done % cfg.save_every == 0 or done == cfg.steps):
@@ -265,6 +297,30 @@ def distill(model: nn.Module, teach: Teacher, windows: Tensor, cfg: Config, *, w
         model.eval()
         finish(model, cfg.train)
     return history
+
+
+def _prune_steps(cfg: Config) -> int:
+    return cfg.steps // 2 if cfg.prune_steps < 0 else cfg.prune_steps
+
+
+@torch.no_grad()
+def _prune_step(step: int, params: list[nn.Parameter], opt: torch.optim.Optimizer, cfg: Config,
+                masks: list[Tensor] | None) -> list[Tensor] | None:
+    """ISS-P after optimiser step `step`: soft shrinkage during the pruning phase, then a frozen mask."""
+    from compress import prune
+
+    if step + 1 < _prune_steps(cfg):
+        for p in params:
+            prune.soft_shrink_(p.data, cfg.sparsity, cfg.iss_alpha, cfg.pattern)
+        return None
+    if masks is None:  # the end of the pruning phase: freeze the current magnitude mask
+        masks = [prune.magnitude(p.data, cfg.sparsity, cfg.pattern) for p in params]
+    for p, keep in zip(params, masks, strict=True):
+        p.data.mul_(keep)
+        for v in opt.state.get(p, {}).values():  # Adam moments of pruned weights stop pushing them
+            if isinstance(v, Tensor) and v.shape == p.shape:
+                v.mul_(keep)
+    return masks
 
 
 def _optimizer(params: list[nn.Parameter], cfg: Config, device: torch.device) -> torch.optim.Optimizer:

@@ -1,0 +1,109 @@
+"""Pruning primitives: one-shot magnitude and Wanda masks, N:M patterns, and ISS-P's soft shrinkage.
+
+Masks are bool [N, K] with True = kept. Patterns:
+    unstructured   the lowest-scoring `sparsity` fraction of each comparison group is pruned
+    "n:m"          in every run of m consecutive input columns of a row, the n lowest are pruned
+                   (2:4 = two zeros in every four, what sparse tensor cores run)
+
+Scores and groups, as the reference codes use them (methods-binprune.md §6):
+    magnitude      |w|, one threshold per layer (Wanda's magnitude baseline; per row for n:m)
+    wanda          |w| · ‖x_j‖₂ with the input norms from calibration, per output row, no weight update
+
+ISS-P (Iterative Soft Shrinkage-Percentage; methods-binprune.md §5): during training, after every
+optimiser step the lowest-magnitude fraction of each layer (recomputed every step, so weights can grow
+back) is multiplied by α instead of zeroed; when the pruning phase ends the mask is frozen, the pruned
+weights are zeroed and stay zero. With LLM learning rates α must be close to 1 (≈ 0.999) for regrowth to
+be possible: a weight pushed by ~lr per step settles near lr / (1 − α).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from compress.errors import CompressError
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """"unstructured" -> None; "n:m" -> (n pruned, m group)."""
+    if pattern == "unstructured":
+        return None
+    try:
+        n, m = (int(v) for v in pattern.split(":"))
+    except ValueError:
+        raise CompressError(f"pattern={pattern!r} is invalid; use unstructured or n:m (e.g. 2:4)") from None
+    if not 0 < n < m:
+        raise CompressError(f"pattern={pattern!r} must prune n of every m with 0 < n < m")
+    return n, m
+
+
+def mask_from_scores(score: Tensor, sparsity: float, pattern: str = "unstructured", per_row: bool = True) -> Tensor:
+    """Keep-mask [N, K] pruning the lowest scores: `sparsity` per row (or per layer), or n of every m."""
+    N, K = score.shape
+    nm = parse_pattern(pattern)
+    if nm is not None:
+        n, m = nm
+        if K % m:
+            raise CompressError(f"in_features={K} is not a multiple of {m}: the {pattern} pattern does not fit")
+        groups = score.reshape(N, K // m, m)
+        drop = groups.topk(n, dim=-1, largest=False).indices
+        keep = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, drop, False)
+        return keep.reshape(N, K)
+    if not 0 <= sparsity < 1:
+        raise CompressError(f"sparsity={sparsity} must be in [0, 1)")
+    keep = torch.ones(N, K, dtype=torch.bool, device=score.device)
+    if per_row:
+        k = math.floor(sparsity * K)
+        if k:
+            keep.scatter_(1, score.topk(k, dim=1, largest=False).indices, False)
+    else:
+        k = math.floor(sparsity * N * K)
+        if k:
+            keep.view(-1)[score.flatten().topk(k, largest=False).indices] = False
+    return keep
+
+
+def magnitude(W: Tensor, sparsity: float, pattern: str = "unstructured") -> Tensor:
+    """Magnitude keep-mask: one threshold over the whole layer (per row for n:m patterns)."""
+    return mask_from_scores(W.abs(), sparsity, pattern, per_row=False)
+
+
+def wanda(W: Tensor, input_norm: Tensor, sparsity: float, pattern: str = "unstructured") -> Tensor:
+    """Wanda keep-mask: |W_ij| · ‖X_j‖₂ per output row; `input_norm` [K] from calibration activations
+    (e.g. sqrt of the Hessian diagonal, which is proportional to Σ x_j²)."""
+    return mask_from_scores(W.abs() * input_norm.to(W.device, W.dtype).unsqueeze(0), sparsity, pattern,
+                            per_row=True)
+
+
+@torch.no_grad()
+def soft_shrink_(W: Tensor, sparsity: float, alpha: float, pattern: str = "unstructured") -> Tensor:
+    """ISS-P's step, in place: multiply the lowest-magnitude weights (layer-local) by α; returns their mask
+    (True = shrunk, i.e. currently pruned)."""
+    pruned = ~magnitude(W, sparsity, pattern)
+    W[pruned] *= alpha
+    return pruned
+
+
+@torch.no_grad()
+def input_norms(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], windows: Tensor,
+                batch_size: int = 8) -> dict[str, Tensor]:
+    """‖X_j‖₂ [K] of every Linear's inputs over the calibration windows (one dense forward pass, hooks)."""
+    sq = {n: torch.zeros(lin.in_features, dtype=torch.float64) for n, lin in linears.items()}
+
+    def hook(name: str) -> Callable[[torch.nn.Module, tuple[Tensor, ...], Tensor], None]:
+        def f(_: torch.nn.Module, inp: tuple[Tensor, ...], __: Tensor) -> None:
+            sq[name] += inp[0].detach().reshape(-1, inp[0].shape[-1]).double().pow(2).sum(0).cpu()
+        return f
+
+    handles = [lin.register_forward_hook(hook(n)) for n, lin in linears.items()]
+    try:
+        device = next(model.parameters()).device
+        for i in range(0, len(windows), batch_size):
+            model(input_ids=windows[i : i + batch_size].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: v.sqrt().float() for n, v in sq.items()}
