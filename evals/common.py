@@ -48,6 +48,7 @@ def job(spec: dict) -> dict:
     out["bits_code"], out["bits_total"] = result.avg_bits()
     out["allocation"] = result.allocation
     out["rounding"] = result.rounding
+    out["distilled"] = result.distilled
     out["widths"] = _width_histogram(result)
     if spec.get("save"):  # bytes on disk of the packed checkpoint (weights files only)
         import tempfile

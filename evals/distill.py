@@ -1,0 +1,118 @@
+"""Distillation and pruning benchmark on SmolLM2-135M, pydoc-512 protocol (the trunk benchmark's evaluation).
+
+Quantized rows: a GPTQ recipe, then the same recipe with the distillation stage (KL to the original on
+the 128 x 512 calibration windows). Pruned rows (dense weights, 50 % unstructured per layer): magnitude
+one-shot, Wanda one-shot (|w|·‖x‖ per row from one dense calibration pass; not sequential), magnitude +
+the same distillation budget as ISS-P (mask frozen at once), ISS-P + that budget. Every row runs in its own
+process. Writes evals/results/distill.{json,md}.
+
+    python evals/distill.py                     # every row (hours on 2 CPU cores)
+    python evals/distill.py --rows "gptq w3g128" "gptq w3g128 + distill scales"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from common import EVAL_WINDOWS, SEQLEN, fmt_num, fmt_ppl, report, run_rows
+from common import job as recipe_job
+
+KD = "distill={{steps: {steps}, windows_per_step: 4, batch_size: 2, lr: {lr}, warmup: 8, train: {train}, topk: 256}}"
+STEPS = 64
+QUANT: dict[str, tuple[str, list[str]]] = {
+    "gptq w3g128": ("gptq-3bit", []),
+    "gptq w3g128 + distill scales": ("gptq-3bit", [KD.format(steps=STEPS, lr=1e-3, train="scales")]),
+    "gptq w3g128 + distill norms": ("gptq-3bit", [KD.format(steps=STEPS, lr=1e-3, train="norms")]),
+    "gptq w2g64": ("gptq-2bit", []),
+    "gptq w2g64 + distill scales": ("gptq-2bit", [KD.format(steps=STEPS, lr=1e-3, train="scales")]),
+}
+PRUNE: dict[str, dict] = {
+    "magnitude 50% one-shot": {"mode": "magnitude"},
+    "wanda 50% one-shot": {"mode": "wanda"},
+    "magnitude 50% + distill": {"mode": "train", "prune_steps": 0},
+    "iss-p 50% + distill": {"mode": "train", "prune_steps": STEPS // 2, "iss_alpha": 0.999},
+}
+ROWS = [*QUANT, *PRUNE]
+
+
+def prune_job(spec: dict) -> dict:
+    import torch
+
+    from compress import data, distill, evaluate, models, prune, teacher
+    from compress.pipeline import peak_rss_mb
+
+    torch.set_num_threads(2)
+    ref = models.resolve("smollm2-135m")
+    model, tok = models.load(ref)
+    ev = data.evaluation(tok, "pydoc", SEQLEN, EVAL_WINDOWS)
+    calib = data.calibration(tok, "pydoc", 128, SEQLEN).ids
+    t0 = time.perf_counter()
+    linears = {n: m for n, m in models.blocks_of(model, models.arch_of(model)).named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    p = PRUNE[spec["label"]]
+    out: dict = {"label": spec["label"]}
+    if p["mode"] == "train":
+        teach = teacher.teacher(model, calib, 256, 8, torch.device("cpu"))
+        cfg = distill.Config(steps=STEPS, windows_per_step=4, batch_size=2, lr=1e-4, warmup=8, train="weights",
+                             sparsity=0.5, prune_steps=p["prune_steps"], iss_alpha=p.get("iss_alpha", 0.999))
+        history = distill.distill(model, teach, calib, cfg)
+        out["train_kl"] = [history[0], history[-1]]
+    else:
+        norms = prune.input_norms(model, linears, calib) if p["mode"] == "wanda" else {}
+        with torch.no_grad():
+            for n, lin in linears.items():
+                keep = prune.wanda(lin.weight, norms[n], 0.5) if norms else prune.magnitude(lin.weight, 0.5)
+                lin.weight.mul_(keep)
+    out["compress_seconds"] = time.perf_counter() - t0
+    out["peak_rss_mb"] = peak_rss_mb()
+    out["sparsity"] = sum(int((m.weight == 0).sum()) for m in linears.values()) / sum(
+        m.weight.numel() for m in linears.values())
+    dense, _ = models.load(ref)
+    d, c = evaluate.compare({"dense": dense, "pruned": model}, ev.ids)
+    out.update(ppl=c.ppl, dense_ppl=d.ppl, kl=c.kl_mean, top1=c.top1)
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | bits or sparsity | ppl | KL / token | top-1 | training KL first → last | seconds | "
+             "peak RSS MB |", "|" + "---|" * 8]
+    for r in rows:
+        if r["label"] == "dense":
+            lines.append(f"| dense | 32 | {fmt_ppl(r['ppl'])} | - | - | - | - | - |")
+            continue
+        what = f"{r['sparsity']:.1%} zeros" if "sparsity" in r else f"{r['bits_code']:.2f} / {r['bits_total']:.2f}"
+        kd = r.get("train_kl") or ([r["distilled"]["kl_first"], r["distilled"]["kl_last"]] if r.get("distilled")
+                                   else None)
+        lines.append(f"| {r['label']} | {what} | {fmt_ppl(r['ppl'])} | {fmt_num(r['kl'], '.4f')} | "
+                     f"{fmt_num(r['top1'], '.2%')} | {'-' if not kd else f'{kd[0]:.4f} → {kd[1]:.4f}'} | "
+                     f"{r['compress_seconds']:.0f} | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    ap.add_argument("--rows", nargs="*", choices=ROWS, default=ROWS)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "distill")
+    ap.add_argument("--render", action="store_true")
+    args = ap.parse_args()
+    if args.job:
+        spec = json.loads(args.job)
+        print(json.dumps(prune_job(spec) if spec["label"] in PRUNE else recipe_job(spec)))
+        return
+    saved = args.out.with_suffix(".json")
+    rows = json.loads(saved.read_text()) if saved.is_file() else []
+    if not args.render:
+        rows = run_rows(args.rows, lambda label: {"label": label, "recipe": QUANT[label][0], "edits": QUANT[label][1]}
+                        if label in QUANT else {"label": label}, saved, ["dense", *ROWS], __file__)
+    report(args.out, "Distillation and pruning benchmark: SmolLM2-135M, pydoc-512 protocol",
+           f"Command: `python evals/distill.py`. Distillation: {STEPS} steps x 4 windows of 512 tokens from the "
+           "128 calibration windows, top-256 teacher, AdamW with warm-up and cosine. Pruning: 50 % of every "
+           "Linear in the blocks.", table(rows))
+
+
+if __name__ == "__main__":
+    main()
