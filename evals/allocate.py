@@ -40,7 +40,7 @@ def table(rows: list[dict]) -> str:
         if r["label"] == "dense":
             lines.append(f"| dense | 32 | {fmt_ppl(r['ppl'])} | - | - | - | - | - | - |")
             continue
-        widths = ", ".join(f"{w}: {s:.0%}" for w, s in r["widths"].items())
+        widths = ", ".join(f"{w}: {s:.1%}" for w, s in r["widths"].items())
         pred = r.get("allocation", {}).get("predicted_loss_ratio")
         rate = r.get("allocation", {}).get("realised_rate")  # faithful BAQ: mean log2 of the level counts
         bits = f"{r['bits_code']:.3f} / {r['bits_total']:.3f}" + (f" (rate {rate:.3f})" if rate else "")
