@@ -54,6 +54,12 @@ weight plus the row offsets) and records it with nnz in the plan. Sign bits at s
 stored but unused, so a kernel can run the sign GEMV over every column and add a sparse correction.
 Bits per weight are counted as stored: signs + index + 8-bit values (+ alpha, mu and the 8-bit grid).
 
+Pruned layers (`LayerSpec.sparsity` / `pattern`; every row keeps the same number k of weights):
+    <fqn>.qweight    int32 [N, ceil(k/32) * b]   the kept codes of each row, in column order, packed as above
+    <fqn>.keep_mask  int32 [N, ceil(K/32)]       1-bit plane, 1 = kept
+and scale/zero as for any group-wise layer (indexed by the original column). A pruned weight decodes to
+exactly 0 (its code is the group's zero point). Bits per weight: b·k/K + 1 for the mask.
+
 config.json's `quantization_config` carries the format version and the per-layer plan, so a checkpoint
 is self-describing.
 """
@@ -132,6 +138,8 @@ def layer_words(spec: LayerSpec, K: int) -> int:
     """int32 words per row of a layer's qweight."""
     if spec.binary:
         return packed_words(K, 1)
+    if spec.sparse:
+        return packed_words(spec.kept(K), spec.group_bits(K)[0])
     return sum(packed_words(len(cols), w) for w, cols in width_parts(spec, K))
 
 
@@ -153,6 +161,24 @@ def unpack_layer(qweight: Tensor, spec: LayerSpec, K: int) -> Tensor:
         n = packed_words(len(cols), w)
         codes[:, cols.to(qweight.device)] = unpack(qweight[:, start : start + n], w, len(cols))
         start += n
+    return codes
+
+
+def pack_sparse(codes: Tensor, keep: Tensor, spec: LayerSpec) -> tuple[Tensor, Tensor]:
+    """codes uint8 [N, K] + keep bool [N, K] (k per row) -> (qweight of the kept codes, keep_mask)."""
+    N, K = codes.shape
+    k = spec.kept(K)
+    if not bool((keep.sum(dim=1) == k).all()):
+        raise ValueError(f"every row of a pruned layer must keep exactly {k} weights")
+    kept = codes[keep].view(N, k)  # row-major: each row's kept codes in column order
+    return pack(kept, spec.group_bits(K)[0]), pack(keep.to(torch.uint8), 1)
+
+
+def unpack_sparse(qweight: Tensor, keep_mask: Tensor, spec: LayerSpec, K: int, fill: Tensor) -> Tensor:
+    """Inverse of `pack_sparse`: codes uint8 [N, K], `fill` (the zero codes [N, K]) at pruned positions."""
+    keep = unpack(keep_mask, 1, K).bool()
+    codes = fill.to(torch.uint8).clone()
+    codes[keep] = unpack(qweight, spec.group_bits(K)[0], spec.kept(K)).flatten()
     return codes
 
 
@@ -199,7 +225,7 @@ def unpack_salient(t: dict[str, Tensor], index: str, N: int, K: int) -> tuple[Te
 def bits_per_weight(spec: LayerSpec, N: int, K: int) -> tuple[float, float]:
     """(code bits, code + scale + zero bits) per weight, as stored (K padding included). For binary
     layers "code" is signs + salient index + 8-bit salient values, and the rest adds alpha, mu and the
-    salient rows' 8-bit grid."""
+    salient rows' 8-bit grid; for pruned layers it is the kept codes + the keep mask."""
     code = N * layer_words(spec, K) * 32
     G = spec.groups(K)
     meta = N * G * torch.finfo(spec.torch_scale_dtype).bits
@@ -210,6 +236,8 @@ def bits_per_weight(spec: LayerSpec, N: int, K: int) -> tuple[float, float]:
             code += index_bits(spec.index or choose_index(N, K, nnz), N, K, nnz) + 8 * nnz
             meta += N * (torch.finfo(spec.torch_scale_dtype).bits + 8)  # the salient rows' 8-bit grid
         return code / (N * K), (code + meta) / (N * K)
+    if spec.sparse:
+        code += N * packed_words(K, 1) * 32  # the keep mask
     if spec.levels is not None:  # row range + row minimum, both in the scale dtype
         meta *= 2
     elif not spec.symmetric:

@@ -49,6 +49,9 @@ class CompressedLinear(nn.Module):
             self.register_buffer("rmin", torch.zeros(N, 1, dtype=spec.torch_scale_dtype, device=device))
         elif not spec.symmetric:
             self.register_buffer("zero", torch.zeros(N, G, dtype=torch.uint8, device=device))
+        if spec.sparse:  # pruned: qweight holds the kept codes only
+            self.register_buffer("keep_mask", torch.zeros(N, fmt.packed_words(K, 1), dtype=torch.int32,
+                                                          device=device))
         self.bias = nn.Parameter(torch.zeros(N, device=device, dtype=dtype)) if bias else None
 
     @classmethod
@@ -56,7 +59,14 @@ class CompressedLinear(nn.Module):
         """Pack a rounded `LayerWeight` (codes + grid) into a module on the weight's device."""
         N, K = lw.W.shape
         m = cls(K, N, lw.spec, bias=bias is not None, device=lw.W.device, dtype=None if bias is None else bias.dtype)
-        m.qweight.copy_(fmt.pack_layer(lw.codes, lw.spec))
+        if lw.spec.sparse:
+            if lw.keep is None:
+                raise ValueError("a pruned layer needs its keep mask")
+            qweight, keep_mask = fmt.pack_sparse(lw.codes, lw.keep, lw.spec)
+            m.qweight.copy_(qweight)
+            m.keep_mask.copy_(keep_mask)
+        else:
+            m.qweight.copy_(fmt.pack_layer(lw.codes, lw.spec))
         m.scale.copy_(lw.scale.to(lw.spec.torch_scale_dtype))
         if lw.spec.binary:
             m.mu.copy_(lw.zero.to(lw.spec.torch_scale_dtype))
@@ -78,6 +88,10 @@ class CompressedLinear(nn.Module):
         return m
 
     def codes(self) -> Tensor:
+        if self.spec.sparse:  # pruned positions hold their group's zero code: they decode to 0
+            K, gw = self.in_features, self.spec.group_width(self.in_features)
+            fill = grid.expand(self.zero_points(), gw, K).round()
+            return fmt.unpack_sparse(self.qweight, self.keep_mask, self.spec, K, fill)
         return fmt.unpack_layer(self.qweight, self.spec, self.in_features)
 
     def zero_points(self) -> Tensor:

@@ -38,6 +38,10 @@ class LayerSpec:
                 columns (-1: per row), except a `salient` fraction of the weights kept on a per-row 8-bit
                 asymmetric grid. `nnz` (salient count) and `index` ("bitmask" or "csr", whichever is
                 smaller) are set by the rounding, so a checkpoint's plan sizes every buffer.
+    sparsity:   prune this fraction of every row before rounding (`pattern` "unstructured" or "n:m", e.g.
+                "2:4"), chosen by `prune` ("magnitude" |w|, "wanda" |w|·‖x_j‖, "obs" w²/[chol H⁻¹]_jj²);
+                pruned weights get the zero code (decode to exactly 0), GPTQ compensates for them, and only
+                the kept codes are stored, with a bitmask (format.py).
     """
 
     bits: int | tuple[int, ...] = 4
@@ -50,6 +54,9 @@ class LayerSpec:
     salient: float = 0.0
     nnz: int = -1
     index: str = ""
+    sparsity: float = 0.0
+    pattern: str = "unstructured"
+    prune: str = "magnitude"
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, list):
@@ -75,8 +82,36 @@ class LayerSpec:
                 raise CompressError(f"index={self.index!r} must be bitmask or csr")
         elif self.salient:
             raise CompressError("salient weights belong to binary layers; set binary: true (and bits: 1)")
+        if self.sparsity or self.pattern != "unstructured":
+            from compress.prune import parse_pattern
+
+            nm = parse_pattern(self.pattern)
+            if nm is None and not 0 < self.sparsity < 1:
+                raise CompressError(f"sparsity={self.sparsity} must be a fraction in (0, 1)")
+            if nm is not None and self.sparsity and abs(self.sparsity - nm[0] / nm[1]) > 1e-9:
+                raise CompressError(f"sparsity={self.sparsity} contradicts pattern {self.pattern}; drop one of them")
+            if self.binary or self.levels is not None or isinstance(self.bits, tuple):
+                raise CompressError("pruning composes with uniform group-wise grids only (not binary, levels or "
+                                    "mixed widths)")
+            if self.prune not in ("magnitude", "wanda", "obs"):
+                raise CompressError(f"prune={self.prune!r} is invalid; choose magnitude, wanda or obs")
         if self.scale_dtype not in SCALE_DTYPES:
             raise CompressError(f"scale_dtype={self.scale_dtype!r} is invalid; choose one of {list(SCALE_DTYPES)}")
+
+    @property
+    def sparse(self) -> bool:
+        return bool(self.sparsity) or self.pattern != "unstructured"
+
+    def kept(self, K: int) -> int:
+        """Weights kept per row of a pruned layer (every row keeps the same number)."""
+        from compress.prune import parse_pattern
+
+        nm = parse_pattern(self.pattern)
+        if nm is not None:
+            if K % nm[1]:
+                raise CompressError(f"in_features={K} is not a multiple of {nm[1]} ({self.pattern})")
+            return K // nm[1] * (nm[1] - nm[0])
+        return K - math.floor(self.sparsity * K)
 
     def groups(self, K: int) -> int:
         """Number of groups along K (the last one may be narrower)."""
@@ -220,6 +255,7 @@ class LayerWeight:
     loss: Tensor | None = None
     info: dict[str, float] = field(default_factory=dict)
     salient: Salient | None = None
+    keep: Tensor | None = None  # pruned layers: bool [N, K], True = kept (pruned weights hold the zero code)
 
     def dequantize(self) -> Tensor:
         from compress import grid

@@ -107,3 +107,17 @@ def input_norms(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], win
         for h in handles:
             h.remove()
     return {n: v.sqrt().float() for n, v in sq.items()}
+
+
+def choose(W: Tensor, spec: object, h_diag: Tensor, inverse_cholesky: Callable[[], Tensor | None]) -> Tensor:
+    """The keep-mask of a pruned layer from its spec (same count in every row, or n:m): scores |w| (magnitude),
+    |w|·‖x_j‖ with ‖x_j‖ ∝ sqrt(H_jj) (wanda), or SparseGPT's OBS score w² / U_jj² (obs)."""
+    how = spec.prune  # type: ignore[attr-defined]
+    if how == "magnitude":
+        score = W.abs()
+    elif how == "wanda":
+        score = W.abs() * h_diag.clamp_min(0).sqrt().unsqueeze(0)
+    else:
+        U = inverse_cholesky()
+        score = W.pow(2) / (U.diagonal().pow(2).unsqueeze(0) if U is not None else 1.0)
+    return mask_from_scores(score, spec.sparsity, spec.pattern, per_row=True)  # type: ignore[attr-defined]

@@ -50,6 +50,9 @@ class Weights:
     scale_dtype: str = "float16"
     binary: bool = False  # PB-LLM: mu + alpha * sign (bits must be 1), rounded by round.method=pbllm
     salient: float = 0.0  # binary layers: fraction of weights kept at 8 bits
+    sparsity: float = 0.0  # prune this fraction of every row before rounding (stored compactly)
+    pattern: str = "unstructured"  # or n:m, e.g. 2:4
+    prune: str = "magnitude"  # magnitude | wanda | obs (SparseGPT's score; GPTQ compensates either way)
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,8 @@ class Recipe:
 
         w = self.weights
         spec = dict(bits=w.bits, group_size=w.group_size, symmetric=w.symmetric, scale_dtype=w.scale_dtype,
-                    method=self.round.method, binary=w.binary, salient=w.salient)
+                    method=self.round.method, binary=w.binary, salient=w.salient, sparsity=w.sparsity,
+                    pattern=w.pattern, prune=w.prune)
         for o in self.overrides:
             if fnmatch.fnmatchcase(name, o.match):
                 if o.skip:

@@ -100,8 +100,8 @@ def _triton_unsupported(layer: Any, x: Tensor) -> str | None:
         return "no CUDA device (set TRITON_INTERPRET=1 before importing to run Triton on the CPU)"
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         return "the input is not on a CUDA device"
-    if layer.spec.levels is not None or layer.spec.binary:
-        return "per-column level grids and binary layers have no Triton kernel yet"
+    if layer.spec.levels is not None or layer.spec.binary or layer.spec.sparse:
+        return "per-column level grids, binary and pruned layers have no Triton kernel yet"
     return None
 
 
@@ -119,7 +119,8 @@ def _cuda_unsupported(layer: Any, x: Tensor) -> str | None:
         return "the input is not on a CUDA device"
     if x.numel() // layer.in_features != 1:
         return "the CUDA kernel is a batch-1 GEMV"
-    if layer.spec.levels is not None or layer.spec.binary or any(p.bits not in CUDA_BITS for p in parts(layer)):
+    if layer.spec.levels is not None or layer.spec.binary or layer.spec.sparse or \
+            any(p.bits not in CUDA_BITS for p in parts(layer)):
         return f"the CUDA GEMV covers group-wise widths {CUDA_BITS}"
     from compress.kernels.cuda import build
 

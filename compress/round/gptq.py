@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from compress import grid
+from compress import grid, prune
 from compress.errors import CompressError
 from compress.plan import LayerWeight
 
@@ -130,6 +130,11 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
     H[dead, dead] = 1
     W[:, dead] = 0
 
+    keep = None
+    if spec.sparse:  # prune first (SparseGPT-style: the sweep compensates for the pruned weights)
+        keep = prune.choose(W, spec, torch.diag(H), lambda: inverse_cholesky(H, cfg.damp, cfg.max_damp)[0])
+    Wfit = W if keep is None else W * keep  # grids are fitted on what is kept
+
     static = cfg.act_order or spec.group_size == -1
     perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else None
     col = torch.arange(K, device=W.device) if perm is None else perm  # original index of the j-th column
@@ -138,7 +143,7 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
         S, Z = grid.levels_grid(scale, zero, spec.levels)  # [N, K]
         col_qmax = [spec.levels[c] - 1 for c in col.tolist()]
     elif static:
-        scale, zero = grid.choose_qparams_groups(W, gbits, gs, sym, sdt)  # [N, G]
+        scale, zero = grid.choose_qparams_groups(Wfit, gbits, gs, sym, sdt)  # [N, G]
         S, Z = grid.expand(scale, gs, K), grid.expand(zero, gs, K)  # [N, K]
         col_qmax = [grid.maxq(gbits[c // gs]) for c in col.tolist()]
     else:  # dynamic groups: fitted as the loop reaches them
@@ -159,6 +164,7 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
     # The loop runs on Wᵀ [K, N] so that a column of W is a contiguous row.
     WT = W.T.contiguous()
     QT = torch.zeros_like(WT)
+    KT = None if keep is None else keep[:, col].T.contiguous()  # [K, N] in processing order
 
     def column(j: int, w: Tensor, WT: Tensor) -> Tensor:
         if static:
@@ -166,9 +172,12 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
         else:
             g = j // gs
             if j % gs == 0:  # fit on W as of the block start (reference behaviour)
-                scale[:, g], zero[:, g] = grid.choose_qparams(WT[j : j + gs].T, gbits[g], sym, sdt)
+                block = WT[j : j + gs].T if KT is None else (WT[j : j + gs] * KT[j : j + gs]).T
+                scale[:, g], zero[:, g] = grid.choose_qparams(block, gbits[g], sym, sdt)
             s, z, qmax = scale[:, g], zero[:, g], grid.maxq(gbits[g])
         q = torch.round(w / s).add_(z).clamp_(0, qmax)
+        if KT is not None:
+            q = torch.where(KT[j], q, z)  # pruned: the zero code, which decodes to exactly 0
         QT[j] = q
         return s * (q - z)
 
@@ -181,4 +190,6 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
         inv = torch.argsort(perm)
         Q, loss = Q[:, inv], loss[inv]
     info["loss"] = float(loss.sum())
-    return lw.rounded(codes=Q.to(torch.uint8), scale=scale, zero=zero, loss=loss, info=info)
+    if keep is not None:
+        info["sparsity"] = float(1 - keep.float().mean())
+    return lw.rounded(codes=Q.to(torch.uint8), scale=scale, zero=zero, loss=loss, info=info, keep=keep)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from compress import grid
+from compress import grid, prune
 from compress.errors import CompressError
 from compress.plan import LayerWeight
 from compress.round.loss import column_loss
@@ -33,9 +33,18 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
         return out
     gs = spec.group_width(W.shape[1])
     gb = spec.group_bits(W.shape[1])
+    keep = None
+    if spec.sparse:  # prune, then quantize what is kept; pruned weights take the zero code
+        if spec.prune != "magnitude" and H is None:
+            raise CompressError(f"prune={spec.prune} needs calibration statistics; use round.method=gptq "
+                                "or prune: magnitude")
+        keep = prune.choose(W, spec, torch.diag(H) if H is not None else torch.ones(W.shape[1]), lambda: None)
+        W = W * keep
     scale, zero = grid.choose_qparams_groups(W, gb, gs, spec.symmetric, spec.torch_scale_dtype)
     codes = grid.quantize_groups(W, scale, zero, gb, gs)
-    out = lw.rounded(codes=codes, scale=scale, zero=zero)
+    if keep is not None:
+        codes = torch.where(keep, codes, grid.expand(zero, gs, W.shape[1]).to(torch.uint8))
+    out = lw.rounded(codes=codes, scale=scale, zero=zero, keep=keep)
     if H is not None:
         out.loss = column_loss(W, out.dequantize(), H)
     return out
