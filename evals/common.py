@@ -117,24 +117,29 @@ def report(out: Path, title: str, intro: str, md: str) -> None:
     out.with_suffix(".md").write_text(f"# {title}\n\n{intro}\n\n{md}\n")
 
 
-def cli(doc: str, rows: dict[str, tuple[str, list[str]]], table: Callable[[list[dict]], str], title: str,
-        intro: str, script: str, name: str, **spec: object) -> None:
-    """The command line of a recipe benchmark: `--rows` to run some rows (others are kept), `--render` to
-    re-render the saved table; each row is {label: (recipe, edits)}, extra job fields in `spec`."""
+def cli(doc: str, rows: dict[str, tuple[str, list[str]]] | list[str], table: Callable[[list[dict]], str], title: str,
+        intro: str, script: str, name: str, spec_of: Callable[[str], dict] | None = None,
+        run: Callable[[dict], dict] | None = None, **spec: object) -> None:
+    """The command line of a benchmark: `--rows` to run some rows (the others are kept), `--render` to
+    re-render the saved table. Rows are {label: (recipe, edits)} (extra job fields in `spec`), or labels
+    with `spec_of(label) -> job spec`; `run(spec) -> row` replaces the recipe job for custom rows."""
     import argparse
 
+    labels = list(rows)
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--job", help=argparse.SUPPRESS)
-    ap.add_argument("--rows", nargs="*", choices=list(rows), default=list(rows))
+    ap.add_argument("--rows", nargs="*", choices=labels, default=labels)
     ap.add_argument("--out", type=Path, default=Path(script).parent / "results" / name)
     ap.add_argument("--render", action="store_true")
     args = ap.parse_args()
     if args.job:
-        print(json.dumps(job(json.loads(args.job))))
+        print(json.dumps((run or job)(json.loads(args.job))))
         return
+    if spec_of is None:
+        assert isinstance(rows, dict)
+        spec_of = lambda label: {"label": label, "recipe": rows[label][0], "edits": rows[label][1], **spec}  # noqa: E731
     saved = args.out.with_suffix(".json")
     done = json.loads(saved.read_text()) if saved.is_file() else []
     if not args.render:
-        done = run_rows(args.rows, lambda label: {"label": label, "recipe": rows[label][0], "edits": rows[label][1],
-                                                  **spec}, saved, ["dense", *rows], script)
+        done = run_rows(args.rows, spec_of, saved, ["dense", *labels], script)
     report(args.out, title, intro, table(done))

@@ -12,12 +12,9 @@ process. Writes evals/results/distill.{json,md}.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 
-from common import EVAL_WINDOWS, SEQLEN, fmt_num, fmt_ppl, report, run_rows
+from common import EVAL_WINDOWS, SEQLEN, cli, fmt_num, fmt_ppl
 from common import job as recipe_job
 
 KD = "distill={{steps: {steps}, windows_per_step: 4, batch_size: 2, lr: {lr}, warmup: 8, train: {train}, topk: 256}}"
@@ -93,26 +90,13 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--job", help=argparse.SUPPRESS)
-    ap.add_argument("--rows", nargs="*", choices=ROWS, default=ROWS)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "distill")
-    ap.add_argument("--render", action="store_true")
-    args = ap.parse_args()
-    if args.job:
-        spec = json.loads(args.job)
-        print(json.dumps(prune_job(spec) if spec["label"] in PRUNE else recipe_job(spec)))
-        return
-    saved = args.out.with_suffix(".json")
-    rows = json.loads(saved.read_text()) if saved.is_file() else []
-    if not args.render:
-        rows = run_rows(args.rows, lambda label: {"label": label, "recipe": QUANT[label][0], "edits": QUANT[label][1]}
-                        if label in QUANT else {"label": label}, saved, ["dense", *ROWS], __file__)
-    report(args.out, "Distillation and pruning benchmark: SmolLM2-135M, pydoc-512 protocol",
-           f"Command: `python evals/distill.py`. Distillation: {STEPS} steps x 4 windows of 512 tokens from the "
-           "128 calibration windows, top-256 teacher, AdamW with warm-up and cosine. Pruning: 50 % of every "
-           "Linear in the blocks.", table(rows))
-
+    cli(__doc__, ROWS, table, "Distillation and pruning benchmark: SmolLM2-135M, pydoc-512 protocol",
+        f"Command: `python evals/distill.py`. Distillation: {STEPS} steps x 4 windows of 512 tokens from the "
+        "128 calibration windows, top-256 teacher, AdamW with warm-up and cosine. Pruning: 50 % of every "
+        "Linear in the blocks.", __file__, "distill",
+        spec_of=lambda label: {"label": label, "recipe": QUANT[label][0], "edits": QUANT[label][1]}
+        if label in QUANT else {"label": label},
+        run=lambda spec: prune_job(spec) if spec["label"] in PRUNE else recipe_job(spec))
 
 if __name__ == "__main__":
     main()

@@ -5,19 +5,14 @@ each compression in its own process so that its wall time and peak RSS are its o
 windows x 512 tokens from the start of the pydoc topics (sorted keys); calibration: 128 x 512 from
 token 30720 on (windows 60..187, disjoint). Prints a table and writes evals/results/trunk.{json,md}.
 
-    python evals/trunk.py                     # everything (about an hour and a half on 2 CPU cores)
-    python evals/trunk.py --only w4g128       # one setting (other rows of earlier runs are kept)
-    python evals/trunk.py --methods rtn gptq  # skip act-order
-    python evals/trunk.py --render            # re-print the table from the saved JSON
+    python evals/trunk.py                                 # everything (about 1.5 h on 2 CPU cores)
+    python evals/trunk.py --rows "gptq w4g128" "rtn w4g128"  # some rows (the others are kept)
+    python evals/trunk.py --render                        # re-print the table from the saved JSON
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
-from common import fmt_num, fmt_ppl, job, report, run_rows
+from common import cli, fmt_num, fmt_ppl
 
 SETTINGS = {"w4g128": (4, 128), "w3g128": (3, 128), "w2g64": (2, 64)}
 METHODS = {
@@ -56,26 +51,12 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--job", help=argparse.SUPPRESS)
-    ap.add_argument("--only", nargs="*", choices=list(SETTINGS), default=list(SETTINGS))
-    ap.add_argument("--methods", nargs="*", choices=list(METHODS), default=list(METHODS))
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "trunk")
-    ap.add_argument("--render", action="store_true", help="re-render the table from the saved JSON, run nothing")
-    args = ap.parse_args()
-    if args.job:
-        print(json.dumps(job(json.loads(args.job))))
-        return
-    saved = args.out.with_suffix(".json")
-    rows = json.loads(saved.read_text()) if saved.is_file() else []
-    if not args.render:
-        rows = run_rows([f"{m} {s}" for s in args.only for m in args.methods], spec_of, saved, ORDER, __file__)
-    report(args.out, "Trunk benchmark: SmolLM2-135M, pydoc-512 protocol",
-           "Command: `python evals/trunk.py`. Evaluation 40 x 512 tokens from the start of the pydoc topics; "
-           "calibration 128 x 512 (windows 60..187). Asymmetric grids, fp16 scales, groups along in_features. "
-           "Reference ppl: ../shared/protocol.md (RTN: ours with fp32 scales; GPTQ: IST-DASLab/gptq, act-order off). "
-           "Peak RSS is the compressing process's (model load + compression), measured before the dense copy "
-           "for KL is loaded.", table(rows))
+    cli(__doc__, ORDER[1:], table, "Trunk benchmark: SmolLM2-135M, pydoc-512 protocol",
+        "Command: `python evals/trunk.py`. Evaluation 40 x 512 tokens from the start of the pydoc topics; "
+        "calibration 128 x 512 (windows 60..187). Asymmetric grids, fp16 scales, groups along in_features. "
+        "Reference ppl: ../shared/protocol.md (RTN: ours with fp32 scales; GPTQ: IST-DASLab/gptq, act-order off). "
+        "Peak RSS is the compressing process's (model load + compression), measured before the dense copy "
+        "for KL is loaded.", __file__, "trunk", spec_of=spec_of)
 
 if __name__ == "__main__":
     main()
