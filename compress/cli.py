@@ -359,8 +359,13 @@ def _report_table(report: Any) -> Table:
                      ("max KL of a token", [fmt((r or {}).get("kl_max"), ".2f") for r in rs]),
                      ("top-1 agreement", [fmt((r or {}).get("top1"), ".2%") for r in rs]),
                      ("forward tokens/s", [fmt((r or {}).get("tokens_per_s"), ".0f") for r in rs])]
-        else:
+        elif key.startswith("mc"):
             rows.append((f"{key}: accuracy", [f"{r['accuracy']:.1%} ± {r['stderr']:.1%}" if r else "-" for r in rs]))
+        else:  # lm-eval: one row per task metric (acc, acc_norm, word_perplexity, ...)
+            names = sorted({k for r in rs if r for k in r if not k.endswith("_stderr")})
+            for n in names:
+                rows.append((f"lm-eval {n}", [fmt((r or {}).get(n), ".4g") + (
+                    f" ± {r[n + '_stderr']:.2g}" if r and f"{n}_stderr" in r else "") for r in rs]))
     rows.append(("bits/weight (codes / +scales)", [
         "-" if not (e.facts.get("bits") or [None])[0] else f"{e.facts['bits'][0]:.3f} / {e.facts['bits'][1]:.3f}"
         for e in report.entries]))

@@ -97,12 +97,61 @@ class MultipleChoice:
         return out
 
 
-Task = Perplexity | MultipleChoice
+@dataclass(frozen=True)
+class LmEval:
+    """lm-evaluation-harness tasks on our loaded models (zero-shot accuracy with its standard error, and
+    lm-eval's *word* perplexity for wikitext, labelled so: not the GPTQ token perplexity above).
+    `include_path` adds local task YAMLs (e.g. a task on a local JSON file, for machines with no network)."""
+
+    tasks: tuple[str, ...] = ("hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande", "lambada_openai")
+    limit: int | None = None
+    include_path: str | None = None
+    batch_size: int = 8
+
+    @property
+    def key(self) -> str:
+        return f"lmeval-{'+'.join(self.tasks)}-{self.limit or 'all'}"
+
+    def prepare(self, tokenizer: Any) -> Any:
+        try:
+            from lm_eval.tasks import TaskManager
+        except ImportError:
+            raise CompressError("lm-eval is not installed (pip install lm-eval)") from None
+        manager = TaskManager(include_path=self.include_path)
+        try:  # building the tasks downloads their data: offline without a cache, this is where it fails
+            manager.load(list(self.tasks))
+        except Exception as e:
+            raise CompressError(f"lm-eval tasks {', '.join(self.tasks)} are not available here "
+                                f"({type(e).__name__}: {str(e)[:120]})") from e
+        return (manager, tokenizer)
+
+    def score(self, entries: list[Entry], prepared: Any, progress: Callable[[str, int, int], None]) -> list[dict]:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+
+        manager, tokenizer = prepared
+        out = []
+        for i, e in enumerate(entries):
+            device = str(next(e.model.parameters()).device)
+            lm = HFLM(pretrained=e.model, tokenizer=tokenizer, batch_size=self.batch_size, device=device)
+            res = lm_eval.simple_evaluate(model=lm, tasks=list(self.tasks), limit=self.limit, task_manager=manager,
+                                          log_samples=False, verbosity="ERROR")
+            row = {}
+            for task, metrics in (res or {}).get("results", {}).items():
+                for name, value in metrics.items():
+                    if isinstance(value, int | float) and not name.startswith("alias"):
+                        row[f"{task}/{name.split(',')[0]}"] = float(value)
+            out.append(row)
+            progress(self.key, i + 1, len(entries))
+        return out
+
+
+Task = Perplexity | MultipleChoice | LmEval
 SUITES: dict[str, tuple[Task, ...]] = {
     "quick": (Perplexity("pydoc", 512, 40),),
     "standard": (Perplexity("pydoc", 512, 40), MultipleChoice()),
     "full": (Perplexity("pydoc", 512, 40), MultipleChoice(), Perplexity("wikitext2", 2048, None),
-             Perplexity("c4", 2048, 256)),
+             Perplexity("c4", 2048, 256), LmEval()),
 }
 
 
@@ -209,8 +258,12 @@ def markdown(report: Report) -> str:
             if key.startswith("ppl"):
                 row += [_f(r.get("ppl"), ".3f"), _f(r.get("kl_mean"), ".4f"), _f(r.get("top1"), ".2%"),
                         _f(r.get("tokens_per_s"), ".0f")]
-            else:
+            elif key.startswith("mc"):
                 row.append("-" if "accuracy" not in r else f"{r['accuracy']:.1%} ± {r['stderr']:.1%}")
+            else:  # lm-eval: accuracy ± stderr per task
+                accs = {k.split("/")[0]: v for k, v in r.items() if k.endswith("/acc")}
+                row.append(", ".join(f"{t} {v:.1%} ± {r.get(f'{t}/acc_stderr', 0):.1%}" for t, v in accs.items())
+                           or "-")
         lines.append("| " + " | ".join(row) + " |")
     for key, why in report.skipped.items():
         lines.append(f"\nskipped {key}: {why}")
@@ -230,7 +283,9 @@ def plot(report: Report, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    keys = list(report.results)
+    keys = [k for k in report.results if k.startswith(("ppl", "mc"))]
+    if not keys:
+        return None
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         metric = "ppl" if key.startswith("ppl") else "accuracy"

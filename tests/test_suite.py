@@ -79,3 +79,38 @@ def test_plot_draws_quality_against_bits(tokenizer, tmp_path: Path) -> None:
     report = suite.run(TASKS[:1], entries(), tokenizer, suite.Cache(None))
     png = suite.plot(report, tmp_path / "q.png")
     assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def _loglik(model: torch.nn.Module, tok, context: str, continuation: str) -> float:
+    """lm-eval's convention, computed independently: continuation tokens = tokens(context + continuation)
+    after the tokens of the context."""
+    ctx = tok(context).input_ids
+    whole = tok(context + continuation).input_ids
+    ids = torch.tensor([whole])
+    with torch.no_grad():
+        logp = model(ids).logits[0].double().log_softmax(-1)
+    return sum(float(logp[i - 1, whole[i]]) for i in range(len(ctx), len(whole)))
+
+
+def test_lm_eval_adapter_matches_an_independent_computation(tokenizer, tmp_path: Path) -> None:
+    pytest.importorskip("lm_eval")
+    docs = [{"q": "The keyword def", "choices": ["defines a function", "is a number", "opens a file"], "label": 0},
+            {"q": "A for loop", "choices": ["repeats a block", "raises an error", "imports a module"], "label": 0},
+            {"q": "The return statement", "choices": ["leaves a function", "is a comment", "sorts a list"],
+             "label": 0},
+            {"q": "A class", "choices": ["has methods", "is a loop", "is a string"], "label": 1}]
+    (tmp_path / "tiny.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
+    (tmp_path / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'tiny.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{q}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
+        "metric_list:\n  - metric: acc\n")
+    es = entries()[:2]
+    task = suite.LmEval(tasks=("tiny_mc",), include_path=str(tmp_path), batch_size=1)
+    report = suite.run((task,), es, tokenizer, suite.Cache(None))
+    for e, r in zip(es, report.results[task.key], strict=True):
+        picks = [max(range(3), key=lambda c, d=d: _loglik(e.model, tokenizer, d["q"], " " + d["choices"][c]))
+                 for d in docs]
+        right = sum(p == d["label"] for p, d in zip(picks, docs, strict=True))
+        assert r["tiny_mc/acc"] == pytest.approx(right / len(docs))
+        assert "tiny_mc/acc_stderr" in r
