@@ -130,3 +130,12 @@ def test_faithful_baq_checkpoint_stores_per_column_levels_and_reloads(tmp_path: 
     zeroed = [j for j, lv in enumerate(spec.levels) if lv == 1]
     if zeroed:
         assert torch.equal(q.dequantize()[:, zeroed], torch.zeros(q.out_features, len(zeroed)))
+
+
+def test_group_budget_is_exact_over_the_model_even_when_no_single_linear_can_hit_it() -> None:
+    m = uneven_llama()  # K = 64 with groups of 40 (40 + 24): no widths in {2, 3, 4} average 2.5 on it alone
+    res = run(m, "gptq-3bit", ("allocate={method: baq, target_bits: 2.5, granularity: group, choices: [2, 3, 4]}",
+                               "weights.group_size=40", "calibrate.samples=16"))
+    numel = {n: res.shapes[n][0] * res.shapes[n][1] for n in res.plan}
+    code = sum(float(res.plan[n].column_bits(res.shapes[n][1]).double().mean()) * numel[n] for n in numel)
+    assert code / sum(numel.values()) == pytest.approx(2.5, abs=1e-2)  # within the smallest group (768 bits)

@@ -7,8 +7,9 @@ unchanged. BAQ's loss model L(b) = L(R)·2^(-θ(b-R)) then gives every unit its 
 loss per weight. Pass 2 is the ordinary rounding stage with the resulting mixed plan.
 
 Granularity (kernel-friendly modes; both land on integer widths from `choices` with an exact budget):
-    group   units = the grid's groups of columns inside each Linear; every Linear keeps the target average
-            (the paper's per-matrix budget), widths differ along K (stored as parts, format v2)
+    group   units = the grid's groups of columns of every Linear under one budget over the model, so the
+            average is exact even where a Linear's own groups cannot hit it (SmolLM2: K = 576 is 4.5 groups
+            of 128, and 2.5 bits per Linear is out of reach); widths differ along K (format v2 parts)
     layer   units = whole Linears; one budget over the model, numel-weighted
 and the faithful mode of the reference code:
     column  per-row grids (group_size -1); column j gets M_j = round(max(1, 2^R·(L_j / geomean L)^(1/θ)))
@@ -117,17 +118,22 @@ def allocate(ctx: Context, cfg: Config) -> Allocation:
             layers[name] = replace(layers[name], bits=int(b))
         before = float(budget.modelled_loss(L, torch.full_like(L, cfg.target_bits), cfg.ref_bits, cfg.theta).sum())
         after = float(budget.modelled_loss(L, bits, cfg.ref_bits, cfg.theta).sum())
-    else:
+    else:  # every group of every Linear is a unit of one global budget, so the average is exact over the model
+        Ls, ns, counts = [], [], []
         for name in names:
-            spec, rep = layers[name], losses[name]
+            rep = losses[name]
             K = rep.col_loss.numel()
-            gw = spec.group_width(K)
-            L = torch.stack([g.sum() for g in rep.col_loss.double().split(gw)])  # [G] loss per group
-            n = torch.tensor([len(g) for g in torch.arange(K).split(gw)], dtype=torch.float64) * (rep.numel // K)
-            bits = budget.discrete(L, n, cfg.target_bits, cfg.theta, cfg.ref_bits, cfg.choices)
-            layers[name] = replace(spec, bits=tuple(int(b) for b in bits))
-            before += float(budget.modelled_loss(L, torch.full_like(L, cfg.target_bits), cfg.ref_bits, cfg.theta).sum())
-            after += float(budget.modelled_loss(L, bits, cfg.ref_bits, cfg.theta).sum())
+            gw = layers[name].group_width(K)
+            Ls.append(torch.stack([g.sum() for g in rep.col_loss.double().split(gw)]))  # [G] loss per group
+            ns.append(torch.tensor([len(g) for g in torch.arange(K).split(gw)], dtype=torch.float64)
+                      * (rep.numel // K))  # elements per group (a narrower last group counts less)
+            counts.append(len(Ls[-1]))
+        L, n = torch.cat(Ls), torch.cat(ns)
+        bits = budget.discrete(L, n, cfg.target_bits, cfg.theta, cfg.ref_bits, cfg.choices)
+        for name, b in zip(names, bits.split(counts), strict=True):
+            layers[name] = replace(layers[name], bits=tuple(int(x) for x in b))
+        before = float(budget.modelled_loss(L, torch.full_like(L, cfg.target_bits), cfg.ref_bits, cfg.theta).sum())
+        after = float(budget.modelled_loss(L, bits, cfg.ref_bits, cfg.theta).sum())
     summary["pass1_loss"] = sum(losses[n].loss for n in names)
     summary["predicted_loss_ratio"] = after / before if before else float("nan")
     ctx.log(f"BAQ: modelled layer-loss ratio vs uniform {cfg.target_bits:g} bits: "
