@@ -206,7 +206,6 @@ def _round_block(model: nn.Module, block: nn.Module, groups: list[list[str]], pl
     return reports
 
 
-@torch.no_grad()
 def saved_spec(spec: Any, state: dict[str, Tensor], rel: str) -> Any:
     """The spec a saved block's Linear was packed with: a binary layer's salient size and index are decided
     by its rounding, so they are read back from the saved tensors."""
@@ -218,6 +217,7 @@ def saved_spec(spec: Any, state: dict[str, Tensor], rel: str) -> Any:
     return replace(spec, nnz=q.numel(), index="csr" if f"{rel}.salient_rowptr" in state else "bitmask")
 
 
+@torch.no_grad()
 def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, windows: Tensor | None, *,
         batch_size: int = 8, true_sequential: bool = False, device: torch.device | str = "cpu",
         resume: Callable[[int], dict[str, Tensor] | None] | None = None,

@@ -165,3 +165,19 @@ def test_newer_format_version_is_refused(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(compress.CompressError, match="upgrade compress"):
         compress.load(tmp_path)
+
+
+def test_block_passes_build_no_autograd_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward with grad enabled would keep every block's activations alive (gigabytes on a real model)."""
+    from compress import sequential
+
+    real = sequential._run_block
+    seen = []
+
+    def spy(*a, **kw):
+        seen.append(torch.is_grad_enabled())
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sequential, "_run_block", spy)
+    run(tiny_llama())
+    assert seen and not any(seen)
