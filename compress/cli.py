@@ -24,7 +24,6 @@ from rich.table import Table
 from compress.errors import CompressError
 
 if TYPE_CHECKING:
-    from compress.evaluate import ModelStats
     from compress.plan import Plan
     from compress.sequential import BlockReport
 
@@ -224,26 +223,6 @@ def compress_cmd(
                     f"{checked.ppl:.2f}, KL {checked.kl_mean:.4f}, top-1 agreement {checked.top1:.1%}")
     console.print(summary)
     out_console.print(str(out))
-
-
-def _stats_table(stats: list[ModelStats], title: str) -> Table:
-    t = Table(title=title)
-    t.add_column("metric")
-    for s in stats:
-        t.add_column(s.name, justify="right")
-    rows = [
-        ("perplexity", lambda s: f"{s.ppl:.3f}"),
-        ("KL(original‖model) / token", lambda s: "-" if s.kl_mean is None else f"{s.kl_mean:.4f}"),
-        ("max KL of a token", lambda s: "-" if s.kl_max is None else f"{s.kl_max:.2f}"),
-        ("top-1 agreement", lambda s: "-" if s.top1 is None else f"{s.top1:.2%}"),
-        ("bits/weight (codes)", lambda s: "-" if s.bits_code is None else f"{s.bits_code:.3f}"),
-        ("bits/weight (+scales/zeros)", lambda s: "-" if s.bits_total is None else f"{s.bits_total:.3f}"),
-        ("bytes on disk", lambda s: _human_bytes(s.disk_bytes)),
-        ("forward seconds", lambda s: f"{s.seconds:.1f}"),
-    ]
-    for label, fn in rows:
-        t.add_row(label, *[fn(s) for s in stats])
-    return t
 
 
 @eval_app.command(help="Compare ORIGINAL with one or more COMPRESSED checkpoints on identical inputs.")

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from compress import grid
+from compress import grid, train
 from compress.errors import CompressError
 from compress.nn import CompressedLinear
 from compress.teacher import Teacher
@@ -77,23 +77,6 @@ class Config:
             raise CompressError("distill sparsity must be in [0, 1) and iss_alpha in [0, 1]")
         if not self.lr > 0:
             raise CompressError("distill lr must be > 0")
-
-
-def schedule(step: int, cfg: Config) -> float:
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-
-def step_windows(step: int, n: int, cfg: Config) -> list[int]:
-    """The global batch of step `step`: a seeded permutation per epoch, a function of (seed, step) only."""
-    out = []
-    for i in range(step * cfg.windows_per_step, (step + 1) * cfg.windows_per_step):
-        epoch, j = divmod(i, n)
-        g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
-        out.append(int(torch.randperm(n, generator=g)[j]))
-    return out
 
 
 # --- what trains --------------------------------------------------------------------------------------
@@ -228,7 +211,7 @@ def distill(model: nn.Module, teach: Teacher, windows: Tensor, cfg: Config, *, w
             if isinstance(m, CompressedLinear):
                 m.forward = lambda x, m=m: ste_forward(m, x)  # type: ignore[method-assign]
     opt = _optimizer(params, cfg, device)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: train.warmup_cosine(s, cfg.warmup, cfg.steps))
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
     state_file = None if workdir is None else workdir / "distill-state.pt"
@@ -250,7 +233,7 @@ def distill(model: nn.Module, teach: Teacher, windows: Tensor, cfg: Config, *, w
     t0, tokens = time.perf_counter(), 0
     try:
         for step in range(start, cfg.steps):
-            batch = step_windows(step, len(windows), cfg)
+            batch = train.step_windows(step, cfg.windows_per_step, len(windows), cfg.seed)
             mine = batch[rank::world]
             opt.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), dtype=torch.float64)

@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from compress import grid
+from compress import grid, train
 from compress.errors import CompressError
+from compress.nn import set_module
 from compress.plan import LayerWeight, Plan
 from compress.round import rtn
 from compress.teacher import Teacher, cached
@@ -139,27 +140,6 @@ def direction(grad: Tensor, c: Tensor, rho: float, kappa: float) -> Tensor:
     return (rho * grad).clamp_(-kappa, kappa).sub_(c.float())
 
 
-def schedule(step: int, cfg: Config) -> float:
-    """LR multiplier: linear warm-up over `warmup` steps, then cosine to 0 at `steps`."""
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-
-def step_windows(step: int, n: int, cfg: Config) -> Tensor:
-    """The pool windows of optimiser step `step`: a fresh seeded permutation every epoch, a function of
-    (seed, step) only, so a resumed run sees the same data as an uninterrupted one."""
-    b = cfg.windows_per_step
-    first = step * b
-    out = []
-    for i in range(first, first + b):
-        epoch, j = divmod(i, n)
-        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        out.append(int(torch.randperm(n, generator=g)[j]))
-    return torch.tensor(out)
-
-
 # --- training ---------------------------------------------------------------------------------------
 
 @dataclass
@@ -171,14 +151,6 @@ class Progress:
     seconds: float
     eta: float
     history: list[float] = field(default_factory=list)
-
-
-def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    parent, _, child = name.rpartition(".")
-    owner = model.get_submodule(parent) if parent else model
-    old = getattr(owner, child)
-    setattr(owner, child, new)
-    return old
 
 
 def _kl(model: nn.Module, ids: Tensor, windows: Tensor, teach: Teacher | None,
@@ -221,7 +193,8 @@ def round_model(model: nn.Module, plan: Plan, ids: Tensor, cfg: Config, *, workd
         rl = RoundingLinear(LayerWeight(lin.weight.detach().float(), spec), lin.bias).to(device)
         if cfg.init == "rand":
             rl.x.data.uniform_(0, 1)
-        layers[name], originals[name] = rl, _swap(model, name, rl)
+        layers[name], originals[name] = rl, lin
+        set_module(model, name, rl)
     mods = list(layers.values())
     delta2 = sum(12 * m.rtn_mse for m in mods) / len(mods)  # ≈ mean squared grid step
     params = [m.x for m in mods]
@@ -230,7 +203,7 @@ def round_model(model: nn.Module, plan: Plan, ids: Tensor, cfg: Config, *, workd
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: train.warmup_cosine(s, cfg.warmup, cfg.steps))
     state_file = None if workdir is None else workdir / "state.pt"
     start, history = 0, []
     if state_file is not None and state_file.is_file():
@@ -248,7 +221,7 @@ def round_model(model: nn.Module, plan: Plan, ids: Tensor, cfg: Config, *, workd
     t0 = time.perf_counter()
     try:
         for step in range(start, cfg.steps):
-            windows = step_windows(step, len(ids), cfg)
+            windows = torch.tensor(train.step_windows(step, cfg.windows_per_step, len(ids), cfg.seed))
             opt.zero_grad(set_to_none=True)
             kl_sum = 0.0
             micro = cfg.windows_per_step // cfg.batch_size
@@ -287,7 +260,7 @@ def round_model(model: nn.Module, plan: Plan, ids: Tensor, cfg: Config, *, workd
         out = {}
         for name, orig in originals.items():
             out[name] = layers[name].rounded()
-            _swap(model, name, orig)
+            set_module(model, name, orig)
     for lw in out.values():
         lw.info["kl_last"] = history[-1] if history else float("nan")
     n = sum(m.x.numel() for m in mods)
