@@ -159,8 +159,7 @@ def finish(model: nn.Module, train: str) -> None:
                 delattr(m, name)
                 m.register_buffer(name, t)
             m.__dict__.pop("_storage", None)
-        m.__dict__.pop("_cpu_prepared", None)
-        m.__dict__.pop("_parts", None)
+        m._drop_kernel_state()
     for p in model.parameters():
         p.requires_grad_(False)
 

@@ -131,16 +131,19 @@ class CompressedLinear(nn.Module):
 
         return kernels.linear(self, x)
 
+    def _drop_kernel_state(self) -> None:
+        """Forget kernel-side copies and the cached backend choice (new codes, or a new device)."""
+        for k in ("_cpu_prepared", "_parts", "_backend"):
+            self.__dict__.pop(k, None)
+
     def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
-        self.__dict__.pop("_cpu_prepared", None)  # new codes: kernel-side copies are stale
-        self.__dict__.pop("_parts", None)
+        self._drop_kernel_state()
         super()._load_from_state_dict(*args, **kwargs)  # type: ignore[arg-type]
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> CompressedLinear:
         # model.to(bfloat16) must move scales but never round them: keep their storage dtype.
         kept = {k: getattr(self, k) for k in ("scale", "rmin", "mu", "salient_scale") if hasattr(self, k)}
-        self.__dict__.pop("_cpu_prepared", None)  # kernel-side copies are rebuilt where the module lands
-        self.__dict__.pop("_parts", None)
+        self._drop_kernel_state()  # kernel-side copies are rebuilt where the module lands
         super()._apply(fn, recurse)
         for k, t in kept.items():
             if getattr(self, k).dtype != t.dtype:

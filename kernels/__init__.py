@@ -144,20 +144,30 @@ BACKENDS: dict[str, tuple[Callable[[Any, Tensor], str | None], Callable[[Any, Te
 
 
 def choose(layer: Any, x: Tensor) -> str:
-    """The backend that runs `layer(x)`: COMPRESS_KERNEL if set (and able), else the first able default."""
+    """The backend that runs `layer(x)`: COMPRESS_KERNEL if set (and able), else the first able default.
+
+    The answer depends only on the layer, x's device and dtype, and COMPRESS_KERNEL, so it is cached on the
+    layer under that key: a decode step calls every Linear once per token and must not re-check specs."""
     forced = os.environ.get(ENV, "").strip().lower()
+    key = (x.device, x.dtype, forced, x.numel() == x.shape[-1])
+    cached = layer.__dict__.get("_backend")
+    if cached is not None and cached[0] == key:
+        return cached[1]
     if forced:
         if forced not in BACKENDS:
             raise CompressError(f"{ENV}={forced!r} is not a backend; choose one of {', '.join(BACKENDS)}")
         why = BACKENDS[forced][0](layer, x)
         if why is not None:
             raise CompressError(f"{ENV}={forced} cannot run this layer: {why}; unset {ENV} to let compress choose")
-        return forced
-    if x.is_cuda:
-        order = ("cuda", "triton", "reference")
+        name = forced
     else:
-        order = ("cpu", "reference") if x.dtype == torch.bfloat16 else ("reference",)
-    return next(b for b in order if BACKENDS[b][0](layer, x) is None)
+        if x.is_cuda:
+            order = ("cuda", "triton", "reference")
+        else:
+            order = ("cpu", "reference") if x.dtype == torch.bfloat16 else ("reference",)
+        name = next(b for b in order if BACKENDS[b][0](layer, x) is None)
+    layer.__dict__["_backend"] = (key, name)
+    return name
 
 
 def linear(layer: Any, x: Tensor) -> Tensor:

@@ -5,8 +5,9 @@ codes shifted per group, q' = q − d, it is reproduced by scale' = s, zero' = (
 keeping q' in [0, 15] (kernels.md §6 uses d = 0). We take d = z − 8 clamped to that range, so zero' = 0
 whenever the codes allow it (always for widths ≤ 3): only the bf16 rounding of the scale remains, instead
 of a bf16-rounded (8 − z)·s shared by every weight of the group. Mixed widths inside a layer lower too.
-g' is the largest of {256, 128, 64, 32} dividing the layer's group width (a per-row scale is repeated over
-its groups); K is padded to a multiple of g' (padded activations are zero) and N to a multiple of 16.
+g' is the largest of {256, 128, 64, 32} dividing the layer's group width, preferring one that also divides K
+(a scale is repeated over its g'-subgroups: 128-wide groups run as g' = 64 on K = 576); otherwise K is
+padded to a multiple of g' (padded activations are zero). N is padded to a multiple of 16.
 
 The kernel wants bf16 activations (fp32 ones are several times slower than a dense matmul), so the
 dispatcher uses this path by default only for bf16 inputs; fp32 models keep the exact reference unless
@@ -55,7 +56,8 @@ def prepare(layer: object) -> Prepared:
     """The tinygemm copy of a CompressedLinear (done once, at the first CPU forward)."""
     spec, K = layer.spec, layer.in_features  # type: ignore[attr-defined]
     gw = spec.group_width(K)
-    g = next(g for g in GROUPS if gw % g == 0)
+    fits = [g for g in GROUPS if gw % g == 0]
+    g = next((g for g in fits if K % g == 0), fits[0])  # a g' that also divides K needs no padding
     Kp = -(-K // g) * g
     codes = layer.codes().to(torch.int32)  # type: ignore[attr-defined]
     N = codes.shape[0]
@@ -81,11 +83,17 @@ def linear(layer: object, x: Tensor) -> Tensor:
         p = prepare(layer)
         layer._cpu_prepared = p  # type: ignore[attr-defined]
     shape = x.shape
-    x2 = x.reshape(-1, p.K).to(torch.bfloat16)
+    x2 = x.reshape(-1, p.K)
+    if x2.dtype != torch.bfloat16:
+        x2 = x2.to(torch.bfloat16)
     if p.Kp != p.K:
         x2 = F.pad(x2, (0, p.Kp - p.K))
-    y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), p.packed, p.group, p.scales_zeros)
-    y = y[:, : p.N].to(x.dtype).reshape(*shape[:-1], p.N)
+    y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), p.packed, p.group, p.scales_zeros)  # [M, Np]
+    if y.shape[1] != p.N:
+        y = y[:, : p.N]
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    y = y.reshape(*shape[:-1], p.N)
     bias = layer.bias  # type: ignore[attr-defined]
     return y if bias is None else y + bias.to(x.dtype)
 

@@ -63,6 +63,20 @@ def test_dispatch_keeps_fp32_exact_and_takes_the_int4_path_for_bf16(monkeypatch:
     assert kernels.choose(wide, torch.randn(1, 576).bfloat16()) == "reference"  # 8 bits do not fit int4
 
 
+def test_the_cached_choice_follows_dtype_environment_and_new_codes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    m = layer(SPECS[0])
+    x = torch.randn(1, 576)
+    assert kernels.choose(m, x.bfloat16()) == "cpu"
+    assert kernels.choose(m, x) == "reference"  # same layer, other dtype: not the cached answer
+    monkeypatch.setenv(kernels.ENV, "reference")
+    assert kernels.choose(m, x.bfloat16()) == "reference"
+    monkeypatch.delenv(kernels.ENV)
+    assert kernels.choose(m, x.bfloat16()) == "cpu"
+    m.load_state_dict(layer(SPECS[0]).state_dict())
+    assert "_backend" not in m.__dict__ and "_cpu_prepared" not in m.__dict__  # new codes drop kernel state
+
+
 def test_forced_backends_are_honoured_or_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     m = layer(SPECS[0])
     x = torch.randn(2, 576)
