@@ -54,6 +54,19 @@ weight plus the row offsets) and records it with nnz in the plan. Sign bits at s
 stored but unused, so a kernel can run the sign GEMV over every column and add a sparse correction.
 Bits per weight are counted as stored: signs + index + 8-bit values (+ alpha, mu and the 8-bit grid).
 
+MST sign storage (binary layers with `LayerSpec.signs == "mst"`; MST-compression, compress/mst.py). The
+rows of the sign matrix form a tree (a minimum spanning tree of their Hamming graph); every row is stored
+as the columns where it differs from its parent, the root as the columns of its + signs:
+
+    <fqn>.qweight      int32 [N, 0]       empty: the signs live in the tree
+    <fqn>.mst_parent   int16 [N]          parent row of each row, -1 at the root (int32 if N > 32767)
+    <fqn>.mst_rowptr   int32 [N + 1]      row offsets into mst_col
+    <fqn>.mst_col      int16 [edges]      differing columns of each row, ascending (int32 if K > 32767)
+
+Decoding walks the tree from the root: sign[root] = 1 at its columns, sign[c] = sign[parent(c)] flipped at
+c's columns. The rounding stores a layer this way only when these bits (16 N + 32 (N + 1) + 16 edges)
+are fewer than the plain plane's; `edges` (in the plan) sizes mst_col.
+
 Pruned layers (`LayerSpec.sparsity` / `pattern`; every row keeps the same number k of weights):
     <fqn>.qweight    int32 [N, ceil(k/32) * b]   the kept codes of each row, in column order, packed as above
     <fqn>.keep_mask  int32 [N, ceil(K/32)]       1-bit plane, 1 = kept
@@ -136,6 +149,8 @@ def width_parts(spec: LayerSpec, K: int) -> list[tuple[int, Tensor]]:
 
 def layer_words(spec: LayerSpec, K: int) -> int:
     """int32 words per row of a layer's qweight."""
+    if spec.binary and spec.signs == "mst":
+        return 0
     if spec.binary:
         return packed_words(K, 1)
     if spec.sparse:
@@ -194,6 +209,53 @@ def choose_index(N: int, K: int, nnz: int) -> str:
     return "bitmask" if index_bits("bitmask", N, K, nnz) < index_bits("csr", N, K, nnz) else "csr"
 
 
+def index_dtype(size: int) -> torch.dtype:
+    """int16 for indices into a dimension of `size`, int32 beyond."""
+    return torch.int16 if size <= 32767 else torch.int32
+
+
+def mst_bits(N: int, K: int, edges: int) -> int:
+    """Storage bits of a sign matrix in the MST layout (parents, row offsets, differing columns)."""
+    return N * torch.iinfo(index_dtype(N)).bits + 32 * (N + 1) + edges * torch.iinfo(index_dtype(K)).bits
+
+
+def pack_mst(parent: Tensor, diffs: list[Tensor], K: int) -> dict[str, Tensor]:
+    """A rooted tree over N rows (parent int [N], -1 at the root) and each row's differing columns
+    (the root: its + columns) -> the MST tensors (names without the layer prefix)."""
+    counts = torch.tensor([len(d) for d in diffs], dtype=torch.int64)
+    cols = torch.cat([d.sort().values for d in diffs]) if diffs else torch.zeros(0, dtype=torch.int64)
+    return {"mst_parent": parent.to(index_dtype(len(parent))),
+            "mst_rowptr": torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32),
+            "mst_col": cols.to(index_dtype(K))}
+
+
+def unpack_mst(t: dict[str, Tensor], K: int) -> Tensor:
+    """Inverse of `pack_mst`: the sign matrix bool [N, K] (True = +), decoded from the root down."""
+    parent = t["mst_parent"].long().cpu()
+    rowptr, cols = t["mst_rowptr"].long().cpu().tolist(), t["mst_col"].long().cpu()
+    N = len(parent)
+    children: list[list[int]] = [[] for _ in range(N)]
+    roots = []
+    for c, p in enumerate(parent.tolist()):
+        (roots if p < 0 else children[p]).append(c)
+    if len(roots) != 1:
+        raise ValueError(f"an MST sign layout needs exactly one root, found {len(roots)}")
+    S = torch.zeros(N, K, dtype=torch.bool)
+    stack, seen = [roots[0]], 0
+    while stack:
+        v = stack.pop()
+        seen += 1
+        p = int(parent[v])
+        if p >= 0:
+            S[v] = S[p]
+        d = cols[rowptr[v] : rowptr[v + 1]]
+        S[v, d] = ~S[v, d]
+        stack.extend(children[v])
+    if seen != N:
+        raise ValueError("the MST parents do not form a tree (a cycle or a detached row)")
+    return S.to(t["mst_col"].device)
+
+
 def pack_salient(mask: Tensor, codes: Tensor, index: str) -> dict[str, Tensor]:
     """bool mask [N, K] + uint8 codes [N, K] -> the salient tensors of `index` (names without prefix)."""
     K = mask.shape[1]
@@ -203,7 +265,7 @@ def pack_salient(mask: Tensor, codes: Tensor, index: str) -> dict[str, Tensor]:
     else:
         counts = mask.sum(dim=1).to(torch.int64)
         out["salient_rowptr"] = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
-        out["salient_col"] = torch.nonzero(mask)[:, 1].to(torch.int16 if K <= 32767 else torch.int32)
+        out["salient_col"] = torch.nonzero(mask)[:, 1].to(index_dtype(K))
     return out
 
 
@@ -231,6 +293,8 @@ def bits_per_weight(spec: LayerSpec, N: int, K: int) -> tuple[float, float]:
     meta = N * G * torch.finfo(spec.torch_scale_dtype).bits
     if spec.binary:  # alpha and mu per group
         meta *= 2
+        if spec.signs == "mst":
+            code += mst_bits(N, K, spec.edges)
         nnz = max(spec.nnz, 0)
         if nnz:
             code += index_bits(spec.index or choose_index(N, K, nnz), N, K, nnz) + 8 * nnz

@@ -11,9 +11,11 @@ tree of the Hamming graph minimises the total work Σ d; rooting it at its cente
 the paper's abstract and our derivation, with real-valued activations (the LLM case), where the per-row
 scales apply after the tree: y = α ⊙ (S x) + μ ⊙ Σ x.
 
-Storage: per non-root row a parent index (⌈log2 R⌉ bits) and its d differing positions (⌈log2 K⌉ bits
-each); it beats the plain K sign bits per row only when the mean edge is below about K / ⌈log2 K⌉.
-`encode` says which is smaller; `decode` inverts it exactly.
+Storage (format.py, `LayerSpec.signs = "mst"`): a parent index per row (int16), row offsets (int32) and
+every differing column (int16), the root as its + columns. It beats the plain K sign bits per row only
+when the mean edge is below about (K − 48) / 16 columns (33 of K = 576, 5.7%); `stats` reports the stored
+bytes and the ideal ones (⌈log2 R⌉ bits per parent, ⌈log2 K⌉ per column), PB-LLM's rounding stores the
+tree only when it is smaller, and `decode` inverts it exactly.
 
 `regularizer` is the training-time term that pulls tree neighbours' latent weights to the same sign
 (a smooth Hamming distance on tanh(β·w)); the distillation stage can add it to its loss.
@@ -158,8 +160,9 @@ class Stats:
     mean_edge_over_K: float
     ops_saved: float  # 1 − (K + Σ d) / (R K): additions saved against the dense binary product
     depth: int
-    mst_bytes: int
-    plain_bytes: int
+    mst_bytes: int  # as stored (format.py's MST layout)
+    ideal_bytes: int  # with ⌈log2 R⌉-bit parents and ⌈log2 K⌉-bit columns
+    plain_bytes: int  # the 1-bit sign plane (K padded to 32)
 
     @property
     def smaller(self) -> bool:
@@ -167,11 +170,15 @@ class Stats:
 
 
 def stats(tree: Tree) -> Stats:
+    from compress import format as fmt
+
     R, K = len(tree.parent), tree.K
     d = tree.edge_distances()
-    bits = K + (R - 1) * math.ceil(math.log2(max(R, 2))) + int(d.sum()) * math.ceil(math.log2(max(K, 2)))
+    edges = int(d.sum()) + len(tree.diffs[tree.root])
+    ideal = K + (R - 1) * math.ceil(math.log2(max(R, 2))) + int(d.sum()) * math.ceil(math.log2(max(K, 2)))
     return Stats(R, K, float(d.mean() / K) if len(d) else 0.0, 1 - (K + float(d.sum())) / (R * K),
-                 depth(tree.parent), math.ceil(bits / 8), math.ceil(R * K / 8))
+                 depth(tree.parent), math.ceil(fmt.mst_bits(R, K, edges) / 8), math.ceil(ideal / 8),
+                 R * fmt.packed_words(K, 1) * 4)
 
 
 def decode(tree: Tree) -> Tensor:

@@ -34,14 +34,17 @@ class CompressedLinear(nn.Module):
         self.register_buffer("scale", torch.ones(N, G, dtype=sdt, device=device))
         if spec.binary:  # PB-LLM: mu per group, and the salient part sized by the plan (format.py)
             self.register_buffer("mu", torch.zeros(N, G, dtype=sdt, device=device))
+            if spec.signs == "mst":  # the signs as a tree over the rows (qweight is empty)
+                self.register_buffer("mst_parent", torch.zeros(N, dtype=fmt.index_dtype(N), device=device))
+                self.register_buffer("mst_rowptr", torch.zeros(N + 1, dtype=torch.int32, device=device))
+                self.register_buffer("mst_col", torch.zeros(spec.edges, dtype=fmt.index_dtype(K), device=device))
             if spec.nnz > 0:
                 index = spec.index or fmt.choose_index(N, K, spec.nnz)
                 if index == "bitmask":
                     self.register_buffer("salient_mask", torch.zeros(N, words, dtype=torch.int32, device=device))
                 else:
                     self.register_buffer("salient_rowptr", torch.zeros(N + 1, dtype=torch.int32, device=device))
-                    col_dtype = torch.int16 if K <= 32767 else torch.int32
-                    self.register_buffer("salient_col", torch.zeros(spec.nnz, dtype=col_dtype, device=device))
+                    self.register_buffer("salient_col", torch.zeros(spec.nnz, dtype=fmt.index_dtype(K), device=device))
                 self.register_buffer("salient_q", torch.zeros(spec.nnz, dtype=torch.uint8, device=device))
                 self.register_buffer("salient_scale", torch.ones(N, 1, dtype=sdt, device=device))
                 self.register_buffer("salient_zero", torch.zeros(N, 1, dtype=torch.uint8, device=device))
@@ -65,6 +68,14 @@ class CompressedLinear(nn.Module):
             qweight, keep_mask = fmt.pack_sparse(lw.codes, lw.keep, lw.spec)
             m.qweight.copy_(qweight)
             m.keep_mask.copy_(keep_mask)
+        elif lw.spec.binary and lw.spec.signs == "mst":
+            from compress import mst
+
+            tree = mst.build(lw.codes.bool().cpu())
+            for k, v in fmt.pack_mst(tree.parent, tree.diffs, K).items():
+                if v.numel() != getattr(m, k).numel():
+                    raise ValueError(f"the plan's MST edges={lw.spec.edges} do not match the signs' tree ({v.numel()})")
+                getattr(m, k).copy_(v)
         else:
             m.qweight.copy_(fmt.pack_layer(lw.codes, lw.spec))
         m.scale.copy_(lw.scale.to(lw.spec.torch_scale_dtype))
@@ -92,6 +103,11 @@ class CompressedLinear(nn.Module):
             K, gw = self.in_features, self.spec.group_width(self.in_features)
             fill = grid.expand(self.zero_points(), gw, K).round()
             return fmt.unpack_sparse(self.qweight, self.keep_mask, self.spec, K, fill)
+        if self.spec.binary and self.spec.signs == "mst":  # decoded once (a walk over the rows), then cached
+            if "_mst_signs" not in self.__dict__:
+                t = {k: getattr(self, k) for k in ("mst_parent", "mst_rowptr", "mst_col")}
+                self.__dict__["_mst_signs"] = fmt.unpack_mst(t, self.in_features).to(torch.uint8)
+            return self.__dict__["_mst_signs"]
         return fmt.unpack_layer(self.qweight, self.spec, self.in_features)
 
     def zero_points(self) -> Tensor:
@@ -133,7 +149,7 @@ class CompressedLinear(nn.Module):
 
     def _drop_kernel_state(self) -> None:
         """Forget kernel-side copies and the cached backend choice (new codes, or a new device)."""
-        for k in ("_cpu_prepared", "_parts", "_backend"):
+        for k in ("_cpu_prepared", "_parts", "_backend", "_mst_signs"):
             self.__dict__.pop(k, None)
 
     def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:

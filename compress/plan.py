@@ -38,6 +38,9 @@ class LayerSpec:
                 columns (-1: per row), except a `salient` fraction of the weights kept on a per-row 8-bit
                 asymmetric grid. `nnz` (salient count) and `index` ("bitmask" or "csr", whichever is
                 smaller) are set by the rounding, so a checkpoint's plan sizes every buffer.
+    signs:      how a binary layer stores its sign bits: "" (a plain 1-bit plane) or "mst" (a spanning tree
+                over the rows and each row's differences from its parent, format.py), with `edges` the
+                number of stored difference positions; the rounding picks "mst" only when it is smaller.
     sparsity:   prune this fraction of every row before rounding (`pattern` "unstructured" or "n:m", e.g.
                 "2:4"), chosen by `prune` ("magnitude" |w|, "wanda" |w|·‖x_j‖, "obs" w²/[chol H⁻¹]_jj²);
                 pruned weights get the zero code (decode to exactly 0), GPTQ compensates for them, and only
@@ -54,6 +57,8 @@ class LayerSpec:
     salient: float = 0.0
     nnz: int = -1
     index: str = ""
+    signs: str = ""
+    edges: int = 0
     sparsity: float = 0.0
     pattern: str = "unstructured"
     prune: str = "magnitude"
@@ -80,8 +85,12 @@ class LayerSpec:
                 raise CompressError(f"salient={self.salient} must be a fraction in [0, 1)")
             if self.index not in ("", "bitmask", "csr"):
                 raise CompressError(f"index={self.index!r} must be bitmask or csr")
+            if self.signs not in ("", "mst") or (self.signs == "mst") != (self.edges > 0):
+                raise CompressError(f"signs={self.signs!r}, edges={self.edges}: signs is '' or 'mst' (with edges > 0)")
         elif self.salient:
             raise CompressError("salient weights belong to binary layers; set binary: true (and bits: 1)")
+        elif self.signs or self.edges:
+            raise CompressError("MST sign storage belongs to binary layers; set binary: true (and bits: 1)")
         if self.sparsity or self.pattern != "unstructured":
             from compress.prune import parse_pattern
 

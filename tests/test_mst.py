@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 
 from compress import mst
 
 
-def clustered(R: int = 40, K: int = 96, seed: int = 0) -> torch.Tensor:
+def clustered(R: int = 40, K: int = 96, seed: int = 0, flips: float = 0.05) -> torch.Tensor:
     """Rows that are noisy copies of a few prototypes, so the tree has short edges."""
     g = torch.Generator().manual_seed(seed)
     protos = torch.rand(4, K, generator=g) < 0.5
     rows = protos[torch.randint(0, 4, (R,), generator=g)]
-    flip = torch.rand(R, K, generator=g) < 0.05
+    flip = torch.rand(R, K, generator=g) < flips
     return rows ^ flip
 
 
@@ -73,9 +74,26 @@ def test_encode_decode_round_trip_and_stats_are_consistent() -> None:
     assert torch.equal(mst.decode(tree), S)
     st = mst.stats(tree)
     assert 0 < st.mean_edge_over_K < 0.2 and 0.5 < st.ops_saved < 1  # clustered rows: short edges
-    assert st.smaller  # here the tree beats the plain signs
+    assert st.ideal_bytes < st.plain_bytes < st.mst_bytes  # short rows: only ⌈log2⌉-bit indices would win
+    long = mst.stats(mst.build(clustered(R=40, K=1024, flips=0.005)))
+    assert long.smaller and long.ideal_bytes < long.mst_bytes  # long rows, short edges: the stored tree wins
     random_rows = torch.rand(40, 96, generator=torch.Generator().manual_seed(1)) < 0.5
     assert not mst.stats(mst.build(random_rows)).smaller  # and on random rows it does not
+
+
+def test_the_stored_layout_round_trips_and_refuses_a_broken_tree() -> None:
+    from compress import format as fmt
+
+    S = clustered()
+    tree = mst.build(S)
+    t = fmt.pack_mst(tree.parent, tree.diffs, S.shape[1])
+    assert t["mst_parent"].dtype == torch.int16 and t["mst_col"].dtype == torch.int16
+    assert torch.equal(fmt.unpack_mst(t, S.shape[1]), S)
+    bits = sum(v.numel() * v.element_size() * 8 for v in t.values())
+    assert bits == fmt.mst_bits(*S.shape, len(t["mst_col"])) and mst.stats(tree).mst_bytes == -(-bits // 8)
+    cyc = dict(t, mst_parent=torch.roll(torch.arange(len(S)), 1).to(torch.int16))  # a cycle, no root
+    with pytest.raises(ValueError, match="exactly one root"):
+        fmt.unpack_mst(cyc, S.shape[1])
 
 
 def test_regularizer_counts_sign_disagreements_along_edges() -> None:

@@ -113,6 +113,53 @@ def test_binarized_checkpoint_loads_with_identical_logits_and_its_size_matches(t
     assert stored == pytest.approx(total * sum(a * b for a, b in res.shapes.values()), rel=1e-9)
 
 
+def clustered_weight(N: int, K: int, flips: float = 0.02, seed: int = 0) -> torch.Tensor:
+    """Rows whose signs are noisy copies of a few prototypes (MST-friendly), magnitudes random."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.rand(3, K, generator=g) < 0.5
+    signs = protos[torch.randint(0, 3, (N,), generator=g)] ^ (torch.rand(N, K, generator=g) < flips)
+    return (signs.float() * 2 - 1) * (0.01 + torch.rand(N, K, generator=g) * 0.02)
+
+
+@pytest.mark.parametrize("salient", [0.0, 0.05])
+def test_signs_are_stored_as_an_mst_only_when_smaller_and_decode_exactly(salient: float) -> None:
+    N, K = 64, 512
+    spec = LayerSpec(bits=1, group_size=128, binary=True, salient=salient)
+    lw = pbllm.apply(LayerWeight(clustered_weight(N, K), spec), hessian(K), pbllm.Config())
+    assert lw.spec.signs == "mst" and lw.spec.edges > 0 and lw.info["mst"] == 1.0
+    m = CompressedLinear.from_weight(lw, None)
+    assert m.qweight.numel() == 0 and {"mst_parent", "mst_rowptr", "mst_col"} <= set(m.state_dict())
+    assert torch.equal(m.codes(), lw.codes) and torch.equal(m.dequantize(), lw.dequantize())
+    stored = sum(t.numel() * t.element_size() * 8 for t in m.state_dict().values())
+    code, total = lw.spec.bits_per_weight(N, K)
+    assert total * N * K == pytest.approx(stored, abs=16)
+    random_signs = pbllm.apply(LayerWeight(weight(N, K), spec), hessian(K), pbllm.Config())
+    assert random_signs.spec.signs == "" and random_signs.info["mst"] == 0.0  # the tree would be larger
+    plain = pbllm.apply(LayerWeight(clustered_weight(N, K), spec), hessian(K), pbllm.Config(signs="plain"))
+    assert plain.spec.signs == "" and torch.equal(plain.dequantize(), lw.dequantize())
+    assert code < plain.spec.bits_per_weight(N, K)[0]
+
+
+def test_an_mst_checkpoint_loads_with_identical_logits_and_its_size_matches(tmp_path: Path) -> None:
+    m = tiny_llama(hidden_size=256, intermediate_size=512)
+    with torch.no_grad():
+        for name, lin in m.named_modules():
+            if isinstance(lin, torch.nn.Linear) and name != "lm_head":
+                lin.weight.copy_(clustered_weight(*lin.weight.shape, flips=0.005, seed=len(name)))
+    res = run(m, "binary", ())
+    assert all(s.signs == "mst" for s in res.plan.layers.values())
+    checkpoint.save(m, None, res.plan, res.recipe, tmp_path, card="card")
+    loaded = compress.load(tmp_path)
+    assert torch.equal(logits(loaded), logits(m))
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() * 8 for k in f.keys()  # noqa: SIM118
+                     if any(k.startswith(n + ".") and not k.endswith(".bias") for n in res.plan))
+    _, total = res.avg_bits()
+    assert stored == pytest.approx(total * sum(a * b for a, b in res.shapes.values()), rel=1e-9)
+
+
 def test_pb_llm_is_far_closer_to_dense_than_plain_binarization() -> None:
     dense = logits(tiny_llama())
     err = {}

@@ -15,7 +15,8 @@ A binary layer (`LayerSpec.binary`) keeps a `salient` fraction of its weights on
 4. GPTQ-PB (`feedback: true`): the GPTQ column sweep (compress.round.gptq.sweep) with this per-entry
    quantizer, errors pushed onto later columns; `feedback: false` is the paper's "RTN" rows.
 
-Sign bits are kept at salient positions too (unused), so the sign plane covers every column. Layers that
+Sign bits are kept at salient positions too (unused), so the sign plane covers every column; with
+`signs: auto` they are stored as an MST over the rows (compress/mst.py) when that is smaller. Layers that
 are not binary in the plan are rounded by GPTQ with this config's damp/block_size/act_order, so a
 recipe can binarize some Linears and quantize others.
 """
@@ -29,9 +30,9 @@ import torch
 from torch import Tensor
 
 from compress import format as fmt
-from compress import grid
+from compress import grid, mst
 from compress.errors import CompressError
-from compress.plan import LayerWeight, Salient
+from compress.plan import LayerSpec, LayerWeight, Salient
 from compress.round import gptq
 from compress.round.loss import column_loss
 
@@ -45,13 +46,27 @@ class Config:
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False  # for the Linears the plan quantizes instead of binarizing
+    signs: str = "auto"  # auto: store the signs as an MST over the rows when that is smaller | plain
     needs_hessian: bool = True
 
     def __post_init__(self) -> None:
         if self.metric not in ("magnitude", "hessian"):
             raise CompressError(f"pbllm metric={self.metric!r} is invalid; choose magnitude or hessian")
+        if self.signs not in ("auto", "plain"):
+            raise CompressError(f"pbllm signs={self.signs!r} is invalid; choose auto (MST when smaller) or plain")
         if self.block_size < 1 or self.damp < 0:
             raise CompressError("pbllm needs block_size >= 1 and damp >= 0")
+
+
+def mst_signs(S: Tensor, spec: LayerSpec, info: dict[str, float]) -> LayerSpec:
+    """MST-compression of the sign rows S [N, K]: the spec stores them as a tree when that is smaller than
+    the plain 1-bit plane (format.py); `info` gets the tree's mean edge / K and whether it was stored."""
+    N, K = S.shape
+    tree = mst.build(S)
+    edges = sum(len(d) for d in tree.diffs)
+    info["mst_edge"] = mst.stats(tree).mean_edge_over_K
+    info["mst"] = float(fmt.mst_bits(N, K, edges) < N * fmt.packed_words(K, 1) * 32)
+    return replace(spec, signs="mst", edges=edges) if info["mst"] else spec
 
 
 def salient_mask(score: Tensor, fraction: float, group: int) -> Tensor:
@@ -133,8 +148,11 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
             column(j, WT[j], WT)
         loss = None
     nnz = int(mask.sum())
+    spec = replace(spec, nnz=nnz, index=fmt.choose_index(N, K, nnz) if nnz else "")
+    if cfg.signs == "auto":
+        spec = mst_signs(SIGN.T.bool().cpu(), spec, info)
     out = lw.rounded(
-        spec=replace(spec, nnz=nnz, index=fmt.choose_index(N, K, nnz) if nnz else ""),
+        spec=spec,
         codes=SIGN.T.contiguous(), scale=alpha, zero=mu, info=info,
         salient=Salient(mask, Q8.T.contiguous() * mask, s8[:, None], z8[:, None]) if nnz else None)
     if loss is None:
