@@ -52,28 +52,41 @@ def unsupported(layer: object) -> str | None:
     return None
 
 
+ROWS = 256  # rows converted at a time: the packer's layout is row-blocked (any multiple of 64 rows agrees)
+
+
 def prepare(layer: object) -> Prepared:
-    """The tinygemm copy of a CompressedLinear (done once, at the first CPU forward)."""
+    """The tinygemm copy of a CompressedLinear (done once, at the first CPU forward).
+
+    Rows are shifted and converted ROWS at a time, so the int32 staging the packer needs stays below a
+    megabyte instead of 4 bytes per weight of the layer (which fragmented the heap of a decoding process)."""
     spec, K = layer.spec, layer.in_features  # type: ignore[attr-defined]
     gw = spec.group_width(K)
     fits = [g for g in GROUPS if gw % g == 0]
     g = next((g for g in fits if K % g == 0), fits[0])  # a g' that also divides K needs no padding
     Kp = -(-K // g) * g
-    codes = layer.codes().to(torch.int32)  # type: ignore[attr-defined]
+    codes = layer.codes()  # type: ignore[attr-defined]  # uint8 [N, K]
     N = codes.shape[0]
     Np = -(-N // 16) * 16  # the packer wants N % 16 == 0: padded rows are dropped from the output
     src = torch.arange(Kp // g) * g // gw  # the layer group of each tinygemm group
-    s = F.pad(layer.scale.float()[:, src], (0, 0, 0, Np - N))  # type: ignore[attr-defined]
+    s = F.pad(layer.scale.float()[:, src], (0, 0, 0, Np - N))  # type: ignore[attr-defined]  # [Np, G']
     z = F.pad(layer.zero_points()[:, src], (0, 0, 0, Np - N)).round().to(torch.int32)  # type: ignore[attr-defined]
-    q = z.repeat_interleave(g, dim=1)  # padding holds each group's zero point (decodes to 0)
-    q[:N, :K] = codes
-    qg = q.view(Np, Kp // g, g)
-    # Shift each group's codes by d so that tinygemm's zero' = (8 - z + d)·s vanishes where the codes allow
-    # (always for widths <= 3): a large zero' would lose its low bits to bf16 in every weight of the group.
-    d = (z - 8).clamp(min=qg.amax(-1) - 15).minimum(qg.amin(-1))
-    q = (qg - d.unsqueeze(-1)).view(Np, Kp)
+    d = torch.empty_like(z)
+    packed = torch.empty(Np, Kp // 2, dtype=torch.uint8)
+    for r in range(0, Np, ROWS):
+        zr = z[r : r + ROWS]
+        q = zr.repeat_interleave(g, dim=1)  # [rows, Kp] int32; padding holds each group's zero (decodes to 0)
+        n = min(N - r, len(zr))
+        if n > 0:
+            q[:n, :K] = codes[r : r + n]
+        qg = q.view(len(zr), Kp // g, g)
+        # Shift each group's codes by d so that tinygemm's zero' = (8 - z + d)·s vanishes where the codes allow
+        # (always for widths <= 3): a large zero' would lose its low bits to bf16 in every weight of the group.
+        d[r : r + ROWS] = (zr - 8).clamp(min=qg.amax(-1) - 15).minimum(qg.amin(-1))
+        qg -= d[r : r + ROWS].unsqueeze(-1)
+        packed[r : r + ROWS] = torch._convert_weight_to_int4pack_for_cpu(q, 1)
     sz = torch.stack([s.T, ((8 - z + d) * s).T], dim=-1).to(torch.bfloat16).contiguous()
-    return Prepared(torch._convert_weight_to_int4pack_for_cpu(q, 1), sz, g, K, Kp, N)
+    return Prepared(packed, sz, g, K, Kp, N)
 
 
 def linear(layer: object, x: Tensor) -> Tensor:

@@ -54,6 +54,16 @@ def test_cpu_int4_path_matches_the_reference_within_bf16(spec: LayerSpec, M: int
     assert err < 3 * floor, (err, floor)  # the per-group code shift keeps zero' out of bf16 rounding
 
 
+@pytest.mark.parametrize("N", [300, 16 * cpu.ROWS + 8])  # row chunks of the packer, N not a multiple of 16
+def test_cpu_int4_preparation_in_row_chunks_decodes_every_row(N: int) -> None:
+    m = layer(SPECS[0], N=N, K=160, bias=False)  # K = 160: g' = 32 divides it, no K padding
+    x = torch.eye(160)  # the identity reads Ŵᵀ back through the kernel
+    W = cpu.linear(m, x.bfloat16()).float().T
+    ref = m.dequantize()
+    assert W.shape == ref.shape
+    assert ((W - ref).abs() <= ref.abs().amax(dim=1, keepdim=True) * 2**-7).all()  # bf16 output rounding only
+
+
 def test_dispatch_keeps_fp32_exact_and_takes_the_int4_path_for_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(kernels.ENV, raising=False)
     m = layer(SPECS[0])
