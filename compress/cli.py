@@ -237,6 +237,8 @@ def eval_cmd(
     baseline: Annotated[list[str] | None, typer.Option("--baseline", help="also score the original compressed "
                                                        "in memory with this recipe (e.g. rtn-4bit); repeatable")]
     = None,
+    bnb: Annotated[list[str] | None, typer.Option("--bnb", help="also score the original loaded through "
+                                                  "bitsandbytes: nf4 | fp4 | int8; repeatable")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="report folder (default: the first checkpoint)")] = None,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse results per (model, task)")] = True,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the JSON here")] = None,
@@ -246,12 +248,14 @@ def eval_cmd(
 ) -> None:
     import os
 
-    from compress import checkpoint, evaluate, models, suite
+    from compress import baselines, checkpoint, evaluate, models, suite
     from compress import recipe as recipes
     from compress.pipeline import compress as run_recipe
 
     _setup(verbose, threads)
     device = _check_device(device)
+    bnb = [baselines.check_kind(k) for k in bnb or []]
+    bnb_version = baselines.version() if bnb else None  # missing or too old: fail before loading anything
     ref = models.resolve(original)
     if suite_name not in suite.SUITES:
         raise CompressError(f"unknown suite {suite_name!r}; choose one of {', '.join(suite.SUITES)}")
@@ -277,6 +281,7 @@ def eval_cmd(
         entries.append(suite.Entry(c.name, suite.fingerprint(str(c.resolve()), files=files), load,
                                    {"bits": (m_bits.get("avg_bits_code"), m_bits.get("avg_bits_total")),
                                     "disk_bytes": checkpoint.disk_bytes(c)}))
+    in_memory: list[suite.Entry] = []
     for name in baseline or []:
         rec = recipes.load(name)
 
@@ -287,6 +292,16 @@ def eval_cmd(
 
         entries.append(suite.Entry(f"{name} (in memory)", suite.fingerprint(entries[0].fingerprint, rec.to_dict()),
                                    make, {"bits": None}))
+        in_memory.append(entries[-1])
+    for kind in dict.fromkeys(bnb):
+
+        def make_bnb(kind: str = kind) -> Any:
+            m, _ = models.load(ref)
+            return baselines.bnb(m.to(device), kind)
+
+        fp = suite.fingerprint(entries[0].fingerprint, "bitsandbytes", bnb_version, baselines.settings(kind),
+                               device.split(":")[0])  # CPU and CUDA kernels differ
+        entries.append(suite.Entry(f"bnb {kind} (in memory)", fp, make_bnb, {"bits": baselines.bits(orig_model, kind)}))
     root = Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress")) / "eval"
     store = suite.Cache(root if cache else None)
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -300,7 +315,7 @@ def eval_cmd(
             bar.update(ids[key], completed=i)
 
         report = suite.run(tasks_, entries, tok, store, progress, name=suite_name)
-    for e in entries[1 + len(compressed) :]:  # in-memory baselines: bits are known once built (then cached)
+    for e in in_memory:  # in-memory recipe baselines: bits are known once built (then cached)
         if e._model is not None:
             e.facts["bits"] = evaluate.bits(e._model)
             store.put(e.fingerprint, "facts", {"bits": e.facts["bits"]})
