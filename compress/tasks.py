@@ -73,13 +73,21 @@ def pydoc_mc(tokenizer: Any, n: int = 400, context: int = 64, continuation: int 
 
 @torch.no_grad()
 def choice_logprobs(model: nn.Module, item: Item) -> Tensor:
-    """Total log p(choice | context) for every choice of one item: [k], one batched forward."""
+    """Total log p(choice | context) for every choice of one item: [k]. The context runs once (only its last
+    logits are kept) and its KV cache is repeated for the k continuations: C + k·(L − 1) tokens instead of
+    k·(C + L), the same numbers as scoring every [context, choice] sequence on its own."""
     k, L = item.choices.shape
     device = next(model.parameters()).device
-    batch = torch.cat([item.context.expand(k, -1), item.choices], dim=1).to(device)  # [k, C + L]
-    logits = model(input_ids=batch, use_cache=False).logits[:, -L - 1 : -1].float()  # predicts the choice tokens
-    logp = F.log_softmax(logits, dim=-1)
-    return logp.gather(-1, item.choices.to(device).unsqueeze(-1)).squeeze(-1).sum(-1).cpu()
+    choices = item.choices.to(device)
+    out = model(input_ids=item.context.reshape(1, -1).to(device), use_cache=True, logits_to_keep=1)
+    first = F.log_softmax(out.logits[:, -1].float(), dim=-1).expand(k, -1)  # [k, V]: predicts choice token 0
+    lp = first.gather(-1, choices[:, :1]).squeeze(-1)  # [k]
+    if L > 1:
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(k)
+        rest = model(input_ids=choices[:, :-1], past_key_values=cache, use_cache=True).logits.float()  # [k, L-1, V]
+        lp = lp + F.log_softmax(rest, dim=-1).gather(-1, choices[:, 1:].unsqueeze(-1)).squeeze(-1).sum(-1)
+    return lp.cpu()
 
 
 def score(model: nn.Module, items: list[Item], progress: Callable[[int, int], None] | None = None) -> MCResult:
