@@ -6,6 +6,7 @@
    its codes equal format.unpack exactly, its dequantized values equal reference.dequantize exactly, and
    the kernel's chunk walk (lanes, masked group segments, xor-butterfly reduction) gives reference y,
    for every width 1..8, K not a multiple of 32, groups that straddle chunks, per-row groups.
+   The extension source itself (wq_gemv.cu, binding included) compiles for both (slow: torch headers).
 3. build.load() returns None here (CPU torch), caches its answer, never raises (even when the build
    itself throws), and build.wq_gemv says why it cannot run.
 """
@@ -207,3 +208,14 @@ def test_load_swallows_build_failures(monkeypatch: pytest.MonkeyPatch, tmp_path)
         assert build.load() is None and "ZeroDivisionError" in build.unavailable_reason()
     finally:
         build.load.cache_clear()
+
+
+@pytest.mark.slow
+def test_the_extension_source_compiles_for_sm80_and_sm90() -> None:
+    """wq_gemv.cu itself (binding + launcher), not only the kernels: one nvcc call for both archs against
+    this torch's headers (minutes: the torch headers dominate)."""
+    if build.nvcc() is None:
+        pytest.skip("nvcc not found (set CUDA_HOME or put nvcc on PATH): CUDA compile check skipped")
+    r = build.binding_check(build.ARCHS)
+    assert r["ok"], r["log"][-3000:]
+    assert " error" not in r["log"]

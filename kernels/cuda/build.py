@@ -215,4 +215,33 @@ def nvcc_check(arch: int, *, timeout: float = 600.0) -> dict[str, Any]:
     }
 
 
-__all__ = ["ARCHS", "load", "nvcc", "nvcc_check", "parse_ptxas", "unavailable_reason", "wq_gemv"]
+def binding_check(archs: tuple[int, ...] = (80, 90), *, timeout: float = 1200.0) -> dict[str, Any]:
+    """Compile the extension's own source (wq_gemv.cu: pybind binding + launcher + kernels) to an object for
+    every arch in one nvcc call, against this torch's headers. A CPU wheel of torch lacks the one generated
+    header c10/cuda/impl/cuda_cmake_macros.h; an empty stand-in (in a temporary include dir) is enough to
+    compile. Minutes: the torch headers dominate. Returns {"ok", "returncode", "seconds", "command", "log"}."""
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    nvcc_path = nvcc()
+    if nvcc_path is None:
+        raise FileNotFoundError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    with tempfile.TemporaryDirectory(prefix="wq_gemv_binding_") as tmp:
+        stub = Path(tmp) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+        stub.parent.mkdir(parents=True)
+        stub.write_text("#pragma once\n")
+        includes = [tmp, str(HERE), *cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
+        gencode = [a for arch in archs for a in ("-gencode", f"arch=compute_{arch},code=sm_{arch}")]
+        cmd = [nvcc_path, "-x", "cu", "-std=c++20", "-O3", "-c", *gencode, *[f"-I{i}" for i in includes],
+               "-DTORCH_EXTENSION_NAME=compress_wq_gemv_check", "-DTORCH_API_INCLUDE_EXTENSION_H",
+               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-Xcompiler", "-fPIC",
+               "-o", str(Path(tmp) / "wq_gemv.o"),
+               str(EXTENSION)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp)
+    return {"ok": proc.returncode == 0, "returncode": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
+            "command": " ".join(cmd), "log": proc.stdout + proc.stderr}
+
+
+__all__ = ["ARCHS", "binding_check", "load", "nvcc", "nvcc_check", "parse_ptxas", "unavailable_reason", "wq_gemv"]
