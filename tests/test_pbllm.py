@@ -95,22 +95,26 @@ def test_quantizers_refuse_binary_layers() -> None:
         LayerSpec(bits=2, salient=0.1)
 
 
+def assert_saved_exactly(m: torch.nn.Module, res: compress.Result, path: Path) -> None:
+    """Save -> load gives the in-memory logits, and the compressed Linears' bytes on disk are the reported bits."""
+    checkpoint.save(m, None, res.plan, res.recipe, path, card="card")
+    assert torch.equal(logits(compress.load(path)), logits(m))
+    from safetensors import safe_open
+
+    with safe_open(path / "model.safetensors", "pt") as f:
+        stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() * 8 for k in f.keys()  # noqa: SIM118
+                     if any(k.startswith(n + ".") and not k.endswith(".bias") for n in res.plan))
+    _, total = res.avg_bits()
+    assert stored == pytest.approx(total * sum(a * b for a, b in res.shapes.values()), rel=1e-9)
+
+
 def test_binarized_checkpoint_loads_with_identical_logits_and_its_size_matches(tmp_path: Path) -> None:
     m = tiny_llama()
     res = run(m, "pbllm-10", ("overrides=[{match: '*.down_proj', binary: false, bits: 4}]",))
     specs = res.plan.layers
     assert specs["model.layers.0.mlp.down_proj"].bits == 4 and not specs["model.layers.0.mlp.down_proj"].binary
     assert specs["model.layers.0.mlp.up_proj"].binary and specs["model.layers.0.mlp.up_proj"].nnz > 0
-    checkpoint.save(m, None, res.plan, res.recipe, tmp_path, card="card")
-    loaded = compress.load(tmp_path)
-    assert torch.equal(logits(loaded), logits(m))
-    from safetensors import safe_open
-
-    with safe_open(tmp_path / "model.safetensors", "pt") as f:
-        stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() * 8 for k in f.keys()  # noqa: SIM118
-                     if any(k.startswith(n + ".") and not k.endswith(".bias") for n in res.plan))
-    _, total = res.avg_bits()
-    assert stored == pytest.approx(total * sum(a * b for a, b in res.shapes.values()), rel=1e-9)
+    assert_saved_exactly(m, res, tmp_path)
 
 
 def clustered_weight(N: int, K: int, flips: float = 0.02, seed: int = 0) -> torch.Tensor:
@@ -148,16 +152,7 @@ def test_an_mst_checkpoint_loads_with_identical_logits_and_its_size_matches(tmp_
                 lin.weight.copy_(clustered_weight(*lin.weight.shape, flips=0.005, seed=len(name)))
     res = run(m, "binary", ())
     assert all(s.signs == "mst" for s in res.plan.layers.values())
-    checkpoint.save(m, None, res.plan, res.recipe, tmp_path, card="card")
-    loaded = compress.load(tmp_path)
-    assert torch.equal(logits(loaded), logits(m))
-    from safetensors import safe_open
-
-    with safe_open(tmp_path / "model.safetensors", "pt") as f:
-        stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() * 8 for k in f.keys()  # noqa: SIM118
-                     if any(k.startswith(n + ".") and not k.endswith(".bias") for n in res.plan))
-    _, total = res.avg_bits()
-    assert stored == pytest.approx(total * sum(a * b for a, b in res.shapes.values()), rel=1e-9)
+    assert_saved_exactly(m, res, tmp_path)
 
 
 def test_pb_llm_is_far_closer_to_dense_than_plain_binarization() -> None:
