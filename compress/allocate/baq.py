@@ -7,9 +7,11 @@ unchanged. BAQ's loss model L(b) = L(R)·2^(-θ(b-R)) then gives every unit its 
 loss per weight. Pass 2 is the ordinary rounding stage with the resulting mixed plan.
 
 Granularity (kernel-friendly modes; both land on integer widths from `choices` with an exact budget):
-    group   units = the grid's groups of columns of every Linear under one budget over the model, so the
-            average is exact even where a Linear's own groups cannot hit it (SmolLM2: K = 576 is 4.5 groups
-            of 128, and 2.5 bits per Linear is out of reach); widths differ along K (format v2 parts)
+    group   units = the grid's groups of columns; each Linear spends its own budget (BAQ's within-layer
+            allocation: layer losses are in each Linear's output units and do not compare across Linears),
+            then what its groups could not take (SmolLM2: K = 576 is 4.5 groups of 128, so 2.5 bits per
+            Linear is out of reach) is spent across Linears on the loss relative to each group's Linear,
+            so the model's average is exact to one group; widths differ along K (format v2 parts)
     layer   units = whole Linears; one budget over the model, numel-weighted
 and the faithful mode of the reference code:
     column  per-row grids (group_size -1); column j gets M_j = round(max(1, 2^R·(L_j / geomean L)^(1/θ)))
@@ -118,8 +120,8 @@ def allocate(ctx: Context, cfg: Config) -> Allocation:
             layers[name] = replace(layers[name], bits=int(b))
         before = float(budget.modelled_loss(L, torch.full_like(L, cfg.target_bits), cfg.ref_bits, cfg.theta).sum())
         after = float(budget.modelled_loss(L, bits, cfg.ref_bits, cfg.theta).sum())
-    else:  # every group of every Linear is a unit of one global budget, so the average is exact over the model
-        Ls, ns, counts = [], [], []
+    else:  # BAQ within each Linear, then the remainder its groups could not take spent across Linears
+        Ls, ns, per = [], [], []
         for name in names:
             rep = losses[name]
             K = rep.col_loss.numel()
@@ -127,11 +129,16 @@ def allocate(ctx: Context, cfg: Config) -> Allocation:
             Ls.append(torch.stack([g.sum() for g in rep.col_loss.double().split(gw)]))  # [G] loss per group
             ns.append(torch.tensor([len(g) for g in torch.arange(K).split(gw)], dtype=torch.float64)
                       * (rep.numel // K))  # elements per group (a narrower last group counts less)
-            counts.append(len(Ls[-1]))
-        L, n = torch.cat(Ls), torch.cat(ns)
-        bits = budget.discrete(L, n, cfg.target_bits, cfg.theta, cfg.ref_bits, cfg.choices)
-        for name, b in zip(names, bits.split(counts), strict=True):
+            per.append(budget.discrete(Ls[-1], ns[-1], cfg.target_bits, cfg.theta, cfg.ref_bits, cfg.choices))
+        # Layer losses are in each Linear's own output units and do not compare across Linears (one global
+        # greedy on them starved small-loss Linears: ppl 46.9 vs 22.1 at 3 bits on SmolLM2), so the leftover
+        # is spent on the loss relative to the group's own Linear.
+        rel = torch.cat([L / L.sum().clamp_min(1e-30) for L in Ls])
+        n = torch.cat(ns)
+        bits = budget.fill(rel, n, torch.cat(per), cfg.target_bits, cfg.theta, cfg.ref_bits, cfg.choices)
+        for name, b in zip(names, bits.split([len(L) for L in Ls]), strict=True):
             layers[name] = replace(layers[name], bits=tuple(int(x) for x in b))
+        L = torch.cat(Ls)
         before = float(budget.modelled_loss(L, torch.full_like(L, cfg.target_bits), cfg.ref_bits, cfg.theta).sum())
         after = float(budget.modelled_loss(L, bits, cfg.ref_bits, cfg.theta).sum())
     summary["pass1_loss"] = sum(losses[n].loss for n in names)

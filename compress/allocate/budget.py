@@ -73,16 +73,30 @@ def discrete(loss: Tensor, numel: Tensor, target: float, theta: float, ref_bits:
         saved = modelled_loss(loss, c[i], ref_bits, theta) - modelled_loss(loss, c[j], ref_bits, theta)
         return saved / ((c[j] - c[i]) * n)
 
-    last = len(choices) - 1
     while cost_of(idx) > budget + 1e-9:  # (1) over budget: step down where a bit saves least loss
         lower = (idx - 1).clamp(min=0)
         harm = rate(lower, idx).where(idx > 0, torch.full((len(idx),), math.inf, dtype=torch.float64))
         idx[int(torch.argmin(harm))] -= 1
-    while True:  # (2) spend what is left where a bit saves most loss, if the step still fits
+    return fill(loss, numel, c[idx].to(torch.int64), target, theta, ref_bits, choices)
+
+
+def fill(loss: Tensor, numel: Tensor, bits: Tensor, target: float, theta: float, ref_bits: float,
+         choices: Sequence[int]) -> Tensor:
+    """Spend what `bits` [U] (widths from `choices`, Σ n_u b_u ≤ target Σ n_u) leaves of the budget: step up
+    the unit whose modelled loss drops most per bit spent, while some step still fits."""
+    choices = sorted(set(choices))
+    c = torch.tensor(choices, dtype=torch.float64)
+    idx = torch.searchsorted(c, bits.double())
+    n = numel.double()
+    budget = target * float(n.sum())
+    last = len(choices) - 1
+    while True:
+        left = budget - float((n * c[idx]).sum())
         upper = (idx + 1).clamp(max=last)
-        fits = (idx < last) & ((c[upper] - c[idx]) * n <= budget - cost_of(idx) + 1e-9)
+        fits = (idx < last) & ((c[upper] - c[idx]) * n <= left + 1e-9)
         if not bool(fits.any()):
             break
-        gain = rate(idx, upper).where(fits, torch.full((len(idx),), -math.inf, dtype=torch.float64))
+        saved = modelled_loss(loss, c[idx], ref_bits, theta) - modelled_loss(loss, c[upper], ref_bits, theta)
+        gain = (saved / ((c[upper] - c[idx]) * n)).where(fits, torch.full((len(idx),), -math.inf, dtype=torch.float64))
         idx[int(torch.argmax(gain))] += 1
     return c[idx].to(torch.int64)
