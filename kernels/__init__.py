@@ -6,9 +6,10 @@ backend is a pair of functions in `BACKENDS`: `unsupported(layer, x) -> reason |
 `linear(layer, x) -> y`. The first backend of the default order that supports the call runs it:
 
     x on a GPU:  cuda (batch-1 GEMV, widths 2-4) → triton → reference
-    x on a CPU:  cpu (int4 lowering, bf16 activations only) → reference
+    x on a CPU:  cpu (packed C++ GEMV for <= 8 rows, int4 lowering for more; bf16 activations) → reference
 
-fp32 inputs on a CPU keep the exact reference: the int4 kernel would compute in bf16. Set
+fp32 inputs on a CPU keep the exact reference unless forced: prefill's int4 kernel computes in bf16 (the
+GEMV that decode-sized fp32 inputs would take accumulates in fp32). Set
 COMPRESS_KERNEL=reference|cpu|triton|cuda to force one backend; a forced backend that cannot run a
 call is an error naming why, never a silent fallback.
 """

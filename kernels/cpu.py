@@ -1,28 +1,44 @@
-"""CPU fast path: lower group-wise codes of width <= 4 to PyTorch's int4 CPU matmul (tinygemm layout).
+"""CPU fast path for group-wise codes of width <= 4: a packed GEMV for decode, PyTorch's int4 matmul for prefill.
 
-tinygemm decodes w = (q − 8)·scale' + zero' per group of g' columns. Our grid is w = (q − z)·s; with
+Few rows of x (at most GEMV_ROWS, i.e. decode): `cpu_ext.wq_gemv`, our C++ GEMV (cpu_gemv.cpp) over the
+layer's width parts (widths 2, 3, 4), which decodes the packed bit planes on the fly with AVX2 and
+accumulates in fp32: memory-bound on the packed bytes, and as exact as the reference for fp32 inputs (up to
+summation order), bf16 inputs only rounding the output. The extension is JIT-built on the first such call
+(about a minute, once: the build is cached on disk; see cpu_ext.py). COMPRESS_CPU_GEMV=0 (read at a layer's
+first decode call) keeps every call on the int4 path.
+
+More rows (prefill), layers the GEMV does not cover (1-bit or pruned parts) or no extension (no compiler or
+ninja, failed build): PyTorch's int4 CPU matmul (tinygemm layout). tinygemm decodes w = (q − 8)·scale' + zero'
+per group of g' columns. Our grid is w = (q − z)·s; with
 codes shifted per group, q' = q − d, it is reproduced by scale' = s, zero' = (8 − z + d)·s for any integer d
 keeping q' in [0, 15] (kernels.md §6 uses d = 0). We take d = z − 8 clamped to that range, so zero' = 0
 whenever the codes allow it (always for widths ≤ 3): only the bf16 rounding of the scale remains, instead
 of a bf16-rounded (8 − z)·s shared by every weight of the group. Mixed widths inside a layer lower too.
 g' is the largest of {256, 128, 64, 32} dividing the layer's group width, preferring one that also divides K
 (a scale is repeated over its g'-subgroups: 128-wide groups run as g' = 64 on K = 576); otherwise K is
-padded to a multiple of g' (padded activations are zero). N is padded to a multiple of 16.
+padded to a multiple of g' (padded activations are zero). N is padded to a multiple of 16. A layer whose
+group width is not a multiple of 32 (or a torch without the int4 kernel) runs every call through the GEMV.
 
-The kernel wants bf16 activations (fp32 ones are several times slower than a dense matmul), so the
+The int4 kernel wants bf16 activations (fp32 ones are several times slower than a dense matmul), so the
 dispatcher uses this path by default only for bf16 inputs; fp32 models keep the exact reference unless
-COMPRESS_KERNEL=cpu asks for it. Memory: 4 bits per weight for the prepared copy, whatever the width.
+COMPRESS_KERNEL=cpu asks for it. Memory: 4 bits per weight for the int4 copy (made at the first prefill),
+whatever the width; the GEMV reads the checkpoint's own buffers.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from compress.kernels import cpu_ext
+
 GROUPS = (256, 128, 64, 32)
+GEMV_ROWS = 8  # rows of x up to which linear() takes the packed GEMV (decode); more take the int4 matmul
+GEMV_ENV = "COMPRESS_CPU_GEMV"  # "0" keeps every call on the int4 path
 
 
 @dataclass
@@ -36,10 +52,8 @@ class Prepared:
 
 
 def unsupported(layer: object) -> str | None:
-    """Why this layer cannot take the int4 CPU path, or None when it can."""
+    """Why this layer cannot take the CPU path (neither the int4 matmul nor the GEMV), or None when it can."""
     spec = layer.spec  # type: ignore[attr-defined]
-    if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
-        return f"torch {torch.__version__} has no _weight_int4pack_mm_for_cpu (needs >= 2.6)"
     if spec.levels is not None:
         return "per-column level grids (BAQ faithful mode) are not group-wise"
     if spec.binary:
@@ -47,9 +61,42 @@ def unsupported(layer: object) -> str | None:
     K = layer.in_features  # type: ignore[attr-defined]
     if max(spec.group_bits(K)) > 4:
         return "codes wider than 4 bits do not fit int4"
+    why = int4_unsupported(layer)
+    if why is None:
+        return None
+    gemv = gemv_unsupported(layer)  # may build the extension (once per process)
+    return None if gemv is None else f"{why}, and {gemv}"
+
+
+def int4_unsupported(layer: object) -> str | None:
+    """Why the int4 matmul (tinygemm) cannot run this layer of width <= 4, or None."""
+    if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        return f"torch {torch.__version__} has no _weight_int4pack_mm_for_cpu (needs >= 2.6)"
+    spec, K = layer.spec, layer.in_features  # type: ignore[attr-defined]
     if not any(spec.group_width(K) % g == 0 for g in GROUPS):
         return f"group width {spec.group_width(K)} is not a multiple of 32"
     return None
+
+
+def gemv_unsupported(layer: object) -> str | None:
+    """Why the packed GEMV (cpu_ext) cannot run this layer, or None. Builds the extension on first use;
+    the answer depends on the spec only, so it is kept on the layer."""
+    cached = layer.__dict__.get("_cpu_gemv", False)
+    if cached is not False:
+        return cached
+    spec = layer.spec  # type: ignore[attr-defined]
+    if os.environ.get(GEMV_ENV, "").strip() == "0":
+        why = f"{GEMV_ENV}=0"
+    elif spec.levels is not None or spec.binary or spec.sparse:
+        why = "the GEMV covers plain group-wise layers (not level grids, binary or pruned ones)"
+    elif not set(spec.group_bits(layer.in_features)) <= set(cpu_ext.BITS):  # type: ignore[attr-defined]
+        why = f"the GEMV covers widths {cpu_ext.BITS}"
+    elif cpu_ext.load() is None:
+        why = f"the CPU GEMV extension is unavailable ({cpu_ext.unavailable_reason()})"
+    else:
+        why = None
+    layer.__dict__["_cpu_gemv"] = why
+    return why
 
 
 ROWS = 256  # rows converted at a time: the packer's layout is row-blocked (any multiple of 64 rows agrees)
@@ -89,10 +136,58 @@ def prepare(layer: object) -> Prepared:
     return Prepared(packed, sz, g, K, Kp, N)
 
 
+def _gemv(layer: object, x: Tensor, bias: Tensor | None) -> Tensor:
+    """x Ŵᵀ (+ bias) through the packed GEMV over the layer's width parts, in x's dtype; no autograd."""
+    from compress.kernels import parts  # the dispatcher imports this module
+
+    ps = parts(layer)
+    if len(ps) == 1 and x.dtype in (torch.float32, torch.bfloat16):  # the decode path: one call, nothing else
+        p = ps[0]
+        return cpu_ext.wq_gemv(x, p.qweight, p.scale, p.zero, p.bits, p.group_size, bias)
+    xf = x if x.dtype == torch.float32 else x.float()  # several widths: sum the parts in fp32, round once
+    y = None
+    for p in ps:
+        xp = xf if p.cols is None else xf.index_select(-1, p.cols)
+        yp = cpu_ext.wq_gemv(xp, p.qweight, p.scale, p.zero, p.bits, p.group_size, bias if y is None else None)
+        y = yp if y is None else y.add_(yp)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+class _NoBackward(torch.autograd.Function):
+    """The GEMV for an x that requires grad: the backward raises, as the int4 kernel's does."""
+
+    @staticmethod
+    def forward(ctx: object, x: Tensor, layer: object) -> Tensor:
+        return _gemv(layer, x, None)
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> None:
+        raise RuntimeError("the packed CPU GEMV has no backward; run under torch.no_grad() or set "
+                           "COMPRESS_KERNEL=reference for gradients through packed layers")
+
+
+def gemv_linear(layer: object, x: Tensor) -> Tensor:
+    """y = x Ŵᵀ + b through the packed GEMV (see _gemv), in x's dtype: fp32 accumulation, the bias added
+    before the one rounding. With autograd on, a bias that requires grad is added outside the kernel (in
+    fp32), and an x that requires grad gets a backward that raises."""
+    bias = layer.bias  # type: ignore[attr-defined]
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        xf = x.float()  # the sum with the bias is rounded once, as in the kernel
+        y = _NoBackward.apply(xf, layer) if x.requires_grad else _gemv(layer, xf, None)
+        return (y if bias is None else y + bias.float()).to(x.dtype)
+    return _gemv(layer, x, bias)
+
+
 def linear(layer: object, x: Tensor) -> Tensor:
-    """y = x Ŵᵀ + b through the int4 CPU kernel; computed with bf16 activations, returned in x's dtype."""
+    """y = x Ŵᵀ + b: the packed GEMV for at most GEMV_ROWS rows of x, else the int4 matmul (computed with bf16
+    activations), returned in x's dtype. Layers the int4 matmul cannot take run every call on the GEMV."""
+    K = layer.in_features  # type: ignore[attr-defined]
+    if x.numel() <= GEMV_ROWS * K and gemv_unsupported(layer) is None:
+        return gemv_linear(layer, x)
     p: Prepared | None = getattr(layer, "_cpu_prepared", None)
     if p is None:
+        if int4_unsupported(layer) is not None:
+            return gemv_linear(layer, x)
         p = prepare(layer)
         layer._cpu_prepared = p  # type: ignore[attr-defined]
     shape = x.shape
@@ -109,6 +204,3 @@ def linear(layer: object, x: Tensor) -> Tensor:
     y = y.reshape(*shape[:-1], p.N)
     bias = layer.bias  # type: ignore[attr-defined]
     return y if bias is None else y + bias.to(x.dtype)
-
-
-

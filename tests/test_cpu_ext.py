@@ -1,0 +1,195 @@
+"""The packed CPU GEMV (kernels/cpu_gemv.cpp, built by kernels/cpu_ext.py) against the reference decode,
+and its place in `cpu.linear`: decode-sized inputs take it, prefill and what it does not cover keep the
+int4 (tinygemm) path, and a failed build falls back to tinygemm."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from test_kernels import layer
+from torch.utils import cpp_extension
+
+from compress import format as fmt
+from compress.kernels import cpu, cpu_ext, reference
+from compress.plan import LayerSpec
+
+# (K, group size): power-of-two groups, one group per row (None), a narrower last group (200 = 3·64 + 8) and
+# a group size that is not a multiple of 32 (the portable path).
+GROUPS = [(576, 32), (576, 64), (576, 128), (576, None), (200, 64), (200, None), (200, 40)]
+SCALES = (torch.float16, torch.bfloat16, torch.float32)
+N = 37  # not a multiple of the kernel's 4-row blocks
+
+
+@pytest.fixture(scope="module")
+def ext():
+    if cpu_ext._compiler() is None or not cpp_extension.is_ninja_available():
+        pytest.skip("no C++ compiler or ninja: the CPU GEMV extension cannot be built here")
+    e = cpu_ext.load()  # the first call compiles (tens of seconds), later ones load the cached build
+    assert e is not None, cpu_ext.unavailable_reason()
+    return e
+
+
+def packed(bits: int, K: int, g: int, sym: bool, sdt: torch.dtype, seed: int = 0):
+    """Random codes of width `bits` packed as format.py stores them, with scales and zero points."""
+    gen = torch.Generator().manual_seed(seed)
+    G = math.ceil(K / g)
+    codes = torch.randint(0, 2**bits, (N, K), generator=gen, dtype=torch.uint8)
+    scale = (torch.rand(N, G, generator=gen) * 0.1 + 0.01).to(sdt)
+    zero = None if sym else torch.randint(0, 2**bits, (N, G), generator=gen, dtype=torch.uint8)
+    return codes, fmt.pack(codes, bits), scale, zero
+
+
+def magnitude(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+              g: int) -> torch.Tensor:
+    """Σ_k |x| s (code + z): what fp32 rounding of the kernel's sums is relative to, [M, N]."""
+    K = codes.shape[1]
+    z = reference.zeros_for(scale, zero, bits)
+    w = scale.float().repeat_interleave(g, dim=1)[:, :K] * (codes.float() + z.repeat_interleave(g, dim=1)[:, :K])
+    return x.float().abs() @ w.T
+
+
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize(("K", "g"), GROUPS, ids=[f"K{k}-g{g or 'row'}" for k, g in GROUPS])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gemv_matches_the_reference(ext, bits: int, K: int, g: int | None, sym: bool) -> None:
+    g = g or K
+    for sdt, xdt, M in itertools.product(SCALES, (torch.float32, torch.bfloat16), (1, 3)):
+        codes, qweight, scale, zero = packed(bits, K, g, sym, sdt)
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(xdt)
+        y = cpu_ext.wq_gemv(x, qweight, scale, zero, bits, g)
+        ref = reference.wq_matmul(x.float(), qweight, scale, zero, bits, g)  # fp32, on the same (rounded) x
+        mag = magnitude(x, codes, scale, zero, bits, g)
+        case = (bits, K, g, sym, sdt, xdt, M)
+        assert y.shape == (M, N) and y.dtype == xdt, case
+        err = (y.float() - ref).abs()
+        if xdt == torch.float32:  # fp32 accumulation in another order: rounding of the sums only
+            assert (y - ref).norm() <= 1e-5 * ref.norm(), case
+            assert (err <= 1e-5 * mag).all(), case
+        else:  # plus the rounding of the output to bf16
+            assert (err <= 2**-8 * ref.abs() + 1e-5 * mag).all(), case
+
+
+@pytest.mark.parametrize(("K", "g"), GROUPS, ids=[f"K{k}-g{g or 'row'}" for k, g in GROUPS])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_the_identity_reads_the_weights_back_exactly(ext, bits: int, K: int, g: int | None) -> None:
+    g = g or K
+    for sym, sdt in itertools.product((True, False), SCALES):
+        _, qweight, scale, zero = packed(bits, K, g, sym, sdt, seed=1)
+        W = reference.dequantize(qweight, scale, zero, bits, g, K)
+        y = cpu_ext.wq_gemv(torch.eye(K), qweight, scale, zero, bits, g)
+        assert torch.equal(y.T, W), (bits, K, g, sym, sdt)
+
+
+def test_leading_dims_bias_and_bad_widths(ext) -> None:
+    _, qweight, scale, zero = packed(4, 576, 128, False, torch.float16)
+    x, bias = torch.randn(2, 3, 576), torch.randn(N)
+    y = cpu_ext.wq_gemv(x, qweight, scale, zero, 4, 128, bias)
+    ref = reference.wq_matmul(x.reshape(6, 576), qweight, scale, zero, 4, 128) + bias
+    assert y.shape == (2, 3, N)
+    assert (y.reshape(6, N) - ref).norm() <= 1e-5 * ref.norm()
+    with pytest.raises(RuntimeError, match="widths 2, 3 and 4 only"):
+        ext.wq_gemv(torch.randn(1, 64), torch.zeros(N, 2 * 5, dtype=torch.int32), scale[:, :1], torch.empty(0), 5, 64)
+    with pytest.raises(RuntimeError, match="qweight has"):
+        ext.wq_gemv(torch.randn(1, 64), qweight, scale, zero, 4, 128)
+
+
+def test_rows_split_over_threads_give_the_same_bits(ext) -> None:
+    gen = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 16, (203, 576), generator=gen, dtype=torch.uint8)  # 51 blocks of 4 rows: two tasks
+    qweight, scale = fmt.pack(codes, 4), torch.rand(203, 5, generator=gen).half()
+    x = torch.randn(1, 576, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_ext.wq_gemv(x, qweight, scale, None, 4, 128)
+        torch.set_num_threads(2)
+        two = cpu_ext.wq_gemv(x, qweight, scale, None, 4, 128)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+MIXED = LayerSpec(bits=(2, 4, 3, 2, 4), group_size=128, symmetric=False)  # K = 576: five groups, three widths
+
+
+@pytest.mark.parametrize("spec", [MIXED, LayerSpec(bits=3, group_size=64, symmetric=True),
+                                  LayerSpec(bits=4, group_size=48, symmetric=False)],
+                         ids=["mixed", "b3-g64-sym", "b4-g48"])
+@pytest.mark.parametrize("M", [1, 3])
+def test_cpu_linear_takes_the_gemv_for_few_rows(ext, spec: LayerSpec, M: int) -> None:
+    m = layer(spec)
+    assert cpu.unsupported(m) is None  # g = 48 too: tinygemm cannot, the GEMV can
+    x = torch.randn(2, M, 576)
+    exact = x @ m.dequantize().T + m.bias
+    y = cpu.linear(m, x)
+    assert y.shape == exact.shape and y.dtype == torch.float32
+    assert (y - exact).norm() <= 1e-5 * exact.norm()  # fp32 in, fp32 accumulation: exact up to order
+    yb = cpu.linear(m, x.bfloat16())
+    ref_b = x.bfloat16().float() @ m.dequantize().T + m.bias
+    assert yb.dtype == torch.bfloat16
+    assert ((yb.float() - ref_b).abs() <= 2**-8 * ref_b.abs() + 1e-5 * ref_b.abs().amax()).all()
+    assert m.__dict__["_cpu_gemv"] is None
+    assert "_cpu_prepared" not in m.__dict__  # no int4 copy was made
+
+
+def test_prefill_and_uncovered_layers_keep_the_int4_path(ext) -> None:
+    m = layer(MIXED)
+    x = torch.randn(cpu.GEMV_ROWS + 4, 576)
+    y = cpu.linear(m, x.bfloat16()).float()
+    assert "_cpu_prepared" in m.__dict__  # prefill: tinygemm
+    exact = x.bfloat16().float() @ m.dequantize().T + m.bias
+    assert (y - exact).norm() / exact.norm() < 1e-2
+    odd = layer(LayerSpec(bits=4, group_size=48, symmetric=False))
+    y = cpu.linear(odd, x)  # tinygemm cannot take g = 48: even prefill runs the GEMV
+    assert "_cpu_prepared" not in odd.__dict__
+    exact = x @ odd.dequantize().T + odd.bias
+    assert (y - exact).norm() <= 1e-5 * exact.norm()
+    one_bit = layer(LayerSpec(bits=1, group_size=128, symmetric=False))
+    cpu.linear(one_bit, x[:1].bfloat16())
+    assert "widths" in one_bit.__dict__["_cpu_gemv"] and "_cpu_prepared" in one_bit.__dict__
+
+
+def test_autograd_gets_the_bias_gradient_and_a_loud_input_gradient(ext) -> None:
+    m = layer(LayerSpec(bits=4, group_size=128, symmetric=False))
+    x = torch.randn(2, 576)
+    with torch.no_grad():
+        fast = cpu.linear(m, x)  # the bias goes into the kernel
+    y = cpu.linear(m, x)  # m.bias requires grad: added outside, in fp32
+    assert torch.equal(y.detach(), fast)
+    y.sum().backward()
+    assert torch.equal(m.bias.grad, torch.full_like(m.bias, 2.0))
+    xg = x.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="no backward"):
+        cpu.linear(m, xg).sum().backward()
+
+
+def test_a_failed_build_falls_back_to_tinygemm(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("simulated compiler error")
+
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    monkeypatch.setattr(cpu_ext, "_compiler", lambda: "/usr/bin/c++")
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    monkeypatch.setattr(cpu_ext, "_ext", None)
+    monkeypatch.setattr(cpu_ext, "_reason", None)
+    monkeypatch.setenv(cpu_ext.CACHE_ENV, str(tmp_path))
+    cpu_ext.load.cache_clear()
+    try:
+        assert cpu_ext.load() is None
+        assert "simulated compiler error" in cpu_ext.unavailable_reason()
+        m = layer(MIXED)
+        x = torch.randn(1, 576)
+        assert cpu.unsupported(m) is None  # tinygemm still takes it
+        y = cpu.linear(m, x.bfloat16()).float()
+        assert "unavailable" in m.__dict__["_cpu_gemv"] and "_cpu_prepared" in m.__dict__
+        exact = x.bfloat16().float() @ m.dequantize().T + m.bias
+        assert (y - exact).norm() / exact.norm() < 1e-2
+        odd = layer(LayerSpec(bits=4, group_size=48, symmetric=False))
+        assert "not a multiple of 32" in cpu.unsupported(odd) and "unavailable" in cpu.unsupported(odd)
+        with pytest.raises(RuntimeError, match="unavailable"):
+            cpu_ext.wq_gemv(x, m.qweight, m.scale, None, 4, 128)
+    finally:
+        cpu_ext.load.cache_clear()  # the next load() finds the real build again
