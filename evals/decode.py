@@ -4,8 +4,9 @@ Checkpoints are made once into evals/.cache/decode (a dense safetensors copy of 
 packed copies: the rounding method does not change the speed), then every row loads its checkpoint with
 `from_pretrained` in a fresh process, decodes `--tokens` tokens greedily after a 64-token prompt with the KV
 cache, and reports decode tokens/s (prefill excluded), the process's peak RSS and the kernel backend that ran.
-Packed rows in bf16 take the CPU int4 path; the "fp32 model" row keeps embeddings, lm_head, norms and
-attention in fp32 and forces the int4 path (activations cast to bf16 per Linear); "reference" rows force
+Packed rows take the CPU backend: the packed GEMV (kernels/cpu_gemv.cpp) for the decode steps, the int4
+tinygemm matmul for the prompt; the "fp32 model" row keeps embeddings, lm_head, norms and attention in
+fp32 and forces that backend (the GEMV accumulates fp32 activations in fp32); "reference" rows force
 COMPRESS_KERNEL=reference (dequantize each layer per call). The fidelity columns compare the row's
 next-token logits on the prompt with the reference path of the same checkpoint in fp32.
 Writes evals/results/decode.{json,md}.
@@ -29,9 +30,9 @@ CACHE = Path(__file__).parent / ".cache" / "decode"
 ROWS: dict[str, tuple[str, str, str | None]] = {  # label -> (checkpoint, dtype, forced backend)
     "dense fp32": ("dense", "float32", None),
     "dense bf16": ("dense", "bfloat16", None),
-    "packed w4g128, bf16 (cpu int4)": ("rtn-w4g128", "bfloat16", None),
-    "packed w4g128, fp32 model (cpu int4, forced)": ("rtn-w4g128", "float32", "cpu"),
-    "packed w3g128, bf16 (cpu int4)": ("rtn-w3g128", "bfloat16", None),
+    "packed w4g128, bf16 (cpu)": ("rtn-w4g128", "bfloat16", None),
+    "packed w4g128, fp32 model (cpu, forced)": ("rtn-w4g128", "float32", "cpu"),
+    "packed w3g128, bf16 (cpu)": ("rtn-w3g128", "bfloat16", None),
     "packed w4g128, fp32 (reference)": ("rtn-w4g128", "float32", "reference"),
 }
 PACKED = {"rtn-w4g128": ["weights.bits=4"], "rtn-w3g128": ["weights.bits=3"]}
