@@ -26,12 +26,13 @@ import logging
 import os
 import shutil
 import sysconfig
-import time
 from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import Tensor
+
+from compress.kernels import jit
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +93,8 @@ def _build() -> tuple[ModuleType | None, str | None]:
     flags = cflags()
     tag = _tag(flags)
     build_dir = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "compress" / "cpu") / f"cpu_gemv-{tag}"
-    try:
-        build_dir.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        ext = cpp_extension.load(name=f"compress_cpu_gemv_{tag}", sources=[str(SOURCE)], extra_cflags=flags,
-                                 extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
-        log.info("CPU GEMV extension ready in %.1f s (%s)", time.perf_counter() - t0, build_dir)
-        return ext, None
-    except Exception as e:  # a failed build must fall back to the tinygemm path, never crash a forward
-        first = str(e).strip().splitlines()[:3]
-        return None, f"building {SOURCE.name} failed ({type(e).__name__}: {' '.join(first)}); see {build_dir}"
+    return jit.build(f"compress_cpu_gemv_{tag}", SOURCE, build_dir, "CPU GEMV extension", extra_cflags=flags,
+                     extra_ldflags=["-fopenmp"])
 
 
 @functools.cache

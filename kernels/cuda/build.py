@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from compress.kernels import jit
+
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
@@ -96,18 +98,8 @@ def _build() -> tuple[ModuleType | None, str | None]:
         cpp_extension.CUDA_HOME = str(root)
     tag = _source_tag()
     build_dir = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "compress" / "cuda") / f"wq_gemv-{tag}"
-    try:
-        build_dir.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        ext = cpp_extension.load(
-            name=f"compress_wq_gemv_{tag}", sources=[str(EXTENSION)], extra_include_paths=[str(HERE)],
-            extra_cflags=["-O3"], extra_cuda_cflags=["-O3"], build_directory=str(build_dir),
-            verbose=False)
-        log.info("CUDA GEMV extension ready in %.1f s (%s)", time.perf_counter() - t0, build_dir)
-        return ext, None
-    except Exception as e:  # a failed build must fall back to the next backend, never crash a forward
-        first = str(e).strip().splitlines()[:3]
-        return None, f"building {EXTENSION.name} failed ({type(e).__name__}: {' '.join(first)}); see {build_dir}"
+    return jit.build(f"compress_wq_gemv_{tag}", EXTENSION, build_dir, "CUDA GEMV extension",
+                     extra_include_paths=[str(HERE)], extra_cflags=["-O3"], extra_cuda_cflags=["-O3"])
 
 
 @functools.cache
