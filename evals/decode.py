@@ -9,7 +9,7 @@ tinygemm matmul for the prompt; the "fp32 model" row keeps embeddings, lm_head, 
 fp32 and forces that backend (the GEMV accumulates fp32 activations in fp32); "reference" rows force
 COMPRESS_KERNEL=reference (dequantize each layer per call). The fidelity columns compare the row's
 next-token logits on the prompt with the reference path of the same checkpoint in fp32.
-Writes evals/results/decode.{json,md}.
+Writes evals/results/decode.{json,md}; the prompt logits stay in evals/.cache/decode/logits.
 
     python evals/decode.py            # every row (minutes; run it alone: timings need a quiet machine)
     python evals/decode.py --render
@@ -30,10 +30,10 @@ CACHE = Path(__file__).parent / ".cache" / "decode"
 ROWS: dict[str, tuple[str, str, str | None]] = {  # label -> (checkpoint, dtype, forced backend)
     "dense fp32": ("dense", "float32", None),
     "dense bf16": ("dense", "bfloat16", None),
+    "packed w4g128, fp32 (reference)": ("rtn-w4g128", "float32", "reference"),
     "packed w4g128, bf16 (cpu)": ("rtn-w4g128", "bfloat16", None),
     "packed w4g128, fp32 model (cpu, forced)": ("rtn-w4g128", "float32", "cpu"),
     "packed w3g128, bf16 (cpu)": ("rtn-w3g128", "bfloat16", None),
-    "packed w4g128, fp32 (reference)": ("rtn-w4g128", "float32", "reference"),
 }
 PACKED = {"rtn-w4g128": ["weights.bits=4"], "rtn-w3g128": ["weights.bits=3"]}
 
@@ -93,29 +93,33 @@ def job(label: str, tokens: int) -> dict:
             "logits": logits.tolist(), "text": tok.decode(out[0, 64:])[:80]}
 
 
-def fidelity(rows: list[dict]) -> dict[str, tuple[float, bool]]:
-    """Per row: relative L2 error and argmax match of the prompt's last logits vs the fp32 reference row."""
+def reference_of(label: str) -> str | None:
+    """The fp32 reference row a row's prompt logits are compared with (None: not compared)."""
+    ckpt = ROWS[label][0]
+    return None if ckpt == "rtn-w3g128" else "dense fp32" if ckpt == "dense" else "packed w4g128, fp32 (reference)"
+
+
+def fidelity(row: dict) -> None:
+    """Keep the row's prompt logits in the cache (not in the results file) and record its relative L2 error and
+    argmax match against its reference row's logits, when those are there."""
     import torch
 
-    base = {r["label"]: torch.tensor(r["logits"]) for r in rows}
-    out = {}
-    for r in rows:
-        ref_label = "dense fp32" if ROWS[r["label"]][0] == "dense" else "packed w4g128, fp32 (reference)"
-        if ROWS[r["label"]][0] == "rtn-w3g128" or ref_label not in base:
-            continue
-        a, b = base[r["label"]], base[ref_label]
-        out[r["label"]] = (float((a - b).norm() / b.norm()), bool(a.argmax() == b.argmax()))
-    return out
+    logits = CACHE / "logits"
+    logits.mkdir(parents=True, exist_ok=True)
+    torch.save(torch.tensor(row.pop("logits")), logits / f"{row['label']}.pt")
+    ref = reference_of(row["label"])
+    if ref is not None and (logits / f"{ref}.pt").is_file():
+        a, b = torch.load(logits / f"{row['label']}.pt"), torch.load(logits / f"{ref}.pt")
+        row["rel_err"], row["same_token"] = float((a - b).norm() / b.norm()), bool(a.argmax() == b.argmax())
 
 
 def table(rows: list[dict]) -> str:
     dense = next((r["tokens_per_s"] for r in rows if r["label"] == "dense fp32"), None)
-    fid = fidelity(rows)
     lines = ["| row | backend | decode tokens/s | vs dense fp32 | peak RSS MB | logits rel. err vs fp32 reference | "
              "same next token |", "|" + "---|" * 7]
     for r in rows:
         speed = f"{r['tokens_per_s'] / dense:.2f}x" if dense else "-"
-        e = fid.get(r["label"])
+        e = (r["rel_err"], r["same_token"]) if "rel_err" in r else None
         lines.append(f"| {r['label']} | {r['backend']} | {r['tokens_per_s']:.1f} | {speed} | {r['peak_rss_mb']:.0f} | "
                      f"{'-' if e is None else f'{e[0]:.2e}'} | {'-' if e is None else e[1]} |")
     return "\n".join(lines)
@@ -142,6 +146,7 @@ def main() -> None:
             if p.returncode != 0:
                 raise SystemExit(f"{label} failed:\n{p.stderr[-3000:]}")
             new = json.loads(p.stdout.strip().splitlines()[-1])
+            fidelity(new)
             print(f"{label}: {new['tokens_per_s']:.1f} tokens/s ({new['backend']})", flush=True)
             rows = merge(saved, new, list(ROWS))
     report(args.out, "CPU decode benchmark: SmolLM2-135M", "Command: `python evals/decode.py`. Greedy decoding of "
