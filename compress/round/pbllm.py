@@ -64,7 +64,7 @@ def mst_signs(S: Tensor, spec: LayerSpec, info: dict[str, float]) -> LayerSpec:
     N, K = S.shape
     tree = mst.build(S)
     edges = sum(len(d) for d in tree.diffs)
-    info["mst_edge"] = mst.stats(tree).mean_edge_over_K
+    info["mst_edge"] = float(tree.edge_distances().mean()) / K if N > 1 else 0.0
     info["mst"] = float(fmt.mst_bits(N, K, edges) < N * fmt.packed_words(K, 1) * 32)
     return replace(spec, signs="mst", edges=edges) if info["mst"] else spec
 
