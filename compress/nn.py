@@ -41,7 +41,8 @@ class CompressedLinear(nn.Module):
             if spec.nnz > 0:
                 index = spec.index or fmt.choose_index(N, K, spec.nnz)
                 if index == "bitmask":
-                    self.register_buffer("salient_mask", torch.zeros(N, words, dtype=torch.int32, device=device))
+                    self.register_buffer("salient_mask", torch.zeros(N, fmt.packed_words(K, 1), dtype=torch.int32,
+                                                                     device=device))
                 else:
                     self.register_buffer("salient_rowptr", torch.zeros(N + 1, dtype=torch.int32, device=device))
                     self.register_buffer("salient_col", torch.zeros(spec.nnz, dtype=fmt.index_dtype(K), device=device))
@@ -149,7 +150,7 @@ class CompressedLinear(nn.Module):
 
     def _drop_kernel_state(self) -> None:
         """Forget kernel-side copies and the cached backend choice (new codes, or a new device)."""
-        for k in ("_cpu_prepared", "_cpu_gemv", "_parts", "_backend", "_mst_signs"):
+        for k in ("_cpu_prepared", "_cpu_gemv", "_parts", "_backend", "_mst_signs", "_binary"):
             self.__dict__.pop(k, None)
 
     def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:

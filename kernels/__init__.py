@@ -1,11 +1,12 @@
 """Kernel dispatch for `CompressedLinear`: CUDA → Triton → CPU int4 → reference.
 
-Every backend implements one op, y = x Ŵᵀ + b for a packed layer, whose meaning is `reference.wq_matmul`
-(the packing spec of compress/format.py as a function); each fast backend is tested against it. A
+Every backend implements y = x Ŵᵀ + b for a packed layer. The two packed ops are declared once in ops.py
+(`torch.ops.compress.wq_matmul`, `torch.ops.compress.binary_matmul`); their meaning is reference.py (the
+packing spec of compress/format.py as a function) and each fast backend is tested against it. A
 backend is a pair of functions in `BACKENDS`: `unsupported(layer, x) -> reason | None` and
 `linear(layer, x) -> y`. The first backend of the default order that supports the call runs it:
 
-    x on a GPU:  cuda (batch-1 GEMV, widths 2-4) → triton → reference
+    x on a GPU:  cuda (batch-1 GEMV: widths 2-4 and binary + salient) → triton (widths 1-8, binary) → reference
     x on a CPU:  cpu (packed C++ GEMV for <= 8 rows, int4 lowering for more; bf16 activations) → reference
 
 fp32 inputs on a CPU keep the exact reference unless forced: prefill's int4 kernel computes in bf16 (the
@@ -65,6 +66,50 @@ def parts(layer: Any) -> list[Part]:
     return out
 
 
+@dataclass
+class BinaryOperands:
+    """A binary layer in the kernels' form (reference.py, "binary + salient"): the sign plane, alpha and mu
+    per group, and the salient weights as a CSR correction delta = W_salient − (mu + alpha·sign)."""
+
+    signs: Tensor  # int32 [N, ceil(K/32)]
+    alpha: Tensor  # [N, G]
+    mu: Tensor  # [N, G]
+    group_size: int
+    rowptr: Tensor  # int32 [N + 1]
+    col: Tensor  # int32 [nnz]
+    delta: Tensor  # fp32 [nnz]
+
+    def args(self) -> tuple[Tensor, Tensor, Tensor, int, Tensor, Tensor, Tensor]:
+        return self.signs, self.alpha, self.mu, self.group_size, self.rowptr, self.col, self.delta
+
+
+def binary_operands(layer: Any) -> BinaryOperands:
+    """The kernel operands of a binary CompressedLinear, derived once from its buffers and cached on it (MST
+    signs become a plain plane; the salient index, bitmask or CSR, becomes a CSR of corrections)."""
+    cached = layer.__dict__.get("_binary")
+    if cached is not None:
+        return cached
+    spec, N, K = layer.spec, layer.out_features, layer.in_features
+    gw = spec.group_width(K)
+    signs = layer.qweight if spec.signs != "mst" else fmt.pack(layer.codes(), 1)
+    sal = layer.salient_part()
+    dev = layer.qweight.device
+    if sal is None:
+        rowptr = torch.zeros(N + 1, dtype=torch.int32, device=dev)
+        col, delta = torch.zeros(0, dtype=torch.int32, device=dev), torch.zeros(0, device=dev)
+    else:
+        rows, cols = torch.nonzero(sal.mask, as_tuple=True)  # row-major: ascending columns within a row
+        sign = layer.codes()[rows, cols].float() * 2 - 1
+        g = cols // gw
+        binary = layer.mu.float()[rows, g] + layer.scale.float()[rows, g] * sign
+        delta = sal.values()[rows, cols] - binary
+        rowptr = torch.cat([rows.new_zeros(1), sal.mask.sum(1).cumsum(0)]).to(torch.int32)
+        col = cols.to(torch.int32)
+    ops = BinaryOperands(signs, layer.scale, layer.mu, gw, rowptr, col, delta)
+    layer.__dict__["_binary"] = ops
+    return ops
+
+
 def _by_parts(op: Callable[..., Tensor], layer: Any, x: Tensor) -> Tensor:
     x2 = x.reshape(-1, layer.in_features)
     y = None
@@ -72,8 +117,7 @@ def _by_parts(op: Callable[..., Tensor], layer: Any, x: Tensor) -> Tensor:
         xp = x2 if p.cols is None else x2.index_select(1, p.cols)
         yp = op(xp.contiguous(), p.qweight, p.scale, p.zero, p.bits, p.group_size)
         y = yp if y is None else y + yp
-    y = y.reshape(*x.shape[:-1], layer.out_features)
-    return y if layer.bias is None else y + layer.bias.to(y.dtype)
+    return _with_bias(layer, y.reshape(*x.shape[:-1], layer.out_features))
 
 
 # --- backends -------------------------------------------------------------------------------------------
@@ -101,15 +145,21 @@ def _triton_unsupported(layer: Any, x: Tensor) -> str | None:
         return "no CUDA device (set TRITON_INTERPRET=1 before importing to run Triton on the CPU)"
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         return "the input is not on a CUDA device"
-    if layer.spec.levels is not None or layer.spec.binary or layer.spec.sparse:
-        return "per-column level grids, binary and pruned layers have no Triton kernel yet"
+    if layer.spec.levels is not None or layer.spec.sparse:
+        return "per-column level grids and pruned layers have no Triton kernel yet"
     return None
 
 
 def _triton_linear(layer: Any, x: Tensor) -> Tensor:
     from compress.kernels import triton_wq
 
+    if layer.spec.binary:
+        return _with_bias(layer, triton_wq.binary_matmul(x, *binary_operands(layer).args()))
     return _by_parts(triton_wq.wq_matmul, layer, x)
+
+
+def _with_bias(layer: Any, y: Tensor) -> Tensor:
+    return y if layer.bias is None else y + layer.bias.to(y.dtype)
 
 
 CUDA_BITS = (2, 3, 4)
@@ -120,9 +170,9 @@ def _cuda_unsupported(layer: Any, x: Tensor) -> str | None:
         return "the input is not on a CUDA device"
     if x.numel() // layer.in_features != 1:
         return "the CUDA kernel is a batch-1 GEMV"
-    if layer.spec.levels is not None or layer.spec.binary or layer.spec.sparse or \
-            any(p.bits not in CUDA_BITS for p in parts(layer)):
-        return f"the CUDA GEMV covers group-wise widths {CUDA_BITS}"
+    if layer.spec.levels is not None or layer.spec.sparse or \
+            (not layer.spec.binary and any(p.bits not in CUDA_BITS for p in parts(layer))):
+        return f"the CUDA GEMV covers group-wise widths {CUDA_BITS} and binary layers"
     from compress.kernels.cuda import build
 
     if build.load() is None:
@@ -133,6 +183,8 @@ def _cuda_unsupported(layer: Any, x: Tensor) -> str | None:
 def _cuda_linear(layer: Any, x: Tensor) -> Tensor:
     from compress.kernels.cuda import build
 
+    if layer.spec.binary:
+        return _with_bias(layer, build.binary_gemv(x, *binary_operands(layer).args()))
     return _by_parts(build.wq_gemv, layer, x)
 
 
@@ -176,4 +228,4 @@ def linear(layer: Any, x: Tensor) -> Tensor:
     return BACKENDS[choose(layer, x)][1](layer, x)
 
 
-__all__ = ["BACKENDS", "ENV", "Part", "choose", "linear", "parts", "reference"]
+__all__ = ["BACKENDS", "ENV", "BinaryOperands", "Part", "binary_operands", "choose", "linear", "parts", "reference"]

@@ -36,3 +36,33 @@ def wq_matmul(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor | None, bi
     K = x.shape[-1]
     W = dequantize(qweight, scale, zero, bits, group_size, K)
     return (x.float() @ W.T).to(x.dtype)
+
+
+# --- binary + salient (PB-LLM) ---------------------------------------------------------------------------
+#
+# The kernel-side form of a binary layer (format.py, "Binary layers"): the sign plane, alpha and mu per
+# group, and the salient weights as a CSR correction, delta = W_salient − (mu + alpha·sign) at each salient
+# position, so a kernel runs the sign GEMV over every column and adds x[:, col]·delta row by row:
+#   signs   int32 [N, ceil(K/32)]   1-bit plane (1 = +)
+#   alpha   [N, G] fp16/bf16/fp32   mu [N, G] (same dtype)
+#   rowptr  int32 [N + 1]           col int32 [nnz] (ascending within a row)   delta fp32 [nnz]
+# The correction is derived from the checkpoint once per layer (`kernels.binary_operands`); nnz = 0 is a
+# plain binary layer.
+
+
+def binary_dequantize(signs: Tensor, alpha: Tensor, mu: Tensor, group_size: int, K: int, rowptr: Tensor,
+                      col: Tensor, delta: Tensor) -> Tensor:
+    """W_hat fp32 [N, K] = mu + alpha·(2·sign − 1), plus delta at the salient positions."""
+    s = fmt.unpack(signs, 1, K).float() * 2 - 1
+    W = grid.expand(mu.float(), group_size, K) + grid.expand(alpha.float(), group_size, K) * s
+    if col.numel():
+        rows = torch.repeat_interleave(torch.arange(W.shape[0], device=W.device), rowptr.long().diff())
+        W[rows, col.long()] += delta.float()
+    return W
+
+
+def binary_matmul(x: Tensor, signs: Tensor, alpha: Tensor, mu: Tensor, group_size: int, rowptr: Tensor,
+                  col: Tensor, delta: Tensor) -> Tensor:
+    """y [M, N] = x [M, K] @ W_hatᵀ of a binary layer (fp32 compute, returned in x's dtype)."""
+    W = binary_dequantize(signs, alpha, mu, group_size, x.shape[-1], rowptr, col, delta)
+    return (x.float() @ W.T).to(x.dtype)

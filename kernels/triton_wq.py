@@ -107,12 +107,13 @@ def _wq_matmul_kernel(
     x_ptr,  # [M, K] fp16/bf16/fp32, contiguous
     qw_ptr,  # int32 [N, KW·BITS], rows stride_qw words apart (a column slice of a mixed layer); KW = ceil(K/32)
     scale_ptr,  # [N, G] fp16/bf16/fp32; G = ceil(K/GROUP_SIZE)
-    zero_ptr,  # uint8 [N, G] (unused when SYMMETRIC)
+    zero_ptr,  # uint8 [N, G] (unused when SYMMETRIC); mu [N, G] in scale's dtype when BINARY
     y_ptr,  # [M, N]
     M, N, K, stride_qw,
     BITS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     SYMMETRIC: tl.constexpr,
+    BINARY: tl.constexpr,  # a binary layer (BITS = 1): Ŵ = mu + alpha·(2·sign − 1)
     TILE_IN_ONE_GROUP: tl.constexpr,  # every K step lies inside one group
     COMPUTE_FP32: tl.constexpr,  # dot in fp32 (fp32 inputs, or bf16 under the interpreter)
     BLOCK_M: tl.constexpr,
@@ -157,11 +158,15 @@ def _wq_matmul_kernel(
             sz_off = (offs_k // GROUP_SIZE)[:, None] + sz_rows[None, :]
             sz_mask = k_mask[:, None] & n_mask[None, :]
         s = tl.load(scale_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
-        if SYMMETRIC:
-            q -= 1 << (BITS - 1)
+        if BINARY:  # Ŵ = mu + alpha·(2·sign − 1): scale holds alpha, zero_ptr mu
+            mu = tl.load(zero_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
+            w = mu + s * (2 * q - 1).to(tl.float32)
         else:
-            q -= tl.load(zero_ptr + sz_off, mask=sz_mask, other=0).to(tl.int32)
-        w = q.to(tl.float32) * s  # [BLOCK_K, BLOCK_N] = Ŵᵀ tile, exact in fp32
+            if SYMMETRIC:
+                q -= 1 << (BITS - 1)
+            else:
+                q -= tl.load(zero_ptr + sz_off, mask=sz_mask, other=0).to(tl.int32)
+            w = q.to(tl.float32) * s  # [BLOCK_K, BLOCK_N] = Ŵᵀ tile, exact in fp32
 
         if COMPUTE_FP32:
             acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
@@ -171,6 +176,40 @@ def _wq_matmul_kernel(
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]  # [BLOCK_M, BLOCK_N]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
+
+@triton.jit
+def _csr_correction_kernel(
+    x_ptr,  # [M, K] fp16/bf16/fp32, contiguous
+    rowptr_ptr,  # int32 [N + 1]
+    col_ptr,  # int32 [nnz]
+    delta_ptr,  # fp32 [nnz]
+    y_ptr,  # fp32 [M, N], updated in place
+    M, N, K,
+    BLOCK_M: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    """y[m, n] += sum over the salient entries j of row n of x[m, col_j]·delta_j (one program per row n
+    and BLOCK_M activation rows; the entries are walked BLOCK_J at a time, x gathered at their columns)."""
+    pid_m = tl.program_id(0)
+    n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    m_mask = offs_m < M
+    start = tl.load(rowptr_ptr + n)
+    end = tl.load(rowptr_ptr + n + 1)
+    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for j0 in range(start, end, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)  # [BLOCK_J]
+        j_mask = offs_j < end
+        c = tl.load(col_ptr + offs_j, mask=j_mask, other=0)
+        d = tl.load(delta_ptr + offs_j, mask=j_mask, other=0.0)
+        xv = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * K + c[None, :], mask=m_mask[:, None] & j_mask[None, :],
+                     other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_J]
+        acc += tl.sum(xv * d[None, :], axis=1)
+    y_ptrs = y_ptr + offs_m.to(tl.int64) * N + n
+    tl.store(y_ptrs, tl.load(y_ptrs, mask=m_mask, other=0.0) + acc, mask=m_mask)
+
+
+CORRECTION_BLOCK_M, CORRECTION_BLOCK_J = 16, 64
 
 INTERPRETED = not isinstance(_wq_matmul_kernel, triton.runtime.JITFunction)
 
@@ -228,15 +267,48 @@ def wq_matmul(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor | None, bi
     forces a tile config (benchmarks, tests; block_k a power of two >= 32); by default `choose_config` picks.
     """
     _check(x, qweight, scale, zero, bits, group_size)
+    return _launch(x, qweight, scale, zero, bits, group_size, config, binary=False)
+
+
+def binary_matmul(x: Tensor, signs: Tensor, alpha: Tensor, mu: Tensor, group_size: int, rowptr: Tensor,
+                  col: Tensor, delta: Tensor, *, config: Config | None = None) -> Tensor:
+    """y [..., N] = x [..., K] @ Ŵᵀ for a binary layer, Ŵ = mu + alpha·(2·sign − 1) plus the salient CSR
+    correction (`reference.binary_matmul`): the 1-bit pass of the fused kernel, then one program per output
+    row adds x[:, col]·delta over its salient entries, both accumulating into one fp32 output."""
+    _check(x, signs, alpha, None, 1, group_size)
+    if mu.dtype != alpha.dtype or mu.shape != alpha.shape:
+        raise ValueError(f"mu must match alpha ({alpha.dtype} {tuple(alpha.shape)}), got {mu.dtype} {tuple(mu.shape)}")
+    N, K = signs.shape[0], x.shape[-1]
+    if rowptr.dtype != torch.int32 or rowptr.shape != (N + 1,) or col.dtype != torch.int32 or \
+            delta.dtype != torch.float32 or col.shape != delta.shape:
+        raise ValueError(f"the salient correction must be rowptr int32 [{N + 1}], col int32 [nnz] and delta fp32 "
+                         f"[nnz]; got {rowptr.dtype} {tuple(rowptr.shape)}, {col.dtype} {tuple(col.shape)}, "
+                         f"{delta.dtype} {tuple(delta.shape)}")
+    if col.numel() == 0:
+        return _launch(x, signs, alpha, mu, 1, group_size, config, binary=True)
+    y = _launch(x, signs, alpha, mu, 1, group_size, config, binary=True, out_dtype=torch.float32)
+    x2, y2 = x.reshape(-1, K).contiguous(), y.reshape(-1, N)
+    M = x2.shape[0]
+    if M and N:
+        grid = (triton.cdiv(M, CORRECTION_BLOCK_M), N)
+        _csr_correction_kernel[grid](x2, rowptr.contiguous(), col.contiguous(), delta.contiguous(), y2, M, N, K,
+                                     BLOCK_M=CORRECTION_BLOCK_M, BLOCK_J=CORRECTION_BLOCK_J)
+    return y.to(x.dtype)
+
+
+def _launch(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int,
+            config: Config | None, *, binary: bool, out_dtype: torch.dtype | None = None) -> Tensor:
+    """Run `_wq_matmul_kernel` on checked inputs; y in `out_dtype` (default x's dtype), shaped [..., N]."""
     K, N = x.shape[-1], qweight.shape[0]
     x2 = x.reshape(-1, K).contiguous()  # [M, K]
     M = x2.shape[0]
     compute_fp32 = x.dtype == torch.float32 or (INTERPRETED and x.dtype == torch.bfloat16)
     # the interpreter truncates fp32 -> bf16 casts: write fp32 there and round with PyTorch
-    out_dtype = torch.float32 if INTERPRETED and x.dtype == torch.bfloat16 else x.dtype
-    y = torch.empty(M, N, dtype=out_dtype, device=x.device)
+    final = out_dtype or x.dtype
+    kernel_dtype = torch.float32 if INTERPRETED and final == torch.bfloat16 else final
+    y = torch.empty(M, N, dtype=kernel_dtype, device=x.device)
     if M == 0 or N == 0 or K == 0:
-        return y.zero_().to(x.dtype).reshape(*x.shape[:-1], N)
+        return y.zero_().to(final).reshape(*x.shape[:-1], N)
     if config is None:
         # GPU resources do not bind the interpreter, and its cost grows with the number of programs: it runs
         # fp32 with the fp16 tiers (the tile shapes of the FP32 tier occur there too, e.g. DECODE with g = 32)
@@ -250,11 +322,11 @@ def wq_matmul(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor | None, bi
     _wq_matmul_kernel[grid](
         x2, qw, scale.contiguous(), scale if zero is None else zero.contiguous(), y,
         M, N, K, qw.stride(0),
-        BITS=bits, GROUP_SIZE=group_size, SYMMETRIC=zero is None, TILE_IN_ONE_GROUP=one_group,
+        BITS=bits, GROUP_SIZE=group_size, SYMMETRIC=zero is None, BINARY=binary, TILE_IN_ONE_GROUP=one_group,
         COMPUTE_FP32=compute_fp32, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+    return y.to(final).reshape(*x.shape[:-1], N)
 
 
 # --- AOT compile check (no GPU needed) -----------------------------------------------------------------
@@ -296,23 +368,41 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
 
 def compile_for(arch: int, bits: int, config: Config = DECODE, *, x_dtype: torch.dtype = torch.float16,
                 scale_dtype: torch.dtype = torch.float16, symmetric: bool = False, group_size: int = 128,
-                tile_in_one_group: bool = True) -> BuildInfo:
+                tile_in_one_group: bool = True, binary: bool = False) -> BuildInfo:
     """Compile the kernel for sm_`arch` (80, 90, ...) with triton's bundled ptxas; no GPU needed.
+    `binary` builds the binary-layer specialization (bits must be 1; mu in scale's dtype).
 
     Needs the JIT kernel: call it in a process where TRITON_INTERPRET is not set.
     """
+    if binary and bits != 1:
+        raise ValueError("a binary layer has 1-bit codes")
+    xt, st = _TRITON_DTYPES[x_dtype], _TRITON_DTYPES[scale_dtype]
+    constexprs = {"BITS": bits, "GROUP_SIZE": group_size, "SYMMETRIC": symmetric, "BINARY": binary,
+                  "TILE_IN_ONE_GROUP": tile_in_one_group, "COMPUTE_FP32": x_dtype == torch.float32,
+                  "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}
+    signature = {"x_ptr": f"*{xt}", "qw_ptr": "*i32", "scale_ptr": f"*{st}", "zero_ptr": f"*{st}" if binary else "*u8",
+                 "y_ptr": f"*{xt}", "M": "i32", "N": "i32", "K": "i32", "stride_qw": "i32",
+                 **dict.fromkeys(constexprs, "constexpr")}
+    return _build(_wq_matmul_kernel, signature, constexprs, arch, bits, config)
+
+
+def compile_correction_for(arch: int, *, x_dtype: torch.dtype = torch.float16) -> BuildInfo:
+    """Compile the salient CSR correction kernel of `binary_matmul` for sm_`arch` (see `compile_for`)."""
+    constexprs = {"BLOCK_M": CORRECTION_BLOCK_M, "BLOCK_J": CORRECTION_BLOCK_J}
+    signature = {"x_ptr": f"*{_TRITON_DTYPES[x_dtype]}", "rowptr_ptr": "*i32", "col_ptr": "*i32", "delta_ptr": "*fp32",
+                 "y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", **dict.fromkeys(constexprs, "constexpr")}
+    config = Config(block_m=CORRECTION_BLOCK_M, block_n=1, block_k=CORRECTION_BLOCK_J, num_warps=4, num_stages=1)
+    return _build(_csr_correction_kernel, signature, constexprs, arch, 1, config)
+
+
+def _build(fn: object, signature: dict[str, str], constexprs: dict[str, object], arch: int, bits: int,
+           config: Config) -> BuildInfo:
     if INTERPRETED:
-        raise RuntimeError("compile_for needs the compiled kernel: import this module without TRITON_INTERPRET=1")
+        raise RuntimeError("compiling needs the JIT kernels: import this module without TRITON_INTERPRET=1")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    xt, st = _TRITON_DTYPES[x_dtype], _TRITON_DTYPES[scale_dtype]
-    constexprs = {"BITS": bits, "GROUP_SIZE": group_size, "SYMMETRIC": symmetric,
-                  "TILE_IN_ONE_GROUP": tile_in_one_group, "COMPUTE_FP32": x_dtype == torch.float32,
-                  "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}
-    signature = {"x_ptr": f"*{xt}", "qw_ptr": "*i32", "scale_ptr": f"*{st}", "zero_ptr": "*u8", "y_ptr": f"*{xt}",
-                 "M": "i32", "N": "i32", "K": "i32", "stride_qw": "i32", **dict.fromkeys(constexprs, "constexpr")}
-    src = ASTSource(fn=_wq_matmul_kernel, signature=signature, constexprs=constexprs)
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     n_regs, n_spills = _resource_usage(kernel.asm["cubin"])
@@ -320,5 +410,5 @@ def compile_for(arch: int, bits: int, config: Config = DECODE, *, x_dtype: torch
     return BuildInfo(arch, bits, config, kernel.metadata.shared, n_regs, n_spills, n_mma)
 
 
-__all__ = ["CONFIGS", "DECODE", "FP32", "PREFILL", "BuildInfo", "Config", "available", "choose_config", "compile_for",
-           "wq_matmul"]
+__all__ = ["CONFIGS", "DECODE", "FP32", "PREFILL", "BuildInfo", "Config", "available", "binary_matmul", "choose_config",
+           "compile_correction_for", "compile_for", "wq_matmul"]

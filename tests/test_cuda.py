@@ -26,7 +26,7 @@ from compress.kernels.cuda import build
 
 # --- 1. nvcc compile check ------------------------------------------------------------------------------
 
-KERNELS = {f"gemv_kernel<{x}, {b}>" for x in ("fp16", "bf16", "fp32") for b in (2, 3, 4)}
+KERNELS = {f"gemv_kernel<{x}, {b}>" for x in ("fp16", "bf16", "fp32") for b in (2, 3, 4, "binary")}
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +167,47 @@ def test_host_unpack_matches_format(host_driver: str, bits: int, N: int, K: int,
     # ... and it is the reference matmul's answer to fp32 accuracy
     y_ref = reference.wq_matmul(x[None], qweight, scale, zero, bits, group_size)[0]
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4 * float(magnitude.max()) / K**0.5)
+
+
+# binary layers: (N, K, group_size, salient fraction). Groups of 32 (one word each), 48 (straddling words),
+# per row with a ragged last word; no salient weights, a few, every weight of some rows.
+BINARY_CASES = [(6, 128, 32, 0.1), (5, 200, 48, 0.2), (4, 77, 77, 0.0), (3, 96, 96, 1.0)]
+
+
+def random_binary_layer(N: int, K: int, group_size: int, frac: float, seed: int):
+    """The kernel operands of a random binary layer (reference.py, "binary + salient")."""
+    g = torch.Generator().manual_seed(seed)
+    G = math.ceil(K / group_size)
+    signs = fmt.pack(torch.randint(0, 2, (N, K), generator=g).to(torch.uint8), 1)
+    alpha = (torch.rand(N, G, generator=g) * 0.05 + 0.001).half().float()
+    mu = (torch.randn(N, G, generator=g) * 0.01).half().float()
+    mask = torch.rand(N, K, generator=g) < frac
+    rowptr = torch.cat([torch.zeros(1, dtype=torch.long), mask.sum(1).cumsum(0)]).to(torch.int32)
+    col = torch.nonzero(mask)[:, 1].to(torch.int32)
+    delta = torch.randn(len(col), generator=g) * 0.05
+    return signs, alpha, mu, rowptr, col, delta
+
+
+@pytest.mark.parametrize(("N", "K", "group_size", "frac"), BINARY_CASES)
+def test_host_binary_walk_matches_reference(host_driver: str, N: int, K: int, group_size: int, frac: float) -> None:
+    signs, alpha, mu, rowptr, col, delta = random_binary_layer(N, K, group_size, frac, seed=K)
+    x = torch.randn(K, generator=torch.Generator().manual_seed(K + 1))
+    parts = ["binary", N, K, group_size, len(col), *_u32(signs), *_u32(alpha), *_u32(mu), *rowptr.tolist(),
+             *col.tolist(), *_u32(delta), *_u32(x)]
+    proc = subprocess.run([host_driver], input=" ".join(map(str, parts)), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    tag, *vals = proc.stdout.split()
+    assert tag == "y"
+    y = _f32([int(v) for v in vals])
+    W = reference.binary_dequantize(signs, alpha, mu, group_size, K, rowptr, col, delta)
+    y64 = x.double() @ W.double().T
+    # the walk sums 4·alpha·(A − X) with A, X of size |x|: a few ulps of alpha·Σ|x| and of the salient terms
+    A = alpha.double().repeat_interleave(group_size, dim=1)[:, :K]
+    magnitude = (4 * A + W.double().abs()) @ x.double().abs()
+    err = (y.double() - y64).abs()
+    assert (err <= 16 * torch.finfo(torch.float32).eps * magnitude + 1e-30).all(), f"max error {err.max():.3g}"
+    torch.testing.assert_close(y, reference.binary_matmul(x[None], signs, alpha, mu, group_size, rowptr, col,
+                                                          delta)[0], rtol=1e-4, atol=1e-5)
 
 
 # --- 3. load() without a GPU ----------------------------------------------------------------------------

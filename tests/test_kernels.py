@@ -117,3 +117,50 @@ def test_bf16_model_logits_through_the_int4_path_stay_close_to_the_reference(mon
     assert kernels.choose(m.model.layers[0].mlp.down_proj, torch.zeros(1, 160, dtype=torch.bfloat16)) == "cpu"
     assert (fast.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
     assert (fast - ref).norm() / ref.norm() < 0.05
+
+
+# --- the declared ops (kernels/ops.py) ------------------------------------------------------------------
+
+def pbllm_layer(salient: float, N: int = 40, K: int = 200, group_size: int = 64) -> CompressedLinear:
+    from compress.round import pbllm
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(256, K, generator=g)
+    spec = LayerSpec(bits=1, group_size=group_size, symmetric=False, binary=True, salient=salient)
+    lw = pbllm.apply(LayerWeight(torch.randn(N, K, generator=g) * 0.05, spec), X.T @ X / 256, pbllm.Config())
+    return CompressedLinear.from_weight(lw, None)
+
+
+@pytest.mark.parametrize("spec", SPECS[:5], ids=lambda s: f"b{s.bits}-g{s.group_size}")
+def test_wq_matmul_op_is_the_reference_and_traces(spec: LayerSpec) -> None:
+    from compress.kernels import ops
+
+    m = layer(spec)
+    gw = spec.group_width(576)
+    zero = None if spec.symmetric else m.zero
+    x = torch.randn(2, 3, 576)
+    y = ops.wq_matmul(x, m.qweight, m.scale, zero, spec.bits, gw)
+    assert torch.equal(y, torch.ops.compress.wq_matmul(x, m.qweight, m.scale, zero, spec.bits, gw))
+    torch.testing.assert_close(y, x @ m.dequantize().T, rtol=1e-5, atol=1e-6)
+    # schema, fake (meta) implementation, autograd registration: torch's own consistency checks
+    torch.library.opcheck(torch.ops.compress.wq_matmul.default, (x, m.qweight, m.scale, zero, spec.bits, gw))
+    with torch.device("meta"):
+        fake = torch.ops.compress.wq_matmul(x.to("meta"), m.qweight.to("meta"), m.scale.to("meta"),
+                                            None if zero is None else zero.to("meta"), spec.bits, gw)
+    assert fake.shape == (2, 3, 40)
+
+
+@pytest.mark.parametrize("salient", [0.0, 0.05, 0.2])  # none, a CSR index, a bitmask index
+def test_binary_operands_and_op_reproduce_the_layer(salient: float) -> None:
+    m = pbllm_layer(salient)
+    ops = kernels.binary_operands(m)
+    assert kernels.binary_operands(m) is ops  # derived once per layer
+    assert ops.col.numel() == m.spec.nnz and ops.rowptr[-1] == m.spec.nnz
+    W = reference.binary_dequantize(*ops.args()[:4], 200, *ops.args()[4:])
+    torch.testing.assert_close(W, m.dequantize(), rtol=0, atol=1e-7)  # mu + alpha·s + delta = the 8-bit value
+    x = torch.randn(5, 200)
+    y = torch.ops.compress.binary_matmul(x, *ops.args())
+    torch.testing.assert_close(y, x @ m.dequantize().T, rtol=1e-5, atol=1e-6)
+    torch.library.opcheck(torch.ops.compress.binary_matmul.default, (x, *ops.args()))
+    m._drop_kernel_state()
+    assert "_binary" not in m.__dict__

@@ -125,12 +125,13 @@ def clustered_weight(N: int, K: int, flips: float = 0.02, seed: int = 0) -> torc
     return (signs.float() * 2 - 1) * (0.01 + torch.rand(N, K, generator=g) * 0.02)
 
 
-@pytest.mark.parametrize("salient", [0.0, 0.05])
-def test_signs_are_stored_as_an_mst_only_when_smaller_and_decode_exactly(salient: float) -> None:
+@pytest.mark.parametrize(("salient", "index"), [(0.0, ""), (0.05, "csr"), (0.2, "bitmask")])
+def test_signs_are_stored_as_an_mst_only_when_smaller_and_decode_exactly(salient: float, index: str) -> None:
     N, K = 64, 512
     spec = LayerSpec(bits=1, group_size=128, binary=True, salient=salient)
     lw = pbllm.apply(LayerWeight(clustered_weight(N, K), spec), hessian(K), pbllm.Config())
     assert lw.spec.signs == "mst" and lw.spec.edges > 0 and lw.info["mst"] == 1.0
+    assert (lw.spec.index or "") == index
     m = CompressedLinear.from_weight(lw, None)
     assert m.qweight.numel() == 0 and {"mst_parent", "mst_rowptr", "mst_col"} <= set(m.state_dict())
     assert torch.equal(m.codes(), lw.codes) and torch.equal(m.dequantize(), lw.dequantize())

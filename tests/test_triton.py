@@ -50,6 +50,24 @@ def random_layer(bits: int, K: int, g: int, sym: bool, n: int, scale_dtype: torc
     return fmt.pack(codes, bits), scale, zero
 
 
+# binary layers: name -> (K, group_size, salient fraction)
+BINARY_CASES = {"K128-g32-10%": (128, 32, 0.1), "K200-g48-20%": (200, 48, 0.2), "K77-row-0%": (77, 77, 0.0),
+                "K96-row-100%": (96, 96, 1.0)}
+
+
+def random_binary_layer(N: int, K: int, g: int, frac: float, scale_dtype: torch.dtype, seed: int):
+    """(signs, alpha, mu, rowptr, col, delta): the kernel operands of a random binary layer."""
+    gen = torch.Generator().manual_seed(seed)
+    G = math.ceil(K / g)
+    signs = fmt.pack(torch.randint(0, 2, (N, K), generator=gen).to(torch.uint8), 1)
+    alpha = (torch.rand(N, G, generator=gen) * 0.02 + 0.001).to(scale_dtype)
+    mu = (torch.randn(N, G, generator=gen) * 0.005).to(scale_dtype)
+    mask = torch.rand(N, K, generator=gen) < frac
+    rowptr = torch.cat([torch.zeros(1, dtype=torch.long), mask.sum(1).cumsum(0)]).to(torch.int32)
+    col = torch.nonzero(mask)[:, 1].to(torch.int32)
+    return signs, alpha, mu, rowptr, col, torch.randn(len(col), generator=gen) * 0.05
+
+
 # --- the interpreter worker (runs in a subprocess with TRITON_INTERPRET=1) -------------------------------
 
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -116,6 +134,24 @@ def _interpreter_measurements() -> dict[str, object]:
                 "exact_decode": bool(torch.equal(y[:K], reference.dequantize(qw, scale, zero, bits, g, K).T)),
                 "matmul_err": _rel_err(y[K:], reference.wq_matmul(x[K:], qw, scale, zero, bits, g))}
 
+    # binary layers: the 1-bit pass (mu + alpha·sign) and the salient CSR correction, decode (x = I) and matmul,
+    # M = 1 and M = 20, fp32 and fp16 activations
+    for name, (K, g, frac) in BINARY_CASES.items():
+        ops = random_binary_layer(N, K, g, frac, torch.float16, seed=400 + K)
+        W = reference.binary_dequantize(ops[0], ops[1], ops[2], g, K, *ops[3:])
+        xI = torch.cat([torch.eye(K), torch.randn(20, K)])
+        y = tw.binary_matmul(xI, *ops[:3], g, *ops[3:])
+        x1 = torch.randn(1, K)
+        xh = torch.randn(20, K).half()
+        yh = tw.binary_matmul(xh, *ops[:3], g, *ops[3:])
+        exact = xh.float() @ W.T
+        out[f"binary-{name}"] = {
+            "decode_err": (y[:K] - W.T).abs().max().item(),
+            "matmul_err": _rel_err(y[K:], reference.binary_matmul(xI[K:], *ops[:3], g, *ops[3:])),
+            "gemv_err": _rel_err(tw.binary_matmul(x1, *ops[:3], g, *ops[3:]),
+                                 reference.binary_matmul(x1, *ops[:3], g, *ops[3:])),
+            "fp16": [str(yh.dtype), _rel_err(yh, exact), _rel_err(xh @ W.half().T, exact)]}
+
     # through the dispatcher: CompressedLinear layers (uniform and mixed widths) forced onto the triton backend
     from compress import kernels
     from compress.nn import CompressedLinear
@@ -134,6 +170,24 @@ def _interpreter_measurements() -> dict[str, object]:
         y = kernels.linear(layer, x)
         out[f"dispatch-{name}"] = {"backend": kernels.choose(layer, x),
                                    "err": _rel_err(y, x @ layer.dequantize().T + layer.bias)}
+
+    # a PB-LLM layer (binary + 10 % salient, CSR or bitmask index, plain or MST-stored signs) through the dispatcher
+    from compress.round import pbllm
+
+    for signs in ("plain", "mst"):
+        gen = torch.Generator().manual_seed(8)
+        W = torch.randn(N, 576, generator=gen) * 0.05
+        if signs == "mst":  # rows that are near copies of one row: their signs' tree is smaller than the plane
+            W = W[:1] + 1e-3 * torch.randn(N, 576, generator=gen)
+        spec = LayerSpec(bits=1, group_size=-1, symmetric=False, binary=True, salient=0.1)
+        X = torch.randn(256, 576, generator=gen)
+        cfg = pbllm.Config(metric="magnitude", feedback=False, signs="auto" if signs == "mst" else "plain")
+        lw = pbllm.apply(LayerWeight(W, spec), X.T @ X / 256, cfg)
+        layer = CompressedLinear.from_weight(lw, None)
+        x = torch.randn(3, 576, generator=gen)
+        y = kernels.linear(layer, x)
+        out[f"dispatch-pbllm-{signs}"] = {"backend": kernels.choose(layer, x), "signs": layer.spec.signs,
+                                          "err": _rel_err(y, x @ layer.dequantize().T)}
     return out
 
 
@@ -192,6 +246,22 @@ def test_dispatcher_runs_compressed_linear_on_triton(interp: dict, name: str) ->
     r = interp[f"dispatch-{name}"]
     assert r["backend"] == "triton"
     assert r["err"] <= 1e-5, r
+
+
+@pytest.mark.parametrize("name", list(BINARY_CASES))
+def test_binary_kernel_matches_the_reference(interp: dict, name: str) -> None:
+    r = interp[f"binary-{name}"]
+    assert r["decode_err"] <= 1e-7, r  # x = I gives Ŵᵀ up to the fp32 rounding of mu + alpha·s + delta
+    assert r["matmul_err"] <= 1e-5 and r["gemv_err"] <= 1e-5, r
+    dtype, err, torch_err = r["fp16"]
+    assert dtype == "torch.float16" and err <= 2 * torch_err + 1e-3, r
+
+
+@pytest.mark.parametrize("signs", ["plain", "mst"])
+def test_dispatcher_runs_pbllm_layers_on_triton(interp: dict, signs: str) -> None:
+    r = interp[f"dispatch-pbllm-{signs}"]
+    assert r["backend"] == "triton" and r["err"] <= 1e-5, r
+    assert r["signs"] == ("mst" if signs == "mst" else ""), r
 
 
 # --- in this process (no interpreter) --------------------------------------------------------------------
@@ -271,6 +341,20 @@ def test_aot_group_aligned_steps_build_too(arch: int) -> None:
             info = triton_wq.compile_for(arch, bits, triton_wq.DECODE, x_dtype=torch.bfloat16,
                                          scale_dtype=torch.bfloat16, symmetric=sym, group_size=128)
             assert 0 < info.shared <= SMEM_LIMIT[arch] and info.n_spills == 0 and info.n_mma > 0, info
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_aot_binary_kernels_build_without_spills(arch: int) -> None:
+    """The binary specialization in every tier (gathered alpha/mu), and the salient correction kernel."""
+    _ptxas_or_skip()
+    for tier, config in triton_wq.CONFIGS.items():
+        x_dtype = torch.float32 if tier == "fp32" else torch.bfloat16
+        info = triton_wq.compile_for(arch, 1, config, x_dtype=x_dtype, scale_dtype=torch.bfloat16, group_size=48,
+                                     tile_in_one_group=False, binary=True)
+        assert 0 < info.shared <= SMEM_LIMIT[arch] and info.n_spills == 0, info
+        assert tier == "fp32" or info.n_mma > 0, info
+    info = triton_wq.compile_correction_for(arch)
+    assert info.shared <= SMEM_LIMIT[arch] and info.n_spills == 0 and 0 < info.n_regs <= 128, info
 
 
 if __name__ == "__main__":  # the interpreter worker: TRITON_INTERPRET=1 is set by the `interp` fixture

@@ -131,15 +131,28 @@ def wq_gemv(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor | None, bits
     return ext.wq_gemv(x, qweight, scale, zero, int(bits), int(group_size))
 
 
+def binary_gemv(x: Tensor, signs: Tensor, alpha: Tensor, mu: Tensor, group_size: int, rowptr: Tensor, col: Tensor,
+                delta: Tensor) -> Tensor:
+    """y [1, N] = x [1, K] @ W_hatᵀ of a binary layer with its salient CSR correction on a CUDA device
+    (reference.binary_matmul with M = 1)."""
+    ext = load()
+    if ext is None:
+        raise RuntimeError(f"the CUDA GEMV extension is unavailable: {unavailable_reason()}")
+    return ext.binary_gemv(x, signs, alpha, mu, int(group_size), rowptr, col, delta)
+
+
 # --- compile check ----------------------------------------------------------------------------------------
 
 _XTYPES = {"13__nv_bfloat16": "bf16", "6__half": "fp16", "f": "fp32"}
 
 
 def _kernel_name(mangled: str) -> str:
-    """`gemv_kernel<fp16, 3>` for _ZN2wq11gemv_kernelI6__halfLi3EE..., else the mangled name."""
-    m = re.match(r"_ZN2wq11gemv_kernelI(13__nv_bfloat16|6__half|f)Li(\d+)E", mangled)
-    return f"gemv_kernel<{_XTYPES[m.group(1)]}, {m.group(2)}>" if m else mangled
+    """`gemv_kernel<fp16, 3>` for _ZN2wq11gemv_kernelI6__halfLi3ELb0EE..., `gemv_kernel<fp16, binary>` for the
+    binary specialization (Li1ELb1E), else the mangled name."""
+    m = re.match(r"_ZN2wq11gemv_kernelI(13__nv_bfloat16|6__half|f)Li(\d+)E(?:Lb([01])E)?", mangled)
+    if m is None:
+        return mangled
+    return f"gemv_kernel<{_XTYPES[m.group(1)]}, {'binary' if m.group(3) == '1' else m.group(2)}>"
 
 
 def parse_ptxas(log_text: str) -> dict[str, dict[str, int]]:
@@ -236,4 +249,5 @@ def binding_check(archs: tuple[int, ...] = (80, 90), *, timeout: float = 1200.0)
             "command": " ".join(cmd), "log": proc.stdout + proc.stderr}
 
 
-__all__ = ["ARCHS", "binding_check", "load", "nvcc", "nvcc_check", "parse_ptxas", "unavailable_reason", "wq_gemv"]
+__all__ = ["ARCHS", "binary_gemv", "binding_check", "load", "nvcc", "nvcc_check", "parse_ptxas", "unavailable_reason",
+           "wq_gemv"]

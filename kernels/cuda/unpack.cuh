@@ -206,8 +206,64 @@ WQ_UNROLL
   return s * (two_b * A - (two_b + z) * X);
 }
 
+// ---- binary layers (PB-LLM, format.py "Binary layers") ---------------------------------------------
+//
+// W_hat = mu + alpha * (2 * sign - 1) per group, signs a 1-bit plane (a chunk = one word of 32 signs).
+// With A = sum_i xs_i * (1 + sign_i / 2) (chunk_code_f1p<1>: one LOP3 and one FMA per sign) and X = sum xs_i,
+// the signs' sum S = sum_i xs_i * sign_i = 2 * (A - X), so
+//   sum_i xs_i * W_hat_i = 2 * alpha * S + (mu - alpha) * X = 4 * alpha * (A - X) + (mu - alpha) * X.
+
+struct AlphaMuPair {
+  float alpha, mu;
+};
+
+// The group dot of codes [lo, hi) of a chunk: quantized (scale, zero) or binary (alpha, mu), by pair type.
+template <int BITS>
+WQ_HD float group_dot(const uint32_t (&sub)[n_planes(BITS)], const float* xs, int lo, int hi,
+                      const ScaleZeroPair& p) {
+  return chunk_dot<BITS>(sub, xs, lo, hi, p.scale, p.zero);
+}
+
+template <int BITS>
+WQ_HD float group_dot(const uint32_t (&sub)[n_planes(BITS)], const float* xs, float X, const ScaleZeroPair& p) {
+  return chunk_dot<BITS>(sub, xs, X, p.scale, p.zero);
+}
+
+template <int BITS>
+WQ_HD float group_dot(const uint32_t (&sub)[n_planes(BITS)], const float* xs, float X, const AlphaMuPair& p) {
+  static_assert(BITS == 1, "binary layers hold one sign bit per weight");
+  float A = 0.f;
+WQ_UNROLL
+  for (int i = 0; i < 32; ++i) A += xs[i] * chunk_code_f1p<1>(sub, i);
+  return 4.f * p.alpha * (A - X) + (p.mu - p.alpha) * X;
+}
+
+template <int BITS>
+WQ_HD float group_dot(const uint32_t (&sub)[n_planes(BITS)], const float* xs, int lo, int hi,
+                      const AlphaMuPair& p) {
+  static_assert(BITS == 1, "binary layers hold one sign bit per weight");
+  float A = 0.f, X = 0.f;
+WQ_UNROLL
+  for (int i = 0; i < 32; ++i) {
+    const float xi = (i >= lo && i < hi) ? xs[i] : 0.f;
+    A += xi * chunk_code_f1p<1>(sub, i);
+    X += xi;
+  }
+  return 4.f * p.alpha * (A - X) + (p.mu - p.alpha) * X;
+}
+
+// The salient correction of one row, as lane `lane` of a warp computes it: the entries j = begin + lane,
+// begin + lane + 32, ... < end of the row's CSR range, sum of x(col[j]) * delta[j] (delta = W_salient −
+// the binary value at that position; kernels.binary_operands). `x(k)` returns activation k as fp32.
+template <typename XAt>
+WQ_HD float salient_lane_sum(const int32_t* col, const float* delta, int begin, int end, int lane, const XAt& x) {
+  float acc = 0.f;
+  for (int j = begin + lane; j < end; j += 32) acc += x(col[j]) * delta[j];
+  return acc;
+}
+
 // The contribution of chunk q of one row to y (X = sum of the chunk's xs). `sz(group)` returns the
-// group's {scale, zero} as fp32. A chunk inside one group (always so when C divides group_size, and
+// group's {scale, zero} (or, for a binary layer, its {alpha, mu}) as fp32. A chunk inside one group (always so when C divides group_size, and
 // for per-row grids) takes one chunk_dot; a chunk that straddles groups takes one masked chunk_dot
 // per group it touches. Codes at k >= K are never looked at (their group may not exist).
 // Shared by the kernel and the host driver.
@@ -218,14 +274,12 @@ WQ_HD float chunk_contribution(const uint32_t (&sub)[n_planes(BITS)], const floa
   const int k0 = q * C, end = k0 + C < K ? k0 + C : K;
   int g = groups.of(k0);
   if (groups.size % C == 0 || groups.of(end - 1) == g) {
-    const ScaleZeroPair p = sz(g);
-    return chunk_dot<BITS>(sub, xs, X, p.scale, p.zero);
+    return group_dot<BITS>(sub, xs, X, sz(g));
   }
   float acc = 0.f;
   for (int lo = k0; lo < end; ++g) {
     const int hi = (g + 1) * groups.size < end ? (g + 1) * groups.size : end;
-    const ScaleZeroPair p = sz(g);
-    acc += chunk_dot<BITS>(sub, xs, lo - k0, hi - k0, p.scale, p.zero);
+    acc += group_dot<BITS>(sub, xs, lo - k0, hi - k0, sz(g));
     lo = hi;
   }
   return acc;
