@@ -38,6 +38,31 @@ def analyse(model: torch.nn.Module) -> list[dict]:
     return rows
 
 
+def checkpoint_check(model: torch.nn.Module, tok: object, result: object) -> dict:
+    """Save -> compress.load: logits on two pydoc windows equal the in-memory model's, and the compressed
+    Linears' bytes in the file are the bits per weight the plan reports."""
+    import tempfile
+
+    from safetensors import safe_open
+
+    from compress import checkpoint, data
+
+    ids = data.evaluation(tok, "pydoc", 256, 2).ids
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint.save(model, tok, result.plan, result.recipe, Path(d), card="mst benchmark")
+        loaded = compress.load(d)
+        with torch.no_grad():
+            same = torch.equal(loaded(ids).logits, model(ids).logits)
+        with safe_open(str(Path(d) / "model.safetensors"), "pt") as f:
+            stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() * 8 for k in f.keys()  # noqa: SIM118
+                         if any(k.startswith(n + ".") and not k.endswith(".bias") for n in result.plan))
+        disk = checkpoint.disk_bytes(Path(d))
+    _, total = result.avg_bits()
+    weights = sum(a * b for a, b in result.shapes.values())
+    return {"logits_equal": same, "stored_bits": stored, "reported_bits": total * weights, "bits_per_weight": total,
+            "weights": weights, "disk_bytes": disk}
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| Linear | layers | R x K | mean edge / K | ops saved | depth (max) | MST bytes / plain (stored) | "
              "(ideal) | stored as MST | tree-order == dense |", "|" + "---|" * 10]
@@ -63,15 +88,22 @@ def main() -> None:
     args = ap.parse_args()
     saved = args.out.with_suffix(".json")
     if args.render:
-        rows = json.loads(saved.read_text())
+        out = json.loads(saved.read_text())
     else:
         torch.set_num_threads(2)
         model, tok = models.load(models.resolve("smollm2-135m"))
-        compress.compress(model, tok, recipe.load(args.recipe))
-        rows = analyse(model)
+        result = compress.compress(model, tok, recipe.load(args.recipe))
+        out = {"layers": analyse(model), "checkpoint": checkpoint_check(model, tok, result)}
         saved.parent.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(rows, indent=1))
+        saved.write_text(json.dumps(out, indent=1))
+    rows = out["layers"]
     md = table(rows)
+    if ck := out.get("checkpoint"):
+        md += (f"\n\nCheckpoint: save → `compress.load` → logits on 2 x 256 pydoc tokens equal the in-memory model: "
+               f"**{ck['logits_equal']}**; the compressed Linears hold {ck['stored_bits'] / 8 / 2**20:.3f} MiB in the "
+               f"file vs {ck['reported_bits'] / 8 / 2**20:.3f} MiB from the reported {ck['bits_per_weight']:.4f} bits "
+               f"per weight x {ck['weights']:,} weights; whole checkpoint {ck['disk_bytes'] / 2**20:.1f} MiB on disk "
+               "(dense embeddings, norms and the tied lm_head included).")
     print(md)
     args.out.with_suffix(".md").write_text(
         f"# MST compression of binarized SmolLM2-135M rows\n\nCommand: `python evals/mst.py --recipe {args.recipe}`. "
