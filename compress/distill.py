@@ -7,7 +7,12 @@ Loss = token-mean KL(teacher ‖ student). What trains (`train`):
     scales   every compressed Linear's scale (and μ of binary layers), codes fixed
     norms    the scales plus the RMSNorm/LayerNorm weights
     ste      every compressed weight through a straight-through estimator on the plan's fixed grid
-             (latent fp32 weights; the forward sees them rounded), re-rounded onto the grid at the end
+             (latent fp32 weights; the forward sees them rounded), re-rounded onto the grid at the end;
+             binary layers see mu + alpha·sign(w − mu) (mu, alpha fixed) and their salient weights the
+             row's 8-bit grid, and `mst_reg` > 0 adds MST-compression's regularizer (compress/mst.py): the
+             smooth count of sign disagreements along each layer's row tree (built once from the signs
+             the training starts from), per binary weight, times mst_reg. At the end the signs are stored
+             as their tree when that is smaller (always re-decided when mst_reg > 0).
     weights  the dense weights of the Linears inside the blocks (a model that is pruned, not quantized)
 
 With `sparsity` > 0 (train=weights) the training prunes as ISS-P does (compress.prune): for the first
@@ -65,6 +70,7 @@ class Config:
     pattern: str = "unstructured"  # or n:m, e.g. 2:4
     iss_alpha: float = 0.999  # soft shrinkage factor during the pruning phase
     prune_steps: int = -1  # length of the pruning phase; -1 = half of the steps
+    mst_reg: float = 0.0  # train=ste: weight of the MST sign-distance regularizer on binary layers
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.windows_per_step < 1 or self.batch_size < 1 or self.warmup < 0:
@@ -77,6 +83,8 @@ class Config:
             raise CompressError("distill sparsity must be in [0, 1) and iss_alpha in [0, 1]")
         if not self.lr > 0:
             raise CompressError("distill lr must be > 0")
+        if self.mst_reg < 0 or (self.mst_reg and self.train != "ste"):
+            raise CompressError("distill mst_reg (>= 0) trains the signs of binary layers: use train=ste")
 
 
 # --- what trains --------------------------------------------------------------------------------------
@@ -93,6 +101,66 @@ class _STE(torch.autograd.Function):
         return g, None, None, None
 
 
+class _SignSTE(torch.autograd.Function):
+    """mu + alpha·sign(w − mu) (0 counted as +) in the forward, identity gradient in the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, w: Tensor, mu: Tensor, alpha: Tensor) -> Tensor:
+        return mu + alpha * (2 * (w >= mu).float() - 1)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:
+        return g, None, None
+
+
+@dataclass
+class BinaryGrid:
+    """The fixed grid of a binary layer [N, K]: mu, alpha per element, the salient mask and 8-bit row grid,
+    and (with mst_reg) the row tree and sharpness the regularizer uses."""
+
+    mu: Tensor
+    alpha: Tensor
+    mask: Tensor
+    s8: Tensor  # [N, 1]
+    z8: Tensor  # [N, 1]
+    parent: Tensor | None = None
+    beta: float = 0.0
+
+    def forward(self, w: Tensor) -> Tensor:
+        W = _SignSTE.apply(w, self.mu, self.alpha)
+        if self.mask.any():
+            W = torch.where(self.mask, _STE.apply(w, self.s8, self.z8, 255), W)
+        return W
+
+
+def binary_grid(m: CompressedLinear, mst_reg: float) -> BinaryGrid:
+    K, gw = m.in_features, m.spec.group_width(m.in_features)
+    sal = m.salient_part()
+    mask = torch.zeros(m.out_features, K, dtype=torch.bool, device=m.mu.device) if sal is None else sal.mask
+    ones = torch.ones(m.out_features, 1, device=m.mu.device)
+    bg = BinaryGrid(grid.expand(m.mu.float(), gw, K), grid.expand(m.scale.float(), gw, K), mask,
+                     ones if sal is None else sal.scale, ones if sal is None else sal.zero)
+    if mst_reg:
+        from compress import mst
+
+        bg.parent = mst.build(m.codes().bool().cpu()).parent.to(m.mu.device)
+        bg.beta = 3.0 / max(float(m.scale.float().mean()), 1e-8)  # tanh(beta·(w − mu)) ≈ ±1 at |w − mu| = alpha
+    return bg
+
+
+def mst_penalty(model: nn.Module) -> Tensor | None:
+    """The MST regularizer of every binary layer under train=ste, per binary weight (None if none)."""
+    from compress import mst
+
+    terms, n = [], 0
+    for m in model.modules():
+        bg = getattr(m, "_grid", None)
+        if isinstance(bg, BinaryGrid) and bg.parent is not None:
+            terms.append(mst.regularizer(m._latent - bg.mu, bg.parent, bg.beta))
+            n += m._latent.numel()
+    return torch.stack(terms).sum() / n if terms else None
+
+
 def _grid(m: CompressedLinear) -> tuple[Tensor, Tensor, Tensor]:
     """Per-element (scale, zero, qmax) [N, K] of a group-wise layer."""
     K, gw = m.in_features, m.spec.group_width(m.in_features)
@@ -107,7 +175,7 @@ def block_linears(model: nn.Module) -> list[nn.Linear]:
     return [m for m in models.blocks_of(model, models.arch_of(model)).modules() if isinstance(m, nn.Linear)]
 
 
-def prepare(model: nn.Module, train: str) -> list[nn.Parameter]:
+def prepare(model: nn.Module, train: str, mst_reg: float = 0.0) -> list[nn.Parameter]:
     """Turn what trains into fp32 Parameters (everything else frozen); returns them in a fixed order."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -120,10 +188,10 @@ def prepare(model: nn.Module, train: str) -> list[nn.Parameter]:
     for m in model.modules():
         if isinstance(m, CompressedLinear):
             if train == "ste":
-                if m.spec.binary or m.spec.levels is not None:
-                    raise CompressError("distill train=ste needs group-wise layers; use train=scales for binary "
-                                        "or per-column-level layers")
-                m._grid = _grid(m)
+                if m.spec.levels is not None:
+                    raise CompressError("distill train=ste needs group-wise or binary layers; use train=scales "
+                                        "for per-column-level layers")
+                m._grid = binary_grid(m, mst_reg) if m.spec.binary else _grid(m)
                 m._latent = nn.Parameter(m.dequantize())
                 params.append(m._latent)
             else:
@@ -141,12 +209,16 @@ def prepare(model: nn.Module, train: str) -> list[nn.Parameter]:
     return params
 
 
-def finish(model: nn.Module, train: str) -> None:
-    """Write the trained tensors back into the packed buffers in their storage dtypes."""
+def finish(model: nn.Module, train: str, mst_reg: float = 0.0) -> None:
+    """Write the trained tensors back into the packed buffers in their storage dtypes (binary layers are
+    re-packed as new modules: their sign storage, plain or MST, may change size)."""
     from compress import format as fmt
 
-    for m in model.modules():
+    for name, m in list(model.named_modules()):
         if not isinstance(m, CompressedLinear):
+            continue
+        if train == "ste" and isinstance(m._grid, BinaryGrid):
+            _finish_binary(model, name, m, mst_reg)
             continue
         if train == "ste":
             S, Z, Q = m._grid
@@ -164,7 +236,33 @@ def finish(model: nn.Module, train: str) -> None:
         p.requires_grad_(False)
 
 
+@torch.no_grad()
+def _finish_binary(model: nn.Module, name: str, m: CompressedLinear, mst_reg: float) -> None:
+    from dataclasses import replace
+
+    from compress.nn import set_module
+    from compress.plan import LayerWeight, Salient
+    from compress.round import pbllm
+
+    bg, w = m._grid, m._latent.detach()
+    signs = (w >= bg.mu).to(torch.uint8)
+    spec = replace(m.spec, signs="", edges=0)
+    info: dict[str, float] = {}
+    if mst_reg or m.spec.signs == "mst":
+        spec = pbllm.mst_signs(signs.bool().cpu(), spec, info)
+    sal = None
+    if spec.nnz:
+        q8 = grid.quantize(w, bg.s8, bg.z8, 255).to(torch.uint8) * bg.mask
+        sal = Salient(bg.mask, q8, bg.s8, bg.z8)
+    lw = LayerWeight(w, spec).rounded(codes=signs, scale=m.scale, zero=m.mu, salient=sal, info=info)
+    new = CompressedLinear.from_weight(lw, None if m.bias is None else m.bias.detach())
+    set_module(model, name, new)
+
+
 def ste_forward(m: CompressedLinear, x: Tensor) -> Tensor:
+    if isinstance(m._grid, BinaryGrid):
+        W = m._grid.forward(m._latent)
+        return torch.nn.functional.linear(x, W.to(x.dtype), None if m.bias is None else m.bias.to(x.dtype))
     S, Z, Q = m._grid
     W = _STE.apply(m._latent, S, Z, Q)
     return torch.nn.functional.linear(x, W.to(x.dtype), None if m.bias is None else m.bias.to(x.dtype))
@@ -203,7 +301,7 @@ def distill(model: nn.Module, teach: Teacher, windows: Tensor, cfg: Config, *, w
     init_distributed(device)
     rank, world = _world()
     model.to(device)
-    params = prepare(model, cfg.train)
+    params = prepare(model, cfg.train, cfg.mst_reg)
     ste = cfg.train == "ste"
     if ste:  # the forward sees the latent weights rounded onto the grid
         for m in model.modules():
@@ -243,6 +341,8 @@ def distill(model: nn.Module, teach: Teacher, windows: Tensor, cfg: Config, *, w
                 (kl.mean(-1).sum() / len(batch)).backward()  # mean over the global batch
                 loss_sum += float(kl.mean(-1).sum().detach())
                 tokens += kl.numel()
+            if cfg.mst_reg and rank == 0 and (pen := mst_penalty(model)) is not None:
+                (cfg.mst_reg * pen).backward()  # once per step (rank 0 only: the all-reduce sums the grads)
             if world > 1:
                 for p in params:
                     if p.grad is None:
@@ -277,7 +377,7 @@ def distill(model: nn.Module, teach: Teacher, windows: Tensor, cfg: Config, *, w
         if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
             model.gradient_checkpointing_disable()
         model.eval()
-        finish(model, cfg.train)
+        finish(model, cfg.train, cfg.mst_reg)
     return history
 
 

@@ -74,6 +74,53 @@ def test_ste_re_rounds_onto_the_grid_exactly_what_training_saw() -> None:
         torch.testing.assert_close(m(WINDOWS).logits, seen["logits"], rtol=1e-5, atol=1e-6)  # ... as trained
 
 
+def mean_edge(m: torch.nn.Module) -> float:
+    """Mean Hamming distance / K between each binary layer's sign rows and their MST parents."""
+    from compress import mst
+
+    d = [float(mst.build(mod.codes().bool()).edge_distances().float().mean()) / mod.in_features
+         for mod in m.modules() if isinstance(mod, CompressedLinear) and mod.spec.binary]
+    return sum(d) / len(d)
+
+
+def test_binary_ste_trains_signs_and_the_mst_regularizer_shortens_the_tree(tmp_path: Path) -> None:
+    """PB-LLM layers under train=ste: the signs move, the salient weights stay on their 8-bit grid, the
+    result is exactly what training saw and saves/loads exactly; mst_reg pulls sign rows toward their
+    tree parents (shorter mean edge than the same training without it)."""
+    edits = ("weights.salient=0.1",)
+    out = {}
+    for reg in (0.0, 2.0):
+        m, teach = setup("pbllm-10", edits)
+        if reg == 0.0:
+            before = {n: mod.codes().clone() for n, mod in m.named_modules() if isinstance(mod, CompressedLinear)}
+            edge0 = mean_edge(m)
+        seen = {}
+
+        def last(p: distill.Progress, m: torch.nn.Module = m, seen: dict = seen) -> None:
+            if p.step == p.steps:
+                with torch.no_grad():
+                    seen["logits"] = m(WINDOWS).logits
+
+        cfg = distill.Config(steps=12, windows_per_step=8, batch_size=8, lr=3e-3, warmup=2, train="ste", mst_reg=reg)
+        history = distill.distill(m, teach, WINDOWS, cfg, on_step=last)
+        assert all(torch.isfinite(torch.tensor(history)))
+        with torch.no_grad():
+            torch.testing.assert_close(m(WINDOWS).logits, seen["logits"], rtol=1e-5, atol=1e-5)
+        out[reg] = (m, mean_edge(m))
+    m0 = out[0.0][0]
+    moved = sum(int((mod.codes() != before[n]).sum()) for n, mod in m0.named_modules()
+                if isinstance(mod, CompressedLinear))
+    assert moved > 0
+    assert out[2.0][1] < min(out[0.0][1], edge0)
+    m2 = out[2.0][0]
+    res = run(tiny_llama(), "pbllm-10", edits)
+    from compress.plan import Plan
+
+    plan = Plan({n: m2.get_submodule(n).spec for n in res.plan})  # the specs after training (MST edges)
+    checkpoint.save(m2, None, plan, res.recipe, tmp_path, card="card")
+    assert torch.equal(logits(compress.load(tmp_path)), logits(m2))
+
+
 def test_resumed_distillation_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> None:
     cfg = distill.Config(steps=8, windows_per_step=2, lr=1e-2, warmup=2, save_every=2)
     m, teach = setup()
