@@ -1,4 +1,5 @@
-"""CPU fast path for group-wise codes of width <= 4: a packed GEMV for decode, PyTorch's int4 matmul for prefill.
+"""CPU fast path for group-wise codes of width <= 4 and binary (PB-LLM) layers: a packed GEMV for decode,
+PyTorch's int4 matmul for prefill.
 
 Few rows of x (at most GEMV_ROWS, i.e. decode): `cpu_ext.wq_gemv`, our C++ GEMV (cpu_gemv.cpp) over the
 layer's width parts (widths 2, 3, 4), which decodes the packed bit planes on the fly with AVX2 and
@@ -7,7 +8,7 @@ summation order), bf16 inputs only rounding the output. The extension is JIT-bui
 (about a minute, once: the build is cached on disk; see cpu_ext.py). COMPRESS_CPU_GEMV=0 (read at a layer's
 first decode call) keeps every call on the int4 path.
 
-More rows (prefill), layers the GEMV does not cover (1-bit or pruned parts) or no extension (no compiler or
+More rows (prefill), layers the GEMV does not cover (pruned ones) or no extension (no compiler or
 ninja, failed build): PyTorch's int4 CPU matmul (tinygemm layout). tinygemm decodes w = (q − 8)·scale' + zero'
 per group of g' columns. Our grid is w = (q − z)·s; with
 codes shifted per group, q' = q − d, it is reproduced by scale' = s, zero' = (8 − z + d)·s for any integer d
@@ -57,7 +58,7 @@ def unsupported(layer: object) -> str | None:
     if spec.levels is not None:
         return "per-column level grids (BAQ faithful mode) are not group-wise"
     if spec.binary:
-        return "binary (PB-LLM) layers have no int4 lowering yet"
+        return binary_unsupported(layer)
     K = layer.in_features  # type: ignore[attr-defined]
     if max(spec.group_bits(K)) > 4:
         return "codes wider than 4 bits do not fit int4"
@@ -178,9 +179,65 @@ def gemv_linear(layer: object, x: Tensor) -> Tensor:
     return _gemv(layer, x, bias)
 
 
+# --- binary (PB-LLM) layers ------------------------------------------------------------------------------
+#
+# mu + alpha·(2s − 1) = s'·(s − z') with s' = 2·alpha and z' = (alpha − mu) / (2·alpha): a 1-bit grid with fp32
+# zero points, which the GEMV takes as they are (alpha = 0, a group whose binarized weights are all equal, is
+# run as alpha = 1e-30: s'·(s − z') = mu + 1e-30·(2s − 1)). The salient weights are the CSR correction of
+# kernels.binary_operands, added in fp32 before the one rounding: y[:, n] += Σ_j x[:, col_j]·delta_j.
+# Decode only (at most GEMV_ROWS rows of x); longer inputs dequantize the layer for that call.
+
+
+@dataclass
+class BinaryPrepared:
+    scale: Tensor  # fp32 [N, G]: 2·alpha
+    zero: Tensor  # fp32 [N, G]: (alpha − mu) / (2·alpha)
+    rows: Tensor  # int64 [nnz]: the output row of each salient entry
+
+
+def binary_unsupported(layer: object) -> str | None:
+    if os.environ.get(GEMV_ENV, "").strip() == "0":
+        return f"binary layers run on the CPU GEMV only, and {GEMV_ENV}=0"
+    if cpu_ext.load() is None:
+        return f"binary layers need the CPU GEMV extension, which is unavailable ({cpu_ext.unavailable_reason()})"
+    return None
+
+
+def binary_linear(layer: object, x: Tensor) -> Tensor:
+    """y = x Ŵᵀ + b for a binary layer: the 1-bit GEMV plus the salient CSR correction, in x's dtype."""
+    from compress.kernels import binary_operands  # the dispatcher imports this module
+
+    K, N = layer.in_features, layer.out_features  # type: ignore[attr-defined]
+    bias = layer.bias  # type: ignore[attr-defined]
+    if x.numel() > GEMV_ROWS * K:  # prefill: one dense decode of the layer for this call
+        W = layer.dequantize()  # type: ignore[attr-defined]
+        return F.linear(x, W.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    ops = binary_operands(layer)
+    bp: BinaryPrepared | None = layer.__dict__.get("_cpu_binary")
+    if bp is None:
+        alpha = ops.alpha.float().clamp_min(1e-30)
+        rows = torch.repeat_interleave(torch.arange(N, device=ops.rowptr.device), ops.rowptr.long().diff())
+        bp = BinaryPrepared(2 * alpha, (alpha - ops.mu.float()) / (2 * alpha), rows)
+        layer.__dict__["_cpu_binary"] = bp
+    with torch.no_grad():
+        xf = x.reshape(-1, K).float()
+        y = cpu_ext.wq_gemv(xf, ops.signs, bp.scale, bp.zero, 1, ops.group_size, None)  # fp32 [M, N]
+        if ops.col.numel():
+            y.index_add_(1, bp.rows, xf[:, ops.col.long()] * ops.delta)
+        if bias is not None:
+            y += bias.float()
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        raise RuntimeError("the packed CPU GEMV has no backward; set COMPRESS_KERNEL=reference for gradients "
+                           "through packed layers")
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
 def linear(layer: object, x: Tensor) -> Tensor:
     """y = x Ŵᵀ + b: the packed GEMV for at most GEMV_ROWS rows of x, else the int4 matmul (computed with bf16
-    activations), returned in x's dtype. Layers the int4 matmul cannot take run every call on the GEMV."""
+    activations), returned in x's dtype. Layers the int4 matmul cannot take run every call on the GEMV;
+    binary layers take `binary_linear`."""
+    if layer.spec.binary:  # type: ignore[attr-defined]
+        return binary_linear(layer, x)
     K = layer.in_features  # type: ignore[attr-defined]
     if x.numel() <= GEMV_ROWS * K and gemv_unsupported(layer) is None:
         return gemv_linear(layer, x)

@@ -14,8 +14,9 @@ extension links the libgomp torch already loaded).
 
 `wq_gemv(x, qweight, scale, zero, bits, group_size, bias=None)` is the op behind `cpu.linear` for a few
 rows of x: the contract of `kernels/reference.py::wq_matmul` (fp32 accumulation, result in x's dtype) for x
-fp32 or bf16 [..., K], bits 2, 3 or 4, any group size, scales fp16/bf16/fp32, zero uint8 or None
-(symmetric), plus an optional bias added in fp32 before the result is rounded to x's dtype.
+fp32 or bf16 [..., K], bits 1 to 4, any group size, scales fp16/bf16/fp32, zero uint8 or None (symmetric)
+or fp32 (the affine form of a binary layer, kernels/cpu.py), plus an optional bias added in fp32 before the
+result is rounded to x's dtype.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "cpu_gemv.cpp"
 CACHE_ENV = "COMPRESS_CPU_CACHE"  # where JIT builds go; default ~/.cache/compress/cpu
-BITS = (2, 3, 4)
+BITS = (1, 2, 3, 4)
 
 _reason: str | None = None
 _ext: ModuleType | None = None  # set by a successful load(): the per-call path skips the cache lookup
@@ -119,7 +120,7 @@ def unavailable_reason() -> str | None:
 def wq_gemv(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int,
             bias: Tensor | None = None) -> Tensor:
     """y [..., N] = x [..., K] @ W_hatᵀ (+ bias) on the CPU, fp32 accumulation, in x's dtype
-    (reference.wq_matmul for x fp32/bf16, bits 2-4, zero None = symmetric). Meant for few rows of x: every
+    (reference.wq_matmul for x fp32/bf16, bits 1-4, zero None = symmetric). Meant for few rows of x: every
     4 rows decode W again."""
     ext = _ext or load()
     if ext is None:

@@ -6,8 +6,8 @@
 //   y[m, n] = Σ_g s[n, g] · (Σ_{k∈g} code[n, k] · x[m, k]  −  z[n, g] · X[m, g]),  X[m, g] = Σ_{k∈g} x[m, k]
 // with X computed once per call (z = 2^(bits−1) for symmetric grids).
 //
-// AVX2 path (widths 2, 3, 4; group size a multiple of 32, or one group per row). The widest plane (width
-// P = 4 for 4 bits, 2 for 2 and 3 bits) holds C = 32 / P codes per word; a *super-block* is 8 consecutive
+// AVX2 path (widths 1-4; group size a multiple of 32, or one group per row). The widest plane (width
+// P = 4 for 4 bits, 2 for 2 and 3 bits, 1 for 1 bit) holds C = 32 / P codes per word; a *super-block* is 8 consecutive
 // words of it, S = 8 C codes, loaded as one vector, lane l holding codes [C l, C l + C). Code j of every
 // lane is masked in place, (words & ((2^P − 1) << P j)) = code · 2^(P j), converted to fp32 (exact) and
 // FMA'd with x permuted and pre-scaled once per call, xp[S t + 8 j + l] = x[S t + C l + j] · 2^(−P j):
@@ -24,6 +24,9 @@
 // super-block of a row is a masked load (zero codes against zero-padded x). Rows of W go 4 at a time (one
 // row of x) or 2 at a time against up to 4 rows of x; the rows 16 further on are prefetched, since rows
 // are short (288 bytes for K = 576) and the block switches between them every 32 bytes.
+//
+// Zero points are uint8, or fp32 for a binary layer (PB-LLM) run as a 1-bit grid: mu + alpha (2 s - 1) =
+// s' (s - z') with s' = 2 alpha and z' = (alpha - mu) / (2 alpha) (kernels/cpu.py makes them).
 //
 // Portable path (no AVX2 at build time, or a group size that is not a multiple of 32): scalar decode of
 // 32 codes at a time, any group size >= 1. Both paths split rows of W over threads with at::parallel_for.
@@ -54,7 +57,8 @@ struct Problem {
   const void* scale;  // [N, G] rows `sstride` apart, dtype sdtype
   int64_t sstride;
   at::ScalarType sdtype;
-  const uint8_t* zero;  // [N, G] rows `zstride` apart, or null (symmetric: zsym)
+  const uint8_t* zero;  // [N, G] rows `zstride` apart, or null (symmetric: zsym, or zerof)
+  const float* zerof;   // [N, G] fp32 zero points rows `zstride` apart (a binary layer's affine form), or null
   int64_t zstride;
   float zsym;
   int64_t N, K, KB, G, gsize;
@@ -102,6 +106,8 @@ void row_params(const Problem& p, int64_t n0, int64_t n1, float* sf, float* zf) 
     }
     if (p.zero)
       to_float(p.zero + n * p.zstride, zf + r * G, len);
+    else if (p.zerof)
+      to_float(p.zerof + n * p.zstride, zf + r * G, len);
     else
       std::fill(zf + r * G, zf + r * G + len, p.zsym);
   }
@@ -291,7 +297,7 @@ WQ_INLINE __m256 acc_sum(const __m256 (&acc)[A][R][MB], int r, int m) {
 template <int BITS, int R, int MB, bool LANE>
 __attribute__((noinline)) void row_block(const Problem& p, int64_t n, int m0, const float* sf, const float* zf,
                                          const float* const* s32, const float* const* z32, float (&dot)[4][4]) {
-  constexpr int S = Geo<BITS>::S, P = Geo<BITS>::P, A = (BITS == 2 && R * MB <= 4) ? 2 : 1;
+  constexpr int S = Geo<BITS>::S, P = Geo<BITS>::P, A = (BITS <= 2 && R * MB <= 4) ? 2 : 1;
   const int64_t KB = p.KB, W0 = KB * P, T = (W0 + 7) / 8, full = W0 / 8, G = p.G, Kx = p.Kx, xlq = p.xlq;
   const int64_t spg = LANE ? 1 : (p.gsize >= p.K ? T : p.gsize / S);  // super-blocks per group
   const float* x = p.xp + m0 * Kx;
@@ -309,6 +315,7 @@ __attribute__((noinline)) void row_block(const Problem& p, int64_t n, int m0, co
   WQ_UNROLL
   for (int r = 0; r < R; ++r) hi[r] = _mm256_setzero_si256();
   // LANE: lane l of super-block t belongs to 32-code block (S / 32) t + l / (8 / (S / 32))
+  // (1 bit: S = 256, one 32-code block per lane, so the 8 per-block values load as they are)
   const __m256i lanes = P == 4 ? _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1) : _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
   for (int64_t t0 = 0, g = 0; t0 < T; t0 += spg, ++g) {
     zero_acc(acc);
@@ -329,7 +336,10 @@ __attribute__((noinline)) void row_block(const Problem& p, int64_t n, int m0, co
     WQ_UNROLL
     for (int r = 0; r < R; ++r) {
       __m256 sv, zv;
-      if constexpr (LANE) {
+      if constexpr (LANE && S / 32 == 8) {
+        sv = _mm256_loadu_ps(s32[r] + t0 * 8);
+        zv = _mm256_loadu_ps(z32[r] + t0 * 8);
+      } else if constexpr (LANE) {
         sv = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(s32[r] + t0 * (S / 32))), lanes);
         zv = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(z32[r] + t0 * (S / 32))), lanes);
       } else {
@@ -416,7 +426,7 @@ void rows_avx2(const Problem& p, int64_t n0, int64_t n1) {
 torch::Tensor wq_gemv(const torch::Tensor& x_in, const torch::Tensor& qweight_in, const torch::Tensor& scale_in,
                       const torch::Tensor& zero_in, int64_t bits, int64_t group_size,
                       const c10::optional<torch::Tensor>& bias_in) {
-  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4, "cpu wq_gemv: widths 2, 3 and 4 only, got ", bits);
+  TORCH_CHECK(bits >= 1 && bits <= 4, "cpu wq_gemv: widths 1 to 4 only, got ", bits);
   TORCH_CHECK(x_in.device().is_cpu() && qweight_in.device().is_cpu() && scale_in.device().is_cpu() &&
                   zero_in.device().is_cpu(),
               "cpu wq_gemv: tensors must be on the CPU");
@@ -434,10 +444,12 @@ torch::Tensor wq_gemv(const torch::Tensor& x_in, const torch::Tensor& qweight_in
               K, " at ", bits, " bits needs ", KB * bits);
   TORCH_CHECK(scale_in.dim() == 2 && scale_in.size(0) == N && scale_in.size(1) == G, "cpu wq_gemv: scale must be [",
               N, ", ", G, "], got ", scale_in.sizes());
-  const bool asym = zero_in.numel() > 0;
+  const bool asym = zero_in.numel() > 0, zfloat = asym && zero_in.scalar_type() == at::kFloat;
   if (asym)
-    TORCH_CHECK(zero_in.scalar_type() == at::kByte && zero_in.dim() == 2 && zero_in.size(0) == N && zero_in.size(1) == G,
-                "cpu wq_gemv: zero must be uint8 [", N, ", ", G, "] or empty (symmetric)");
+    TORCH_CHECK((zfloat || zero_in.scalar_type() == at::kByte) && zero_in.dim() == 2 && zero_in.size(0) == N &&
+                    zero_in.size(1) == G,
+                "cpu wq_gemv: zero must be uint8 (or float32, a binary layer's affine form) [", N, ", ", G,
+                "] or empty (symmetric)");
   TORCH_CHECK(M < (int64_t(1) << 31), "cpu wq_gemv: too many rows");
   torch::Tensor bias;
   if (bias_in.has_value() && bias_in->defined()) {
@@ -464,12 +476,12 @@ torch::Tensor wq_gemv(const torch::Tensor& x_in, const torch::Tensor& qweight_in
 #else
   const bool fast = false;
 #endif
-  const int P = bits == 4 ? 4 : 2, C = 32 / P, S = 8 * C;  // Geo<BITS>
+  const int P = bits == 3 ? 2 : static_cast<int>(bits), C = 32 / P, S = 8 * C;  // Geo<BITS>
   const int64_t T = (KB * P + 7) / 8;                       // super-blocks per row
   const bool lane = fast && group_size < K && group_size % S != 0;
   const int64_t Kx = fast ? T * S : KB * 32, xlq = 8 * (lane ? T : G);
   std::vector<float> xf(M * Kx, 0.f), xsum(M * G), xp(fast ? M * Kx : 0), xl(fast ? M * xlq : 0, 0.f);
-  float pscale[16];  // 2^(-P j) for j < C - 1, 1 for the last code of a word (see decode): exact
+  float pscale[32];  // 2^(-P j) for j < C - 1, 1 for the last code of a word (see decode): exact
   for (int j = 0; j < C; ++j) pscale[j] = j == C - 1 ? 1.f : std::ldexp(1.f, -P * j);
   for (int64_t m = 0; m < M; ++m) {
     float* dst = xf.data() + m * Kx;
@@ -515,7 +527,8 @@ torch::Tensor wq_gemv(const torch::Tensor& x_in, const torch::Tensor& qweight_in
   p.scale = scale.data_ptr();
   p.sstride = scale.stride(0);
   p.sdtype = sdt;
-  p.zero = asym ? zero.data_ptr<uint8_t>() : nullptr;
+  p.zero = asym && !zfloat ? zero.data_ptr<uint8_t>() : nullptr;
+  p.zerof = zfloat ? zero.data_ptr<float>() : nullptr;
   p.zstride = asym ? zero.stride(0) : 0;
   p.zsym = static_cast<float>(1 << (bits - 1));
   p.N = N, p.K = K, p.KB = KB, p.G = G, p.gsize = group_size;
@@ -534,6 +547,7 @@ torch::Tensor wq_gemv(const torch::Tensor& x_in, const torch::Tensor& qweight_in
 #ifdef __AVX2__
     if (fast) {
       switch (bits) {
+        case 1: return lane ? rows_avx2<1, true>(p, n0, n1) : rows_avx2<1, false>(p, n0, n1);
         case 2: return lane ? rows_avx2<2, true>(p, n0, n1) : rows_avx2<2, false>(p, n0, n1);
         case 3: return lane ? rows_avx2<3, true>(p, n0, n1) : rows_avx2<3, false>(p, n0, n1);
         default: return lane ? rows_avx2<4, true>(p, n0, n1) : rows_avx2<4, false>(p, n0, n1);
@@ -555,7 +569,7 @@ bool has_avx2() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wq_gemv", &wq_gemv,
-        "y [..., N] = x [..., K] @ W_hat^T (+ bias) for packed 2/3/4-bit group-wise codes, fp32 accumulation, "
+        "y [..., N] = x [..., K] @ W_hat^T (+ bias) for packed 1-4-bit group-wise codes, fp32 accumulation, "
         "in x's dtype",
         py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("zero"), py::arg("bits"), py::arg("group_size"),
         py::arg("bias") = py::none());

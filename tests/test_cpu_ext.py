@@ -53,7 +53,7 @@ def magnitude(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: t
 
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize(("K", "g"), GROUPS, ids=[f"K{k}-g{g or 'row'}" for k, g in GROUPS])
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_gemv_matches_the_reference(ext, bits: int, K: int, g: int | None, sym: bool) -> None:
     g = g or K
     for sdt, xdt, M in itertools.product(SCALES, (torch.float32, torch.bfloat16), (1, 3)):
@@ -73,7 +73,7 @@ def test_gemv_matches_the_reference(ext, bits: int, K: int, g: int | None, sym: 
 
 
 @pytest.mark.parametrize(("K", "g"), GROUPS, ids=[f"K{k}-g{g or 'row'}" for k, g in GROUPS])
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_the_identity_reads_the_weights_back_exactly(ext, bits: int, K: int, g: int | None) -> None:
     g = g or K
     for sym, sdt in itertools.product((True, False), SCALES):
@@ -90,7 +90,7 @@ def test_leading_dims_bias_and_bad_widths(ext) -> None:
     ref = reference.wq_matmul(x.reshape(6, 576), qweight, scale, zero, 4, 128) + bias
     assert y.shape == (2, 3, N)
     assert (y.reshape(6, N) - ref).norm() <= 1e-5 * ref.norm()
-    with pytest.raises(RuntimeError, match="widths 2, 3 and 4 only"):
+    with pytest.raises(RuntimeError, match="widths 1 to 4 only"):
         ext.wq_gemv(torch.randn(1, 64), torch.zeros(N, 2 * 5, dtype=torch.int32), scale[:, :1], torch.empty(0), 5, 64)
     with pytest.raises(RuntimeError, match="qweight has"):
         ext.wq_gemv(torch.randn(1, 64), qweight, scale, zero, 4, 128)
@@ -149,7 +149,7 @@ def test_prefill_and_uncovered_layers_keep_the_int4_path(ext) -> None:
     assert (y - exact).norm() <= 1e-5 * exact.norm()
     one_bit = layer(LayerSpec(bits=1, group_size=128, symmetric=False))
     cpu.linear(one_bit, x[:1].bfloat16())
-    assert "widths" in one_bit.__dict__["_cpu_gemv"] and "_cpu_prepared" in one_bit.__dict__
+    assert one_bit.__dict__["_cpu_gemv"] is None and "_cpu_prepared" not in one_bit.__dict__  # 1 bit: the GEMV
 
 
 def test_autograd_gets_the_bias_gradient_and_a_loud_input_gradient(ext) -> None:
@@ -193,3 +193,25 @@ def test_a_failed_build_falls_back_to_tinygemm(monkeypatch: pytest.MonkeyPatch, 
             cpu_ext.wq_gemv(x, m.qweight, m.scale, None, 4, 128)
     finally:
         cpu_ext.load.cache_clear()  # the next load() finds the real build again
+
+
+@pytest.mark.parametrize(("salient", "group_size"), [(0.0, -1), (0.05, 128), (0.2, 64), (0.1, 48)],
+                         ids=["plain-row", "csr-g128", "bitmask-g64", "g48-portable"])
+def test_binary_layers_take_the_gemv_plus_the_salient_correction(ext, salient: float, group_size: int) -> None:
+    from test_kernels import pbllm_layer
+
+    m = pbllm_layer(salient, N=N, K=576, group_size=group_size)
+    assert cpu.unsupported(m) is None
+    W = m.dequantize()
+    for M, xdt in itertools.product((1, 3), (torch.float32, torch.bfloat16)):
+        x = torch.randn(2, M, 576).to(xdt)
+        exact = x.float() @ W.T
+        y = cpu.linear(m, x)
+        assert y.shape == exact.shape and y.dtype == xdt
+        if xdt == torch.float32:  # fp32 accumulation: the sums' rounding (and alpha·(s − z') for mu ± alpha)
+            assert (y - exact).norm() <= 1e-5 * exact.norm(), (M, xdt)
+        else:  # one rounding of the output to bf16
+            assert ((y.float() - exact).abs() <= 2**-8 * exact.abs() + 1e-5 * exact.abs().amax()).all(), (M, xdt)
+    torch.testing.assert_close(cpu.linear(m, torch.eye(576)[:8]), W.T[:8], rtol=1e-6, atol=1e-7)  # reads Ŵ back
+    x = torch.randn(cpu.GEMV_ROWS + 1, 576)
+    assert (cpu.linear(m, x) - x @ W.T).norm() <= 1e-5 * (x @ W.T).norm()  # prefill: a dense decode per call
