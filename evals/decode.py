@@ -1,12 +1,14 @@
 """CPU decode benchmark: greedy tokens/s and peak RSS of SmolLM2-135M, dense vs packed, one process per row.
 
-Checkpoints are made once into evals/.cache/decode (a dense safetensors copy of the GGUF model, and RTN
-packed copies: the rounding method does not change the speed), then every row loads its checkpoint with
+Checkpoints are made once into evals/.cache/decode (a dense safetensors copy of the GGUF model, RTN packed
+copies and a PB-LLM one (binary + 10 % salient, no error feedback): the rounding method does not change the
+speed), then every row loads its checkpoint with
 `from_pretrained` in a fresh process, decodes `--tokens` tokens greedily after a 64-token prompt with the KV
 cache, and reports decode tokens/s (prefill excluded), the process's peak RSS and the kernel backend that ran.
 Packed rows take the CPU backend: the packed GEMV (kernels/cpu_gemv.cpp) for the decode steps, the int4
-tinygemm matmul for the prompt; the "fp32 model" row keeps embeddings, lm_head, norms and attention in
-fp32 and forces that backend (the GEMV accumulates fp32 activations in fp32); "reference" rows force
+tinygemm matmul for the prompt (PB-LLM: the 1-bit GEMV plus the salient correction, a dense decode of each
+layer for the prompt); the "fp32 model" row keeps embeddings, lm_head, norms and attention in fp32 and
+forces that backend (the GEMV accumulates fp32 activations in fp32); "reference" rows force
 COMPRESS_KERNEL=reference (dequantize each layer per call). The fidelity columns compare the row's
 next-token logits on the prompt with the reference path of the same checkpoint in fp32.
 Writes evals/results/decode.{json,md}; the prompt logits stay in evals/.cache/decode/logits.
@@ -34,8 +36,16 @@ ROWS: dict[str, tuple[str, str, str | None]] = {  # label -> (checkpoint, dtype,
     "packed w4g128, bf16 (cpu)": ("rtn-w4g128", "bfloat16", None),
     "packed w4g128, fp32 model (cpu, forced)": ("rtn-w4g128", "float32", "cpu"),
     "packed w3g128, bf16 (cpu)": ("rtn-w3g128", "bfloat16", None),
+    "pb-llm 10%, fp32 (reference)": ("pbllm-10", "float32", "reference"),
+    "pb-llm 10%, bf16 (cpu)": ("pbllm-10", "bfloat16", None),
 }
-PACKED = {"rtn-w4g128": ["weights.bits=4"], "rtn-w3g128": ["weights.bits=3"]}
+PACKED: dict[str, tuple[str, list[str]]] = {  # checkpoint -> (recipe, edits); the rounding does not change the speed
+    "rtn-w4g128": ("rtn-4bit", ["weights.bits=4"]),
+    "rtn-w3g128": ("rtn-4bit", ["weights.bits=3"]),
+    "pbllm-10": ("binary", ["weights.salient=0.1", "calibrate.samples=16"]),  # binary + 10 % salient, no feedback
+}
+REFERENCES = {"dense": "dense fp32", "rtn-w4g128": "packed w4g128, fp32 (reference)",
+              "pbllm-10": "pb-llm 10%, fp32 (reference)"}
 
 
 def make_checkpoints() -> None:
@@ -47,10 +57,10 @@ def make_checkpoints() -> None:
         model, tok = models.load(ref)
         model.save_pretrained(CACHE / "dense")
         tok.save_pretrained(CACHE / "dense")
-    for name, edits in PACKED.items():
+    for name, (recipe_name, edits) in PACKED.items():
         if not (CACHE / name / "config.json").is_file():
             model, tok = models.load(ref)
-            rec = recipe.load("rtn-4bit", edits)
+            rec = recipe.load(recipe_name, edits)
             res = compress.compress(model, tok, rec)
             checkpoint.save(model, tok, res.plan, res.recipe, CACHE / name, card=f"decode benchmark: {name}")
 
@@ -95,8 +105,7 @@ def job(label: str, tokens: int) -> dict:
 
 def reference_of(label: str) -> str | None:
     """The fp32 reference row a row's prompt logits are compared with (None: not compared)."""
-    ckpt = ROWS[label][0]
-    return None if ckpt == "rtn-w3g128" else "dense fp32" if ckpt == "dense" else "packed w4g128, fp32 (reference)"
+    return REFERENCES.get(ROWS[label][0])
 
 
 def fidelity(row: dict) -> None:
