@@ -54,7 +54,8 @@ def rel_err(X: torch.Tensor, W_hat: torch.Tensor, W: torch.Tensor) -> float:
     return float(((X @ (W_hat - W).T) ** 2).sum() / ((X @ W.T) ** 2).sum())
 
 
-def layer_rows(name: str, W: torch.Tensor, X: torch.Tensor, X_test: torch.Tensor, steps: int) -> list[dict]:
+def layer_rows(name: str, W: torch.Tensor, X: torch.Tensor, X_test: torch.Tensor, steps: int, lr: float
+               ) -> list[dict]:
     H = 2 * X.T @ X / len(X)
     spec = LayerSpec(bits=1, group_size=-1, symmetric=False, binary=True, salient=0.1)
     lw = pbllm.apply(LayerWeight(W, spec), H, pbllm.Config(metric="hessian", feedback=True, signs="plain"))
@@ -64,7 +65,7 @@ def layer_rows(name: str, W: torch.Tensor, X: torch.Tensor, X_test: torch.Tensor
     for reg in REGS:
         bg = distill.binary_grid(m, 1.0)  # the tree of the starting signs, for every reg
         latent = nn.Parameter(m.dequantize())
-        opt = torch.optim.Adam([latent], lr=0.05 * float(m.scale.float().mean()))
+        opt = torch.optim.Adam([latent], lr=lr * float(m.scale.float().mean()))
         for _ in range(steps):
             err = ((X @ (bg.forward(latent) - W).T) ** 2).sum() / ((X @ W.T) ** 2).sum()
             loss = err + reg * mst.regularizer(latent - bg.mu, bg.parent, bg.beta) / latent.numel()
@@ -92,7 +93,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--blocks", type=int, nargs="*", default=[0, 15])
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--windows", type=int, default=8, help="calibration windows of 256 tokens (half held out)")
+    ap.add_argument("--windows", type=int, default=16, help="calibration windows of 256 tokens (half held out)")
+    ap.add_argument("--lr", type=float, default=0.01, help="Adam step size in units of the layer's mean alpha")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "mst_reg")
     ap.add_argument("--render", action="store_true")
     args = ap.parse_args()
@@ -112,18 +114,21 @@ def main() -> None:
                 if isinstance(lin, nn.Linear):
                     X = xs[n]
                     half = len(X) // 2
-                    rows += layer_rows(f"{b}.{n}", lin.weight.detach().float(), X[:half], X[half:], args.steps)
+                    rows += layer_rows(f"{b}.{n}", lin.weight.detach().float(), X[:half], X[half:], args.steps,
+                                       args.lr)
                     print(table(rows[-1 - len(REGS):]).splitlines()[-1], flush=True)
         saved.parent.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(rows, indent=1))
     md = table(rows)
     print(md)
+    cmd = f"python evals/mst_reg.py --blocks {' '.join(map(str, args.blocks))} --steps {args.steps} --lr {args.lr} " \
+          f"--windows {args.windows}"
     args.out.with_suffix(".md").write_text(
-        f"# MST regularizer, layer by layer (SmolLM2-135M)\n\nCommand: `python evals/mst_reg.py --blocks "
-        f"{' '.join(map(str, args.blocks))} --steps {args.steps}`. GPTQ-PB 10 % salient (Hessian) per Linear, then "
-        f"{args.steps} Adam steps of the binary STE on the layer's relative output error + reg x the MST "
-        "regularizer per weight (tree of the starting signs, beta = 3 / mean alpha). Error on held-out tokens of "
-        "the same pydoc windows; ops saved = 1 − (K + Σ edges) / (R·K); bytes as stored (format.py).\n\n" + md + "\n")
+        f"# MST regularizer, layer by layer (SmolLM2-135M)\n\nCommand: `{cmd}`. GPTQ-PB 10 % salient (Hessian) per "
+        f"Linear, then {args.steps} Adam steps (lr {args.lr} x mean alpha) of the binary STE on the layer's relative "
+        "output error + reg x the MST regularizer per weight (tree of the starting signs, beta = 3 / mean alpha). "
+        "Error on held-out tokens of the same pydoc windows; ops saved = 1 − (K + Σ edges) / (R·K); bytes as stored "
+        "(format.py).\n\n" + md + "\n")
 
 
 if __name__ == "__main__":
