@@ -184,15 +184,20 @@ def gemv_linear(layer: object, x: Tensor) -> Tensor:
 # mu + alpha·(2s − 1) = s'·(s − z') with s' = 2·alpha and z' = (alpha − mu) / (2·alpha): a 1-bit grid with fp32
 # zero points, which the GEMV takes as they are (alpha = 0, a group whose binarized weights are all equal, is
 # run as alpha = 1e-30: s'·(s − z') = mu + 1e-30·(2s − 1)). The salient weights are the CSR correction of
-# kernels.binary_operands, added in fp32 before the one rounding: y[:, n] += Σ_j x[:, col_j]·delta_j.
+# kernels.binary_operands, added in fp32 before the one rounding: y[:, n] += Σ_j x[:, col_j]·delta_j
+# (cpu_ext.csr_add_, 16-bit columns).
 # Decode only (at most GEMV_ROWS rows of x); longer inputs dequantize the layer for that call.
 
 
 @dataclass
 class BinaryPrepared:
+    signs: Tensor  # int32 [N, ceil(K/32)]: the sign plane (an MST-stored layer's, decoded once)
     scale: Tensor  # fp32 [N, G]: 2·alpha
     zero: Tensor  # fp32 [N, G]: (alpha − mu) / (2·alpha)
-    rows: Tensor  # int64 [nnz]: the output row of each salient entry
+    group_size: int
+    rowptr: Tensor  # int32 [N + 1]: the salient CSR
+    col: Tensor  # int16 (read as uint16; int32 when K > 65536) [nnz]
+    delta: Tensor  # fp32 [nnz]
 
 
 def binary_unsupported(layer: object) -> str | None:
@@ -203,27 +208,33 @@ def binary_unsupported(layer: object) -> str | None:
     return None
 
 
-def binary_linear(layer: object, x: Tensor) -> Tensor:
-    """y = x Ŵᵀ + b for a binary layer: the 1-bit GEMV plus the salient CSR correction, in x's dtype."""
+def prepare_binary(layer: object) -> BinaryPrepared:
+    """The CPU form of a binary layer, made once: the affine 1-bit grid and the CSR with 16-bit columns
+    (6 bytes a salient weight). The generic operands it is made from are dropped from the layer."""
     from compress.kernels import binary_operands  # the dispatcher imports this module
 
+    ops = binary_operands(layer)
+    layer.__dict__.pop("_binary", None)  # only this form is kept: 6 instead of 8 bytes a salient weight
+    alpha = ops.alpha.float().clamp_min(1e-30)
+    col = ops.col.to(torch.int16) if layer.in_features <= 65536 else ops.col  # type: ignore[attr-defined]
+    return BinaryPrepared(ops.signs, 2 * alpha, (alpha - ops.mu.float()) / (2 * alpha), ops.group_size,
+                          ops.rowptr, col, ops.delta.float().contiguous())
+
+
+def binary_linear(layer: object, x: Tensor) -> Tensor:
+    """y = x Ŵᵀ + b for a binary layer: the 1-bit GEMV plus the salient CSR correction, in x's dtype."""
     K, N = layer.in_features, layer.out_features  # type: ignore[attr-defined]
     bias = layer.bias  # type: ignore[attr-defined]
     if x.numel() > GEMV_ROWS * K:  # prefill: one dense decode of the layer for this call
         W = layer.dequantize()  # type: ignore[attr-defined]
         return F.linear(x, W.to(x.dtype), None if bias is None else bias.to(x.dtype))
-    ops = binary_operands(layer)
     bp: BinaryPrepared | None = layer.__dict__.get("_cpu_binary")
     if bp is None:
-        alpha = ops.alpha.float().clamp_min(1e-30)
-        rows = torch.repeat_interleave(torch.arange(N, device=ops.rowptr.device), ops.rowptr.long().diff())
-        bp = BinaryPrepared(2 * alpha, (alpha - ops.mu.float()) / (2 * alpha), rows)
-        layer.__dict__["_cpu_binary"] = bp
+        bp = layer.__dict__["_cpu_binary"] = prepare_binary(layer)
     with torch.no_grad():
-        xf = x.reshape(-1, K).float()
-        y = cpu_ext.wq_gemv(xf, ops.signs, bp.scale, bp.zero, 1, ops.group_size, None)  # fp32 [M, N]
-        if ops.col.numel():
-            y.index_add_(1, bp.rows, xf[:, ops.col.long()] * ops.delta)
+        xf = x.reshape(-1, K).float().contiguous()
+        y = cpu_ext.wq_gemv(xf, bp.signs, bp.scale, bp.zero, 1, bp.group_size, None)  # fp32 [M, N]
+        cpu_ext.csr_add_(y, xf, bp.rowptr, bp.col, bp.delta)
         if bias is not None:
             y += bias.float()
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):

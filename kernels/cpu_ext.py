@@ -16,7 +16,8 @@ extension links the libgomp torch already loaded).
 rows of x: the contract of `kernels/reference.py::wq_matmul` (fp32 accumulation, result in x's dtype) for x
 fp32 or bf16 [..., K], bits 1 to 4, any group size, scales fp16/bf16/fp32, zero uint8 or None (symmetric)
 or fp32 (the affine form of a binary layer, kernels/cpu.py), plus an optional bias added in fp32 before the
-result is rounded to x's dtype.
+result is rounded to x's dtype. `csr_add_(y, x, rowptr, col, delta)` adds a binary layer's salient CSR
+correction to a GEMV's fp32 result in place.
 """
 
 from __future__ import annotations
@@ -128,4 +129,15 @@ def wq_gemv(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor | None, bits
     return ext.wq_gemv(x, qweight, scale, _NO_ZERO if zero is None else zero, bits, group_size, bias)
 
 
-__all__ = ["BITS", "CACHE_ENV", "cflags", "has_avx2", "load", "unavailable_reason", "wq_gemv"]
+
+def csr_add_(y: Tensor, x: Tensor, rowptr: Tensor, col: Tensor, delta: Tensor) -> Tensor:
+    """y [M, N] += x [M, K] @ Dᵀ in place, fp32, for the CSR matrix D (rowptr int32 [N + 1], col int32 or int16
+    read as uint16 [nnz], delta fp32 [nnz]): a binary layer's salient correction. Returns y."""
+    ext = _ext or load()
+    if ext is None:
+        raise RuntimeError(f"the CPU GEMV extension is unavailable: {unavailable_reason()}")
+    ext.csr_add_(y, x, rowptr, col, delta)
+    return y
+
+
+__all__ = ["BITS", "CACHE_ENV", "cflags", "csr_add_", "has_avx2", "load", "unavailable_reason", "wq_gemv"]

@@ -215,3 +215,25 @@ def test_binary_layers_take_the_gemv_plus_the_salient_correction(ext, salient: f
     torch.testing.assert_close(cpu.linear(m, torch.eye(576)[:8]), W.T[:8], rtol=1e-6, atol=1e-7)  # reads Ŵ back
     x = torch.randn(cpu.GEMV_ROWS + 1, 576)
     assert (cpu.linear(m, x) - x @ W.T).norm() <= 1e-5 * (x @ W.T).norm()  # prefill: a dense decode per call
+
+
+@pytest.mark.parametrize("col_dtype", [torch.int16, torch.int32])
+def test_csr_add_matches_a_dense_correction(ext, col_dtype: torch.dtype) -> None:
+    """The salient correction alone: ragged rows (empty, shorter and longer than a gather of 8), up to 11 rows
+    of x (more than one block of 8), and columns past 32767 (int16 storage is read as uint16)."""
+    g = torch.Generator().manual_seed(0)
+    N, K = 37, 40000
+    D = torch.zeros(N, K)
+    for n in range(N):
+        k = torch.randperm(K, generator=g)[: [0, 3, 8, 21, 64][n % 5]]
+        D[n, k] = torch.randn(len(k), generator=g)
+    rows, cols = torch.nonzero(D, as_tuple=True)
+    rowptr = torch.cat([torch.zeros(1, dtype=torch.int64), (D != 0).sum(1).cumsum(0)]).to(torch.int32)
+    col = cols.to(torch.int32).to(torch.int16) if col_dtype == torch.int16 else cols.to(torch.int32)
+    assert col_dtype != torch.int16 or (col < 0).any()  # some columns really wrap
+    for M in (1, 8, 11):
+        x, y0 = torch.randn(M, K, generator=g), torch.randn(M, N, generator=g)
+        y = cpu_ext.csr_add_(y0.clone(), x, rowptr, col, D[rows, cols])
+        torch.testing.assert_close(y, y0 + x.double().mm(D.double().T).float(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="rowptr must run from 0 to nnz"):
+        cpu_ext.csr_add_(y0.clone(), x, rowptr - 1, col, D[rows, cols])
