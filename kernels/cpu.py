@@ -28,6 +28,9 @@ whatever the width; the GEMV reads the checkpoint's own buffers.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
 from dataclasses import dataclass
 
@@ -208,6 +211,23 @@ def binary_unsupported(layer: object) -> str | None:
     return None
 
 
+@functools.cache
+def _malloc_trim() -> object | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+def release_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc `malloc_trim`; a no-op elsewhere). Preparing a layer
+    frees layer-sized temporaries between its small persistent buffers; glibc's raised mmap threshold keeps
+    them on the heap, whose holes otherwise stay resident (SmolLM2 PB-LLM 10 %: +345 MB for 62 MB kept)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def prepare_binary(layer: object) -> BinaryPrepared:
     """The CPU form of a binary layer, made once: the affine 1-bit grid and the CSR with 16-bit columns
     (6 bytes a salient weight). The generic operands it is made from are dropped from the layer."""
@@ -217,8 +237,11 @@ def prepare_binary(layer: object) -> BinaryPrepared:
     layer.__dict__.pop("_binary", None)  # only this form is kept: 6 instead of 8 bytes a salient weight
     alpha = ops.alpha.float().clamp_min(1e-30)
     col = ops.col.to(torch.int16) if layer.in_features <= 65536 else ops.col  # type: ignore[attr-defined]
-    return BinaryPrepared(ops.signs, 2 * alpha, (alpha - ops.mu.float()) / (2 * alpha), ops.group_size,
-                          ops.rowptr, col, ops.delta.float().contiguous())
+    bp = BinaryPrepared(ops.signs, 2 * alpha, (alpha - ops.mu.float()) / (2 * alpha), ops.group_size, ops.rowptr,
+                        col, ops.delta.float().contiguous())
+    del ops
+    release_heap()
+    return bp
 
 
 def binary_linear(layer: object, x: Tensor) -> Tensor:
