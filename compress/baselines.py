@@ -27,9 +27,11 @@ KINDS = ("nf4", "fp4", "int8")
 BLOCKSIZE = 64  # 4-bit: one absmax per 64 consecutive weights (row-major), transformers' default
 THRESHOLD = 6.0  # LLM.int8(): activation columns above this run in 16-bit (transformers' default)
 # 0.45 brought today's int8 layout (row-major CB + per-row SCB); CPU kernels came in 0.46 (NF4, int8) and
-# 0.47 (FP4); older or device-less builds are caught by `_probe`. Pinned 0.47-0.50, tested with 0.50.2.
+# 0.47 (FP4); older or device-less builds are caught by `_probe`. 0.49-0.50's CPU 4-bit kernels decode a row
+# whose length is not a multiple of the block size with the wrong block scales (and 0.50's matmul fails on it),
+# which `_check_ragged` catches; the extras pin 0.47-0.48, tested with 0.48.2.
 MIN_VERSION = (0, 45)
-INSTALL = "pip install 'bitsandbytes>=0.47,<0.51'"
+INSTALL = "pip install 'bitsandbytes>=0.47,<0.49'"
 
 
 def check_kind(kind: str) -> str:
@@ -103,6 +105,27 @@ def _convert(b: Any, lin: nn.Linear, kind: str, device: torch.device, double_qua
     return new.train(lin.training)
 
 
+def _check_ragged(b: Any, kind: str, K: int, device: torch.device, dtype: torch.dtype, double_quant: bool) -> None:
+    """4-bit blocks run over the flattened weight, so with K % 64 != 0 they straddle rows. Quantize a [4, K]
+    Linear whose consecutive blocks differ in scale by 4x and read Ŵ back through its forward: every entry must
+    sit within half of the widest code gap (1/3 of its block's absmax for FP4) of W, which a decode with
+    another block's scale cannot."""
+    N = 4
+    flat = torch.arange(N * K)
+    W = torch.linspace(-1, 1, BLOCKSIZE).repeat(N * K // BLOCKSIZE + 1)[: N * K] * 4.0 ** (flat // BLOCKSIZE % 3)
+    lin = nn.Linear(K, N, bias=False, device=device, dtype=dtype).eval()
+    with torch.no_grad():
+        lin.weight.copy_(W.view(N, K))
+        try:
+            W_hat = _convert(b, lin, kind, device, double_quant)(torch.eye(K, device=device, dtype=dtype)).T.float()
+            bad = float(((W_hat.cpu().flatten() - W).abs() / 4.0 ** (flat // BLOCKSIZE % 3)).max()) > 0.34
+        except Exception:
+            bad = True
+    if bad:
+        raise CompressError(f"bitsandbytes {b.__version__} runs {kind} wrongly on {device.type} for Linears whose "
+                            f"in_features is not a multiple of {BLOCKSIZE} (this model has {K}); {INSTALL}")
+
+
 def _probe(b: Any, kind: str, device: torch.device, dtype: torch.dtype, double_quant: bool) -> None:
     """Quantize and run one small Linear on `device`: a backend that cannot is a one-line error."""
     try:
@@ -133,6 +156,9 @@ def bnb(model: nn.Module, kind: str, *, double_quant: bool = False) -> nn.Module
         _quiet_int8_cast_warning()
         log.info("bitsandbytes int8 casts %s activations to float16 for the int8 matmul", dtype)
     _probe(b, kind, device, dtype, double_quant)
+    ragged = sorted({m.in_features for m in targets.values() if m.in_features % BLOCKSIZE})
+    if kind != "int8" and ragged:
+        _check_ragged(b, kind, ragged[0], device, dtype, double_quant)
     for name, lin in targets.items():
         set_module(model, name, _convert(b, lin, kind, lin.weight.device, double_quant))
     code, total = bits(model, kind, double_quant=double_quant) or (0.0, 0.0)

@@ -130,6 +130,29 @@ def test_unknown_kind_and_missing_bitsandbytes_are_one_line(monkeypatch: pytest.
         baselines.bnb(tiny_llama(), "nf4")
 
 
+def test_a_build_that_decodes_ragged_rows_with_the_wrong_scales_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bitsandbytes 0.49-0.50 on CPU decode 4-bit rows of K % 64 != 0 with other blocks' scales: stand in for
+    such a build (every weight decoded with the next block's scale) and expect the one-line refusal."""
+    real = baselines._convert
+
+    def misdecode(b, lin: nn.Linear, kind: str, device, double_quant: bool) -> nn.Module:
+        if kind == "int8" or lin.in_features % baselines.BLOCKSIZE == 0:
+            return real(b, lin, kind, device, double_quant)
+        blocks = lin.weight.detach().flatten().split(baselines.BLOCKSIZE)
+        amax = torch.stack([blk.abs().amax() for blk in blocks])
+        wrong = nn.Linear(lin.in_features, lin.out_features, bias=False)
+        with torch.no_grad():  # block i decoded with block i + 1's absmax
+            W = torch.cat([blk / a * n for blk, a, n in zip(blocks, amax, amax.roll(-1), strict=True)])
+            wrong.weight.copy_(W.view_as(lin.weight))
+        return wrong
+
+    monkeypatch.setattr(baselines, "_convert", misdecode)
+    with pytest.raises(CompressError, match=r"runs nf4 wrongly on cpu for Linears whose in_features is not a multiple "
+                                            r"of 64 \(this model has 160\); pip install 'bitsandbytes>=0.47,<0.49'"):
+        baselines.bnb(tiny_llama(), "nf4")
+    assert baselines.bnb(tiny_llama(intermediate_size=192), "nf4") is not None  # no ragged rows: no check, no error
+
+
 @pytest.fixture(scope="module")
 def rtn_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bnb") / "rtn"
