@@ -245,14 +245,14 @@ def run(suite: str | tuple[Task, ...], entries: list[Entry], tokenizer: Any, cac
 
 def markdown(report: Report) -> str:
     """One table: a row per model, columns for its facts and every task's headline metrics."""
-    cols = ["model", "bits (codes / total)", "disk MB"]
+    cols = ["model", "bits (codes / total)", "disk MB (10^6 B)"]
     for key in report.results:
         cols += [f"{key} ppl", "KL / token", "top-1", "tokens/s"] if key.startswith("ppl") else [f"{key} acc ± se"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for i, e in enumerate(report.entries):
         b = e.facts.get("bits")
         row = [e.name, "-" if not b else f"{b[0]:.3f} / {b[1]:.3f}",
-               "-" if e.facts.get("disk_bytes") is None else f"{e.facts['disk_bytes'] / 2**20:.1f}"]
+               "-" if e.facts.get("disk_bytes") is None else f"{e.facts['disk_bytes'] / 1e6:.1f}"]
         for key, rs in report.results.items():
             r = rs[i] or {}
             if key.startswith("ppl"):
