@@ -352,7 +352,8 @@ def _report_table(report: Any) -> Table:
                      ("KL(original‖model) / token", [fmt((r or {}).get("kl_mean"), ".4f") for r in rs]),
                      ("max KL of a token", [fmt((r or {}).get("kl_max"), ".2f") for r in rs]),
                      ("top-1 agreement", [fmt((r or {}).get("top1"), ".2%") for r in rs]),
-                     ("forward tokens/s", [fmt((r or {}).get("tokens_per_s"), ".0f") for r in rs])]
+                     ("forward tokens/s", [fmt((r or {}).get("tokens_per_s"), ".0f") for r in rs]),
+                     ("weights in memory", [_human_bytes((r or {}).get("memory_bytes")) for r in rs])]
         elif key.startswith("mc"):
             rows.append((f"{key}: accuracy", [f"{r['accuracy']:.1%} ± {r['stderr']:.1%}" if r else "-" for r in rs]))
         else:  # lm-eval: one row per task metric (acc, acc_norm, word_perplexity, ...)

@@ -5,7 +5,11 @@ A suite is a literal tuple of tasks. Each task scores every model and returns on
 model; the first model is the original (the reference for KL and top-1 agreement):
 
     Perplexity(dataset, seqlen, windows)   token-level ppl over consecutive windows (the GPTQ protocol),
-                                           KL(original ‖ model) mean and max, top-1 agreement, tokens/s
+                                           KL(original ‖ model) mean and max, top-1 agreement, tokens/s,
+                                           and the model's weights in memory (parameters + buffers, tied
+                                           tensors once: models are scored side by side in one process, so
+                                           a per-model peak RSS is not separable; the compress run and
+                                           evals/decode.py report peak RSS)
     MultipleChoice(n, ...)                 the offline pydoc continuation task (compress.tasks), acc ± stderr
 
 Results are cached as JSON under `cache_dir/<fingerprint>/<task key>.json`; a model whose every task is
@@ -49,6 +53,15 @@ class Entry:
         return self._model
 
 
+def memory_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, each storage counted once (tied embeddings)."""
+    seen: dict[int, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+    return sum(seen.values())
+
+
 @dataclass(frozen=True)
 class Perplexity:
     dataset: str = "pydoc"
@@ -66,8 +79,9 @@ class Perplexity:
         stats = evaluate.compare({e.name: e.model for e in entries}, ev.ids,
                                  progress=lambda i, n: progress(self.key, i, n))
         out = []
-        for s in stats:
-            out.append({"ppl": s.ppl, "kl_mean": s.kl_mean, "kl_max": s.kl_max, "top1": s.top1, "tokens": s.tokens,
+        for e, s in zip(entries, stats, strict=True):
+            out.append({"memory_bytes": memory_bytes(e.model),
+                        "ppl": s.ppl, "kl_mean": s.kl_mean, "kl_max": s.kl_max, "top1": s.top1, "tokens": s.tokens,
                         "tokens_per_s": s.tokens / s.seconds if s.seconds else None, "source": ev.source,
                         "worst_windows": sorted(range(len(s.window_nll)), key=lambda i: -s.window_nll[i])[:3]})
         return out
@@ -247,7 +261,8 @@ def markdown(report: Report) -> str:
     """One table: a row per model, columns for its facts and every task's headline metrics."""
     cols = ["model", "bits (codes / total)", "disk MB (10^6 B)"]
     for key in report.results:
-        cols += [f"{key} ppl", "KL / token", "top-1", "tokens/s"] if key.startswith("ppl") else [f"{key} acc ± se"]
+        cols += ([f"{key} ppl", "KL / token", "top-1", "tokens/s", "in memory MB"] if key.startswith("ppl")
+                 else [f"{key} acc ± se"])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for i, e in enumerate(report.entries):
         b = e.facts.get("bits")
@@ -257,7 +272,8 @@ def markdown(report: Report) -> str:
             r = rs[i] or {}
             if key.startswith("ppl"):
                 row += [_f(r.get("ppl"), ".3f"), _f(r.get("kl_mean"), ".4f"), _f(r.get("top1"), ".2%"),
-                        _f(r.get("tokens_per_s"), ".0f")]
+                        _f(r.get("tokens_per_s"), ".0f"),
+                        _f(None if r.get("memory_bytes") is None else r["memory_bytes"] / 1e6, ".1f")]
             elif key.startswith("mc"):
                 row.append("-" if "accuracy" not in r else f"{r['accuracy']:.1%} ± {r['stderr']:.1%}")
             else:  # lm-eval: accuracy ± stderr per task

@@ -36,6 +36,10 @@ def test_suite_matches_direct_computation_and_caches(tokenizer, tmp_path: Path) 
     ppl = report.results[TASKS[0].key]
     for r, d in zip(ppl, direct, strict=True):
         assert r["ppl"] == pytest.approx(d.ppl) and r["top1"] == d.top1
+    dense = es[0].model  # tied embeddings count once; packed models hold their codes, not dense weights
+    assert ppl[0]["memory_bytes"] == sum(p.numel() * p.element_size() for p in dense.parameters()) + sum(
+        b.numel() * b.element_size() for b in dense.buffers())
+    assert ppl[2]["memory_bytes"] < ppl[1]["memory_bytes"] < ppl[0]["memory_bytes"]
     items = tasks.pydoc_mc(tokenizer, 12, 16, 4, 3, 0)
     mc = report.results[TASKS[1].key]
     assert [r["accuracy"] for r in mc] == [tasks.score(e.model, items).accuracy for e in es]
