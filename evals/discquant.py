@@ -19,6 +19,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "rtn": ("rtn-3bit", GRID),
     "gptq": ("gptq-3bit", GRID),
     "gptq (act-order off)": ("gptq-3bit", [*GRID, "round.act_order=false"]),
+    "discquant 32 steps": ("discquant-3bit", ["round.steps=32", "round.warmup=4"]),
     "discquant 64 steps": ("discquant-3bit", ["round.steps=64", "round.warmup=8"]),
     "discquant 256 steps": ("discquant-3bit", []),
     "baq-discquant-3bit": ("baq-discquant-3bit", []),
