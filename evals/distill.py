@@ -17,14 +17,16 @@ import time
 from common import EVAL_WINDOWS, SEQLEN, cli, fmt_num, fmt_ppl
 from common import job as recipe_job
 
-KD = "distill={{steps: {steps}, windows_per_step: 4, batch_size: 2, lr: {lr}, warmup: 8, train: {train}, topk: 256}}"
+KD = ("distill={{steps: {steps}, windows_per_step: 4, batch_size: 2, lr: {lr}, warmup: {warmup}, train: {train}, "
+      "topk: 256}}")
 STEPS = 64
 QUANT: dict[str, tuple[str, list[str]]] = {
     "gptq w3g128": ("gptq-3bit", []),
-    "gptq w3g128 + distill scales": ("gptq-3bit", [KD.format(steps=STEPS, lr=1e-3, train="scales")]),
-    "gptq w3g128 + distill norms": ("gptq-3bit", [KD.format(steps=STEPS, lr=1e-3, train="norms")]),
+    "gptq w3g128 + distill scales": ("gptq-3bit", [KD.format(steps=STEPS, lr=1e-3, warmup=8, train="scales")]),
+    "gptq w3g128 + distill norms": ("gptq-3bit", [KD.format(steps=STEPS, lr=1e-3, warmup=8, train="norms")]),
     "gptq w2g64": ("gptq-2bit", []),
-    "gptq w2g64 + distill scales": ("gptq-2bit", [KD.format(steps=STEPS, lr=1e-3, train="scales")]),
+    "gptq w2g64 + distill scales, 8 steps": ("gptq-2bit", [KD.format(steps=8, lr=1e-3, warmup=2, train="scales")]),
+    "gptq w2g64 + distill scales": ("gptq-2bit", [KD.format(steps=STEPS, lr=1e-3, warmup=8, train="scales")]),
 }
 PRUNE: dict[str, dict] = {
     "magnitude 50% one-shot": {"mode": "magnitude"},
