@@ -111,14 +111,14 @@ def _check_ragged(b: Any, kind: str, K: int, device: torch.device, dtype: torch.
     sit within half of the widest code gap (1/3 of its block's absmax for FP4) of W, which a decode with
     another block's scale cannot."""
     N = 4
-    flat = torch.arange(N * K)
-    W = torch.linspace(-1, 1, BLOCKSIZE).repeat(N * K // BLOCKSIZE + 1)[: N * K] * 4.0 ** (flat // BLOCKSIZE % 3)
+    scale = 4.0 ** (torch.arange(N * K) // BLOCKSIZE % 3)  # per flattened block: 1, 4, 16, 1, ...
+    W = torch.linspace(-1, 1, BLOCKSIZE).repeat(N * K // BLOCKSIZE + 1)[: N * K] * scale
     lin = nn.Linear(K, N, bias=False, device=device, dtype=dtype).eval()
     with torch.no_grad():
         lin.weight.copy_(W.view(N, K))
         try:
             W_hat = _convert(b, lin, kind, device, double_quant)(torch.eye(K, device=device, dtype=dtype)).T.float()
-            bad = float(((W_hat.cpu().flatten() - W).abs() / 4.0 ** (flat // BLOCKSIZE % 3)).max()) > 0.34
+            bad = float(((W_hat.cpu().flatten() - W).abs() / scale).max()) > 0.34
         except Exception:
             bad = True
     if bad:

@@ -55,11 +55,8 @@ class Entry:
 
 def memory_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters and buffers, each storage counted once (tied embeddings)."""
-    seen: dict[int, int] = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        st = t.untyped_storage()
-        seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
-    return sum(seen.values())
+    storages = {(st := t.untyped_storage()).data_ptr(): st.nbytes() for t in [*model.parameters(), *model.buffers()]}
+    return sum(storages.values())
 
 
 @dataclass(frozen=True)

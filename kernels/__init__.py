@@ -83,9 +83,10 @@ class BinaryOperands:
         return self.signs, self.alpha, self.mu, self.group_size, self.rowptr, self.col, self.delta
 
 
-def binary_operands(layer: Any) -> BinaryOperands:
-    """The kernel operands of a binary CompressedLinear, derived once from its buffers and cached on it (MST
-    signs become a plain plane; the salient index, bitmask or CSR, becomes a CSR of corrections)."""
+def binary_operands(layer: Any, *, cache: bool = True) -> BinaryOperands:
+    """The kernel operands of a binary CompressedLinear, derived once from its buffers and cached on it unless
+    `cache` is False (MST signs become a plain plane; the salient index, bitmask or CSR, becomes a CSR of
+    corrections)."""
     cached = layer.__dict__.get("_binary")
     if cached is not None:
         return cached
@@ -106,7 +107,8 @@ def binary_operands(layer: Any) -> BinaryOperands:
         rowptr = torch.cat([rows.new_zeros(1), sal.mask.sum(1).cumsum(0)]).to(torch.int32)
         col = cols.to(torch.int32)
     ops = BinaryOperands(signs, layer.scale, layer.mu, gw, rowptr, col, delta)
-    layer.__dict__["_binary"] = ops
+    if cache:
+        layer.__dict__["_binary"] = ops
     return ops
 
 

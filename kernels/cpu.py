@@ -230,11 +230,10 @@ def release_heap() -> None:
 
 def prepare_binary(layer: object) -> BinaryPrepared:
     """The CPU form of a binary layer, made once: the affine 1-bit grid and the CSR with 16-bit columns
-    (6 bytes a salient weight). The generic operands it is made from are dropped from the layer."""
+    (6 bytes a salient weight), from generic operands that are not kept."""
     from compress.kernels import binary_operands  # the dispatcher imports this module
 
-    ops = binary_operands(layer)
-    layer.__dict__.pop("_binary", None)  # only this form is kept: 6 instead of 8 bytes a salient weight
+    ops = binary_operands(layer, cache=False)  # only this form is kept: 6 instead of 8 bytes a salient weight
     alpha = ops.alpha.float().clamp_min(1e-30)
     col = ops.col.to(torch.int16) if layer.in_features <= 65536 else ops.col  # type: ignore[attr-defined]
     bp = BinaryPrepared(ops.signs, 2 * alpha, (alpha - ops.mu.float()) / (2 * alpha), ops.group_size, ops.rowptr,

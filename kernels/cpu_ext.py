@@ -118,25 +118,26 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
+def _require() -> ModuleType:
+    ext = _ext or load()
+    if ext is None:
+        raise RuntimeError(f"the CPU GEMV extension is unavailable: {unavailable_reason()}")
+    return ext
+
+
 def wq_gemv(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int,
             bias: Tensor | None = None) -> Tensor:
     """y [..., N] = x [..., K] @ W_hatᵀ (+ bias) on the CPU, fp32 accumulation, in x's dtype
     (reference.wq_matmul for x fp32/bf16, bits 1-4, zero None = symmetric). Meant for few rows of x: every
     4 rows decode W again."""
-    ext = _ext or load()
-    if ext is None:
-        raise RuntimeError(f"the CPU GEMV extension is unavailable: {unavailable_reason()}")
-    return ext.wq_gemv(x, qweight, scale, _NO_ZERO if zero is None else zero, bits, group_size, bias)
+    return _require().wq_gemv(x, qweight, scale, _NO_ZERO if zero is None else zero, bits, group_size, bias)
 
 
 
 def csr_add_(y: Tensor, x: Tensor, rowptr: Tensor, col: Tensor, delta: Tensor) -> Tensor:
     """y [M, N] += x [M, K] @ Dᵀ in place, fp32, for the CSR matrix D (rowptr int32 [N + 1], col int32 or int16
     read as uint16 [nnz], delta fp32 [nnz]): a binary layer's salient correction. Returns y."""
-    ext = _ext or load()
-    if ext is None:
-        raise RuntimeError(f"the CPU GEMV extension is unavailable: {unavailable_reason()}")
-    ext.csr_add_(y, x, rowptr, col, delta)
+    _require().csr_add_(y, x, rowptr, col, delta)
     return y
 
 
