@@ -74,9 +74,12 @@ def model_card(ref: ModelRef, result: Result, quick: Reference | None, checked: 
                      f"as an MST over their rows (only where smaller), the rest as plain 1-bit planes{mean} |")
     kd = result.distilled
     if kd:
+        plain = kd.get("temperature", 1.0) == 1.0 and not kd.get("hidden_mse")
+        what = ("KL(original‖model)" if plain else
+                f"loss (T² KL at T = {kd['temperature']} + {kd['hidden_mse']} × hidden-state NMSE)")
         lines.append(f"| distillation ({kd['train']}) | {kd['steps']} steps x {kd['windows_per_step']} windows = "
-                     f"{kd['tokens']} tokens, {kd['seconds']:.0f} s; KL(original‖model) on the training windows "
-                     f"{kd['kl_first']:.4f} → {kd['kl_last']:.4f} |")
+                     f"{kd['tokens']} tokens of {kd.get('data', 'calibration')} text, {kd['seconds']:.0f} s; "
+                     f"{what} on the training windows {kd['kl_first']:.4f} → {kd['kl_last']:.4f} |")
     r = result.rounding
     if r:  # a joint rounding has no layer losses: report its optimisation instead
         kl = r.get("train_kl") or [float("nan")]

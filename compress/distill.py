@@ -2,7 +2,12 @@
 
 Teacher = the original model's next-token log-probs on the distillation windows (computed before any
 weight is rounded, top-K + rest like EvoPress's; compress.teacher). Student = the compressed model.
-Loss = token-mean KL(teacher ‖ student). What trains (`train`):
+Loss = T² · token-mean KL(teacher_T ‖ student_T) at `temperature` T (softmax(logits / T) on both sides),
+plus `hidden_mse` × the normalised hidden-state MSE, ‖h_student − h_teacher‖² / ‖h_teacher‖² per window
+averaged over the blocks' outputs, which needs the dense model itself alongside (`hidden_teacher`).
+The windows (`data`) are the calibration windows, or text the teacher wrote itself: each calibration
+window's first `prompt_tokens` tokens continued by sampling the dense model (compress.teacher.generate).
+What trains (`train`):
 
     scales   every compressed Linear's scale (and μ of binary layers), codes fixed
     norms    the scales plus the RMSNorm/LayerNorm weights
@@ -71,6 +76,10 @@ class Config:
     iss_alpha: float = 0.999  # soft shrinkage factor during the pruning phase
     prune_steps: int = -1  # length of the pruning phase; -1 = half of the steps
     mst_reg: float = 0.0  # train=ste: weight of the MST sign-distance regularizer on binary layers
+    temperature: float = 1.0  # softmax temperature of teacher and student; the KL is scaled by T²
+    hidden_mse: float = 0.0  # weight of the normalised per-block hidden-state MSE (0 = logits only)
+    data: str = "calibration"  # calibration | generated (the teacher continues calibration prompts)
+    prompt_tokens: int = 32  # data=generated: tokens of each calibration window kept as its prompt
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.windows_per_step < 1 or self.batch_size < 1 or self.warmup < 0:
@@ -85,6 +94,11 @@ class Config:
             raise CompressError("distill lr must be > 0")
         if self.mst_reg < 0 or (self.mst_reg and self.train != "ste"):
             raise CompressError("distill mst_reg (>= 0) trains the signs of binary layers: use train=ste")
+        if not self.temperature > 0 or self.hidden_mse < 0:
+            raise CompressError("distill temperature must be > 0 and hidden_mse >= 0")
+        if self.data not in ("calibration", "generated") or self.prompt_tokens < 1:
+            raise CompressError(f"distill data={self.data!r} is invalid; choose calibration or generated "
+                                "(with prompt_tokens >= 1)")
 
 
 # --- what trains --------------------------------------------------------------------------------------
@@ -275,6 +289,7 @@ class Progress:
     step: int
     steps: int
     loss: float
+    kl: float
     tokens_per_s: float
     eta: float
 
@@ -293,9 +308,15 @@ def init_distributed(device: torch.device) -> None:
 
 def distill(model: nn.Module, teach: Teacher, windows: Tensor, cfg: Config, *, workdir: Path | None = None,
             device: torch.device | str = "cpu", on_step: Callable[[Progress], None] | None = None,
-            log: Callable[[str], None] | None = None) -> list[float]:
+            log: Callable[[str], None] | None = None, hidden_teacher: nn.Module | None = None) -> list[float]:
     """Train the compressed `model` in place toward the teacher's distributions on `windows` [n, T];
-    returns the per-step loss history (KL per token, averaged over the global batch)."""
+    returns the per-step loss history (T²·KL per token + hidden_mse × the hidden-state term, averaged over
+    the global batch). `hidden_teacher` is the dense model, needed when `cfg.hidden_mse` > 0."""
+    if cfg.hidden_mse and hidden_teacher is None:
+        raise CompressError("distill hidden_mse > 0 needs the dense model (hidden_teacher) alongside the student")
+    if teach.temperature != cfg.temperature:
+        raise CompressError(f"the teacher's log-probs are at temperature {teach.temperature}, the recipe asks for "
+                            f"{cfg.temperature}: recompute the teacher")
     say = log or (lambda s: None)
     device = torch.device(device)
     init_distributed(device)
@@ -333,14 +354,18 @@ def distill(model: nn.Module, teach: Teacher, windows: Tensor, cfg: Config, *, w
             batch = train.step_windows(step, cfg.windows_per_step, len(windows), cfg.seed)
             mine = batch[rank::world]
             opt.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), dtype=torch.float64)
+            sums = torch.zeros(2, dtype=torch.float64)  # loss, KL summed over my windows
             for i in range(0, len(mine), cfg.batch_size):
                 w = torch.tensor(mine[i : i + cfg.batch_size])
-                logits = model(input_ids=windows[w].to(device), use_cache=False).logits
-                kl = teach.kl(logits, w)  # [b, T-1]
-                (kl.mean(-1).sum() / len(batch)).backward()  # mean over the global batch
-                loss_sum += float(kl.mean(-1).sum().detach())
-                tokens += kl.numel()
+                x = windows[w].to(device)
+                out = model(input_ids=x, use_cache=False, output_hidden_states=bool(cfg.hidden_mse))
+                kl = teach.kl(out.logits, w).mean(-1)  # [b]
+                per_window = cfg.temperature**2 * kl
+                if cfg.hidden_mse:
+                    per_window = per_window + cfg.hidden_mse * hidden_nmse(out.hidden_states, hidden_teacher, x)
+                (per_window.sum() / len(batch)).backward()  # mean over the global batch
+                sums += torch.stack([per_window.detach().sum(), kl.detach().sum()]).double()
+                tokens += x[:, 1:].numel()
             if cfg.mst_reg and rank == 0 and (pen := mst_penalty(model)) is not None:
                 (cfg.mst_reg * pen).backward()  # once per step (rank 0 only: the all-reduce sums the grads)
             if world > 1:
@@ -348,8 +373,8 @@ def distill(model: nn.Module, teach: Teacher, windows: Tensor, cfg: Config, *, w
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
                     dist.all_reduce(p.grad)
-                dist.all_reduce(loss_sum)
-            loss = float(loss_sum) / len(batch)
+                dist.all_reduce(sums)
+            loss, kl_mean = (float(v) / len(batch) for v in sums)
             if not math.isfinite(loss):
                 raise CompressError(f"distillation loss became {loss} at step {step}; lower distill.lr")
             opt.step()
@@ -364,12 +389,13 @@ def distill(model: nn.Module, teach: Teacher, windows: Tensor, cfg: Config, *, w
                             "sched": sched.state_dict(), "step": done, "history": history}, tmp)
                 tmp.replace(state_file)
             el = time.perf_counter() - t0
-            prog = Progress(done, cfg.steps, loss, tokens * world / el, el / (done - start) * (cfg.steps - done))
+            prog = Progress(done, cfg.steps, loss, kl_mean, tokens * world / el,
+                            el / (done - start) * (cfg.steps - done))
             if on_step is not None:
                 on_step(prog)
             if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
-                say(f"distill step {done}/{cfg.steps}: KL {loss:.4f}, {prog.tokens_per_s:.0f} tokens/s, "
-                    f"ETA {prog.eta:.0f}s")
+                say(f"distill step {done}/{cfg.steps}: loss {loss:.4f}, KL {kl_mean:.4f}, "
+                    f"{prog.tokens_per_s:.0f} tokens/s, ETA {prog.eta:.0f}s")
     finally:
         for m in model.modules():
             if isinstance(m, CompressedLinear):
@@ -379,6 +405,16 @@ def distill(model: nn.Module, teach: Teacher, windows: Tensor, cfg: Config, *, w
         model.eval()
         finish(model, cfg.train, cfg.mst_reg)
     return history
+
+
+def hidden_nmse(hidden: tuple[Tensor, ...], dense: nn.Module, x: Tensor) -> Tensor:
+    """Normalised hidden-state MSE per window [b]: Σ‖h_s − h_t‖² / Σ‖h_t‖² over each block's output,
+    averaged over the blocks (hidden[0], the embeddings, is left out; the student's are differentiable)."""
+    with torch.no_grad():
+        ref = dense(input_ids=x, use_cache=False, output_hidden_states=True).hidden_states
+    terms = [((h.float() - t.float()) ** 2).sum((1, 2)) / (t.float() ** 2).sum((1, 2)).clamp_min(1e-12)
+             for h, t in zip(hidden[1:], ref[1:], strict=True)]
+    return torch.stack(terms).mean(0)
 
 
 def _prune_steps(cfg: Config) -> int:

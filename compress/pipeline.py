@@ -8,6 +8,7 @@ The model is modified in place: every planned Linear becomes a packed `Compresse
 
 from __future__ import annotations
 
+import copy
 import logging
 import resource
 import time
@@ -106,12 +107,15 @@ def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | 
     ids = None if windows is None else windows.ids
     ctx = Context(model, arch, base, {n for n in base if recipe.pinned(n)}, ids, recipe, torch.device(device),
                   None if workdir is None else workdir.dir, progress, say or log.info)
-    teach, distilled = None, {}
-    if kd.steps:  # the original's distributions, before any weight is rounded
+    teach, distilled, kd_ids, dense = None, {}, ids, None
+    if kd.steps:  # the original's distributions (and text, hidden states), before any weight is rounded
         assert ids is not None
-        (say or log.info)(f"distill: dense teacher log-probs on {ids.numel()} calibration tokens")
+        kd_ids = distill_windows(model.to(device), ids, kd, c.batch_size, torch.device(device), workdir, say)
+        (say or log.info)(f"distill: dense teacher log-probs on {kd_ids.numel()} {kd.data} tokens")
         teach = teacher.cached(None if workdir is None else workdir.dir / "distill-teacher.safetensors",
-                               model.to(device), ids, kd.topk, c.batch_size, torch.device(device))
+                               model, kd_ids, kd.topk, c.batch_size, torch.device(device), kd.temperature)
+        if kd.hidden_mse:  # the hidden-state term compares with the dense model live: keep a copy
+            dense = copy.deepcopy(model).eval()
     allocation = allocate(ctx, workdir)
     rounding: dict[str, Any] = {}
     if joint(rnd.method):  # rounds the whole model at once (DiscQuant), on the allocation's plan
@@ -132,17 +136,46 @@ def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | 
         )
     if teach is not None:
         t1 = time.perf_counter()
-        history = distill.distill(model, teach, ids, kd, workdir=None if workdir is None else workdir.dir,
-                                  device=device, log=say or log.info)
+        assert kd_ids is not None
+        history = distill.distill(model, teach, kd_ids, kd, workdir=None if workdir is None else workdir.dir,
+                                  device=device, log=say or log.info, hidden_teacher=dense)
         distilled = {"steps": kd.steps, "train": kd.train, "windows_per_step": kd.windows_per_step,
-                               "tokens": kd.steps * kd.windows_per_step * (ids.shape[1] - 1),
-                               "kl_first": history[0] if history else None,
-                               "kl_last": history[-1] if history else None, "seconds": time.perf_counter() - t1}
+                     "data": kd.data, "temperature": kd.temperature, "hidden_mse": kd.hidden_mse,
+                     "tokens": kd.steps * kd.windows_per_step * (kd_ids.shape[1] - 1),
+                     # the training loss: the KL itself at temperature 1 without the hidden-state term
+                     "kl_first": history[0] if history else None,
+                     "kl_last": history[-1] if history else None, "seconds": time.perf_counter() - t1}
     # The rounding may complete a spec (PB-LLM's salient count and index): the modules hold the final plan.
     plan = Plan({n: model.get_submodule(n).spec for n in allocation.plan})
     return Result(model, plan, recipe, blocks,
                   windows.describe() if windows is not None else "none (data-free)",
                   time.perf_counter() - t0, peak_rss_mb(), shapes, allocation.summary, rounding, distilled)
+
+
+def distill_windows(model: nn.Module, ids: torch.Tensor, kd: distill.Config, batch_size: int, device: torch.device,
+                    workdir: WorkDir | None, say: Callable[[str], None] | None) -> torch.Tensor:
+    """The distillation windows: the calibration windows, or (data=generated) the dense model's own
+    continuations of their first `prompt_tokens` tokens, kept in the work directory for a resumed run."""
+    if kd.data == "calibration":
+        return ids
+    if kd.prompt_tokens >= ids.shape[1]:
+        raise CompressError(f"distill prompt_tokens={kd.prompt_tokens} leaves nothing to generate in "
+                            f"{ids.shape[1]}-token windows; lower it")
+    path = None if workdir is None else workdir.dir / "distill-windows.safetensors"
+    if path is not None and path.is_file():
+        from safetensors.torch import load_file
+
+        stored = load_file(path)["ids"]
+        if torch.equal(stored[:, : kd.prompt_tokens], ids[:, : kd.prompt_tokens]) and stored.shape == ids.shape:
+            return stored
+    (say or log.info)(f"distill: the dense model writes {len(ids)} windows of {ids.shape[1]} tokens "
+                      f"from {kd.prompt_tokens}-token prompts")
+    out = teacher.generate(model, ids[:, : kd.prompt_tokens], ids.shape[1], batch_size, device, seed=kd.seed)
+    if path is not None:
+        from safetensors.torch import save_file
+
+        save_file({"ids": out.contiguous()}, path)
+    return out
 
 
 def allocate(ctx: Context, workdir: WorkDir | None) -> Allocation:

@@ -15,7 +15,7 @@ from conftest import tiny_llama
 from test_pipeline import SMALL, logits, run
 
 import compress
-from compress import checkpoint, distill, recipe, teacher
+from compress import checkpoint, data, distill, recipe, teacher
 from compress.nn import CompressedLinear
 
 WINDOWS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
@@ -161,3 +161,78 @@ def test_two_gloo_processes_follow_the_one_process_loss_curve(tmp_path: Path) ->
     two = torchrun(2, tmp_path / "two.json")
     assert len(one) == len(two) == 6
     assert two == pytest.approx(one, rel=1e-4)
+
+
+def setup_kl(s: torch.Tensor, dense: torch.nn.Module) -> torch.Tensor:
+    return teacher.teacher(dense, WINDOWS, 0, 4, torch.device("cpu")).kl(s, torch.arange(len(WINDOWS))).mean()
+
+
+def test_temperature_kl_is_the_kl_of_the_softened_distributions(tmp_path: Path) -> None:
+    """At T = 2 the teacher keeps log softmax(z/2) and the KL is that of softmax(z/2) vs softmax(s/2), with
+    top-K + rest as at T = 1; the temperature survives save/load and a cached teacher of another T is redone."""
+    dense, student = tiny_llama(), tiny_llama(seed=1)
+    full = teacher.teacher(dense, WINDOWS, 0, 4, torch.device("cpu"), temperature=2.0)
+    with torch.no_grad():
+        p = (dense(WINDOWS).logits[:, :-1] / 2).log_softmax(-1).half().float()  # stored in fp16
+        s = student(WINDOWS).logits
+        q = (s[:, :-1] / 2).log_softmax(-1)
+    idx = torch.arange(len(WINDOWS))
+    torch.testing.assert_close(full.kl(s, idx), (p.exp() * (p - q)).sum(-1), rtol=1e-4, atol=1e-6)
+    assert float(full.kl(s, idx).mean()) < 0.5 * float(setup_kl(s, dense))  # softer: a smaller KL than at T = 1
+    top = teacher.cached(tmp_path / "t.safetensors", dense, WINDOWS, 16, 4, torch.device("cpu"), 2.0)
+    assert teacher.Teacher.load(tmp_path / "t.safetensors").temperature == 2.0
+    assert bool((top.kl(s, idx) <= full.kl(s, idx) + 1e-4).all())  # top-K + rest: a lower bound
+    redone = teacher.cached(tmp_path / "t.safetensors", dense, WINDOWS, 16, 4, torch.device("cpu"), 1.0)
+    assert redone.temperature == 1.0 and not torch.equal(redone.logp, top.logp)
+    m, _ = setup()
+    with pytest.raises(compress.CompressError, match="temperature"):
+        distill.distill(m, top, WINDOWS, distill.Config(steps=1, temperature=1.0))
+
+
+def hidden_error(m: torch.nn.Module) -> float:
+    with torch.no_grad():
+        out = m(input_ids=WINDOWS, output_hidden_states=True)
+        return float(distill.hidden_nmse(out.hidden_states, tiny_llama(), WINDOWS).mean())
+
+
+def test_hidden_state_term_pulls_the_blocks_toward_the_dense_ones() -> None:
+    """The normalised hidden-state MSE is 0 for the dense model itself, and training on it (with the KL)
+    ends nearer the dense hidden states than the same steps on the KL alone."""
+    assert hidden_error(tiny_llama()) == 0.0
+    cfg = dict(steps=20, windows_per_step=8, batch_size=8, lr=1e-2, warmup=2, train="norms")
+    ends = {}
+    for weight in (0.0, 10.0):
+        m, teach = setup()
+        start = hidden_error(m)
+        history = distill.distill(m, teach, WINDOWS, distill.Config(**cfg, hidden_mse=weight),
+                                  hidden_teacher=tiny_llama() if weight else None)
+        assert history[-1] < history[0]
+        ends[weight] = hidden_error(m)
+    assert ends[10.0] < min(ends[0.0], start)
+    m, teach = setup()
+    with pytest.raises(compress.CompressError, match="hidden_teacher"):
+        distill.distill(m, teach, WINDOWS, distill.Config(steps=1, hidden_mse=1.0))
+
+
+def test_generated_windows_continue_the_prompts_and_are_reproducible() -> None:
+    prompts = WINDOWS[:, :8]
+    a = teacher.generate(tiny_llama(), prompts, 32, 3, torch.device("cpu"), seed=5)
+    assert a.shape == (8, 32) and torch.equal(a[:, :8], prompts)
+    assert not torch.equal(a[:, 8:], WINDOWS[:, 8:])
+    assert torch.equal(a, teacher.generate(tiny_llama(), prompts, 32, 3, torch.device("cpu"), seed=5))
+
+
+def test_pipeline_distills_on_teacher_written_text_and_keeps_it_for_a_resumed_run(tmp_path: Path) -> None:
+    kd = "distill={steps: 6, windows_per_step: 8, batch_size: 8, lr: 0.01, warmup: 1, topk: 0, data: generated, "
+    edits = ("weights.bits=2", kd + "prompt_tokens: 8}")
+    work = checkpoint.WorkDir(tmp_path, {"recipe": "generated"})
+    res = run(tiny_llama(), "rtn-4bit", edits, workdir=work)
+    assert res.distilled["data"] == "generated" and res.distilled["kl_last"] < res.distilled["kl_first"]
+    from safetensors.torch import load_file
+
+    stored = load_file(work.dir / "distill-windows.safetensors")["ids"]
+    assert stored.shape == (8, 32)
+    calib = data.calibration(None, "random", 8, 32, 0, vocab_size=tiny_llama().config.vocab_size).ids
+    assert torch.equal(stored[:, :8], calib[:, :8]) and not torch.equal(stored, calib)
+    with pytest.raises(compress.CompressError, match="prompt_tokens"):
+        run(tiny_llama(), "rtn-4bit", ("weights.bits=2", kd + "prompt_tokens: 32}"))
