@@ -40,8 +40,8 @@ The result is written back into the packed buffers: the checkpoint format does n
 
 from __future__ import annotations
 
+import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,14 +49,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from compress import grid, train
+from compress import grid, parallel, train
 from compress.errors import CompressError
 from compress.nn import CompressedLinear
 from compress.teacher import Teacher
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Config:
@@ -294,18 +294,6 @@ class Progress:
     eta: float
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed(device: torch.device) -> None:
-    """Join the process group that torchrun / accelerate describe in the environment, if any."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-
 def distill(model: nn.Module, teach: Teacher, windows: Tensor, cfg: Config, *, workdir: Path | None = None,
             device: torch.device | str = "cpu", on_step: Callable[[Progress], None] | None = None,
             log: Callable[[str], None] | None = None, hidden_teacher: nn.Module | None = None) -> list[float]:
@@ -318,9 +306,8 @@ def distill(model: nn.Module, teach: Teacher, windows: Tensor, cfg: Config, *, w
         raise CompressError(f"the teacher's log-probs are at temperature {teach.temperature}, the recipe asks for "
                             f"{cfg.temperature}: recompute the teacher")
     say = log or (lambda s: None)
-    device = torch.device(device)
-    init_distributed(device)
-    rank, world = _world()
+    device = parallel.init(device)
+    rank, world = parallel.rank(), parallel.world()
     model.to(device)
     params = prepare(model, cfg.train, cfg.mst_reg)
     ste = cfg.train == "ste"
@@ -372,8 +359,8 @@ def distill(model: nn.Module, teach: Teacher, windows: Tensor, cfg: Config, *, w
                 for p in params:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-                    dist.all_reduce(p.grad)
-                dist.all_reduce(sums)
+                    parallel.all_sum(p.grad)
+                parallel.all_sum(sums)
             loss, kl_mean = (float(v) / len(batch) for v in sums)
             if not math.isfinite(loss):
                 raise CompressError(f"distillation loss became {loss} at step {step}; lower distill.lr")
@@ -436,7 +423,7 @@ def _prune_step(step: int, params: list[nn.Parameter], opt: torch.optim.Optimize
     for p, keep in zip(params, masks, strict=True):
         p.data.mul_(keep)
         for v in opt.state.get(p, {}).values():  # Adam moments of pruned weights stop pushing them
-            if isinstance(v, Tensor) and v.shape == p.shape:
+            if isinstance(v, Tensor) and v.shape == p.shape and v.is_floating_point():  # (not 8-bit codes)
                 v.mul_(keep)
     return masks
 
@@ -447,6 +434,6 @@ def _optimizer(params: list[nn.Parameter], cfg: Config, device: torch.device) ->
             import bitsandbytes as bnb
 
             return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=0.0)
-        except Exception:  # bitsandbytes missing or unsupported here: plain AdamW
-            pass
+        except Exception as e:  # bitsandbytes missing or unsupported here: plain AdamW
+            log.warning("distill: bitsandbytes' 8-bit AdamW is unavailable (%s); using torch AdamW", e)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)

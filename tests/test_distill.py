@@ -3,15 +3,11 @@ where an uninterrupted one does, and two gloo processes follow the one-process l
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import tiny_llama, torchrun
 from test_pipeline import SMALL, logits, run
 
 import compress
@@ -147,18 +143,9 @@ def test_pipeline_runs_the_distillation_stage_from_the_recipe() -> None:
     assert res.distilled["steps"] == 12 and res.distilled["kl_last"] < res.distilled["kl_first"]
 
 
-def torchrun(n: int, out: Path) -> list[float]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(29500 + n),
-           str(Path(__file__).parent / "workers" / "distill_worker.py"), str(out)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return json.loads(out.read_text())
-
-
 def test_two_gloo_processes_follow_the_one_process_loss_curve(tmp_path: Path) -> None:
-    one = torchrun(1, tmp_path / "one.json")
-    two = torchrun(2, tmp_path / "two.json")
+    one = torchrun("distill_worker.py", 1, tmp_path / "one.json")
+    two = torchrun("distill_worker.py", 2, tmp_path / "two.json")
     assert len(one) == len(two) == 6
     assert two == pytest.approx(one, rel=1e-4)
 

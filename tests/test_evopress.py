@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import tiny_llama, torchrun
 from test_pipeline import SMALL
 
 from compress import data, models, recipe
@@ -103,3 +103,13 @@ def test_shared_database_serves_other_targets_and_refuses_other_inputs(tmp_path:
     ctx, cfg = context(tmp_path / "c", (f"allocate.database={db}", "weights.group_size=16"))
     with pytest.raises(CompressError, match="different layers"):
         evopress.allocate(ctx, cfg)
+
+
+def test_two_gloo_processes_search_like_one(tmp_path: Path) -> None:
+    """Under torchrun the fitness windows are split over the processes and the KL sums all-reduced: two
+    processes choose the same widths with the same fitness history as one (rank 0 builds the teacher and
+    the level database while the other waits, then reads them)."""
+    one = torchrun("evopress_worker.py", 1, tmp_path / "one.json", str(tmp_path / "db1"))
+    two = torchrun("evopress_worker.py", 2, tmp_path / "two.json", str(tmp_path / "db2"))
+    assert two["widths"] == one["widths"] and len(set(one["widths"].values())) > 1
+    assert two["fitness"] == pytest.approx(one["fitness"], rel=1e-6)

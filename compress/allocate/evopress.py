@@ -14,6 +14,12 @@ over per-layer widths, scored end to end.
    KL(dense ‖ candidate).
 4. The state is saved after every generation; re-running the same command continues from it.
 
+Under `torchrun` / `accelerate launch` (compress.parallel) rank 0 builds the teacher and the database while
+the others wait, then every process scores each candidate on its share of the stage's windows and the
+KL sums are all-reduced, so every rank sees the same fitness and makes the same (seeded) choices: the
+search is the one-process search, its fitness evaluations split over the processes. The database and the
+work directory must be on a file system all processes see.
+
 The teacher and the database depend only on the model, calibration windows, grid, rounding and `choices`,
 not on the target: `database: DIR` keeps them in DIR with a manifest of those inputs, so searches at other
 targets (or started from BAQ) reuse them, and a mismatching run is refused rather than silently mixed.
@@ -41,7 +47,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from compress import format as fmt
-from compress import sequential
+from compress import parallel, sequential
 from compress.allocate import budget
 from compress.allocate.context import Allocation, Context
 from compress.errors import CompressError
@@ -258,16 +264,18 @@ class Search:
 
     @torch.no_grad()
     def fitness(self, widths: Sequence[int], windows: list[int]) -> float:
+        """Token-mean KL(dense ‖ candidate) over `windows`, this process's share of them summed over all."""
         self.load(widths)
-        total, count = 0.0, 0
-        pool, bs = self.ctx.windows, self.cfg.batch_size
-        for i in range(0, len(windows), bs):
-            w = torch.tensor(windows[i : i + bs])
+        sums = torch.zeros(2, dtype=torch.float64)  # KL, tokens
+        pool, bs, mine = self.ctx.windows, self.cfg.batch_size, parallel.shard(windows)
+        for i in range(0, len(mine), bs):
+            w = torch.tensor(mine[i : i + bs])
             logits = self.ctx.model(input_ids=pool[w].to(self.ctx.device), use_cache=False).logits
             for b in range(len(w)):  # one window at a time keeps the fp32 log-softmax small
                 kl = self.teach.kl(logits[b : b + 1].cpu(), w[b : b + 1])
-                total, count = total + float(kl.sum()), count + kl.numel()
-        return total / count
+                sums += torch.tensor([float(kl.double().sum()), kl.numel()], dtype=torch.float64)
+        parallel.all_sum(sums)
+        return float(sums[0] / sums[1])
 
     def stage_windows(self, tokens: int, rng: random.Random) -> list[int]:
         n = max(1, round(tokens / self.ctx.windows.shape[1]))
@@ -329,8 +337,9 @@ def search(ctx: Context, cfg: Config, s: Search, groups: list[list[int]], init: 
         state["parent"] = parent
         state["history"].append({"fitness": scores[0], "seconds": time.perf_counter() - t0})
         state["rng"] = _rng_state(rng)
-        _save_state(root, state)
-        ctx.log(f"EvoPress generation {state['generation']}/{cfg.generations}: parent KL {scores[0]:.4f} "
+        if parallel.is_main():
+            _save_state(root, state)
+            ctx.log(f"EvoPress generation {state['generation']}/{cfg.generations}: parent KL {scores[0]:.4f} "
                 f"({time.perf_counter() - t0:.0f}s)")
     return state
 
@@ -368,13 +377,9 @@ def check_manifest(root: Path, want: dict) -> None:
                             "point allocate.database at another directory or delete it")
 
 
-def allocate(ctx: Context, cfg: Config) -> Allocation:
-    if ctx.windows is None:
-        raise CompressError("evopress needs calibration windows")
-    shapes = {n: tuple(ctx.model.get_submodule(n).weight.shape) for n in ctx.base}
-    root = ctx.workdir / "evopress" if ctx.workdir is not None else Path(tempfile.mkdtemp(prefix="evopress-"))
-    root.mkdir(parents=True, exist_ok=True)
-    shared = root if cfg.database is None else Path(cfg.database).expanduser()
+def shared_inputs(ctx: Context, cfg: Config, shared: Path, shapes: dict[str, tuple[int, int]]
+                  ) -> tuple[Teacher, Database]:
+    """The teacher and the level database in `shared`, built when missing (by rank 0 only: main_first)."""
     check_manifest(shared, manifest(ctx, cfg))
     pool_tokens = ctx.windows.numel()
     for _, tokens in cfg.stages:
@@ -388,6 +393,22 @@ def allocate(ctx: Context, cfg: Config) -> Allocation:
     db = Database(shared / "levels", dict(ctx.base.layers), cfg.choices)
     if not all(db.has(n) for n in ctx.base):
         build_database(ctx, cfg, db, shapes)
+    return teach, db
+
+
+def allocate(ctx: Context, cfg: Config) -> Allocation:
+    if ctx.windows is None:
+        raise CompressError("evopress needs calibration windows")
+    shapes = {n: tuple(ctx.model.get_submodule(n).weight.shape) for n in ctx.base}
+    ctx.device = parallel.init(ctx.device)
+    if ctx.workdir is None and cfg.database is None and parallel.world() > 1:
+        raise CompressError("evopress under several processes needs a directory they all see: give the run an "
+                            "output directory or set allocate.database")
+    root = ctx.workdir / "evopress" if ctx.workdir is not None else Path(tempfile.mkdtemp(prefix="evopress-"))
+    root.mkdir(parents=True, exist_ok=True)
+    shared = root if cfg.database is None else Path(cfg.database).expanduser()
+    with parallel.main_first():
+        teach, db = shared_inputs(ctx, cfg, shared, shapes)
     units = make_units(ctx.base, shapes, ctx.arch.blocks, cfg.tie, ctx.pinned)
     groups = size_groups(units)
     numel = [u.numel for u in units]

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import tiny_llama
 
 import compress
-from compress import distill, recipe, teacher
+from compress import distill, parallel, recipe, teacher
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     compress.compress(m, None, recipe.load("rtn-4bit", ["weights.bits=2", "weights.group_size=32"]))
     cfg = distill.Config(steps=6, windows_per_step=4, batch_size=1, lr=5e-3, warmup=2, topk=16)
     history = distill.distill(m, teach, windows, cfg)
-    if distill._world()[0] == 0:
+    if parallel.is_main():
         Path(sys.argv[1]).write_text(json.dumps(history))
 
 
