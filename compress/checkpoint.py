@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compress import format as fmt
+from compress import parallel
 from compress.errors import CompressError
 from compress.hf import CompressConfig, register
 
@@ -37,19 +38,22 @@ class WorkDir:
 
     A block file is written to a temporary name and renamed, so an interrupted write never leaves a
     half file behind; work from a different command (other model, recipe or format) is discarded.
+    Under several processes (compress.parallel) only rank 0 writes; the others read what it wrote.
     """
 
     def __init__(self, out_dir: Path, fingerprint: dict[str, Any]) -> None:
         self.dir = Path(out_dir) / ".partial"
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
         stamp = self.dir / "fingerprint.json"
-        if self.dir.exists():
-            old = json.loads(stamp.read_text()) if stamp.is_file() else None
-            if old != self.fingerprint:
-                log.warning("discarding unfinished work in %s: it came from a different command", self.dir)
-                shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(json.dumps(self.fingerprint, indent=1, sort_keys=True))
+        with parallel.main_first():
+            if parallel.is_main():
+                if self.dir.exists():
+                    old = json.loads(stamp.read_text()) if stamp.is_file() else None
+                    if old != self.fingerprint:
+                        log.warning("discarding unfinished work in %s: it came from a different command", self.dir)
+                        shutil.rmtree(self.dir)
+                self.dir.mkdir(parents=True, exist_ok=True)
+                stamp.write_text(json.dumps(self.fingerprint, indent=1, sort_keys=True))
 
     def _path(self, i: int) -> Path:
         return self.dir / f"block_{i:05d}.safetensors"
@@ -63,6 +67,8 @@ class WorkDir:
         return load_file(p) if p.is_file() else None
 
     def save_block(self, i: int, block: nn.Module) -> None:
+        if not parallel.is_main():
+            return
         tmp = self._path(i).with_suffix(".tmp")
         save_file({k: v.contiguous() for k, v in block.state_dict().items()}, tmp)
         os.replace(tmp, self._path(i))
@@ -72,12 +78,15 @@ class WorkDir:
         return json.loads(p.read_text()) if p.is_file() else None
 
     def save_json(self, name: str, obj: Any) -> None:
+        if not parallel.is_main():
+            return
         tmp = self.dir / f"{name}.json.tmp"
         tmp.write_text(json.dumps(obj, default=float))
         os.replace(tmp, self.dir / f"{name}.json")
 
     def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if parallel.is_main():
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def save(model: nn.Module, tokenizer: Any, plan: Any, recipe: Any, out_dir: Path, *, card: str,

@@ -164,12 +164,12 @@ def compress_cmd(
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    from compress import card, checkpoint, data, evaluate, models
+    from compress import card, checkpoint, data, evaluate, models, parallel
     from compress import recipe as recipes
     from compress.pipeline import compress
 
     _setup(verbose, threads)
-    device = _check_device(device)
+    device = str(parallel.init(_check_device(device)))  # under torchrun / accelerate launch: this rank's device
     edits = list(set_ or []) + ([f"calibrate.dataset={calib}"] if calib else [])
     rec = recipes.load(recipe, edits)
     ref = models.resolve(model)
@@ -197,6 +197,8 @@ def compress_cmd(
         console.print(f"\n[yellow]interrupted[/]: finished work ({work.finished} blocks, and any allocation state) "
                       f"is kept in {work.dir}; re-run the same command to resume")
         raise typer.Exit(130) from None
+    if not parallel.is_main():  # the other processes helped with the data-parallel stages; rank 0 writes
+        return
     checked = None
     if quick is not None:
         with console.status("quick check against the original"):

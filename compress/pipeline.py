@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress import data, distill, models, sequential, teacher
+from compress import data, distill, models, parallel, sequential, teacher
 from compress.allocate import METHODS as ALLOCATORS
 from compress.allocate.context import Allocation, Context
 from compress.checkpoint import WorkDir
@@ -110,10 +110,11 @@ def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | 
     teach, distilled, kd_ids, dense = None, {}, ids, None
     if kd.steps:  # the original's distributions (and text, hidden states), before any weight is rounded
         assert ids is not None
-        kd_ids = distill_windows(model.to(device), ids, kd, c.batch_size, torch.device(device), workdir, say)
-        (say or log.info)(f"distill: dense teacher log-probs on {kd_ids.numel()} {kd.data} tokens")
-        teach = teacher.cached(None if workdir is None else workdir.dir / "distill-teacher.safetensors",
-                               model, kd_ids, kd.topk, c.batch_size, torch.device(device), kd.temperature)
+        with parallel.main_first():  # rank 0 writes the shared files, the others then read them
+            kd_ids = distill_windows(model.to(device), ids, kd, c.batch_size, torch.device(device), workdir, say)
+            (say or log.info)(f"distill: dense teacher log-probs on {kd_ids.numel()} {kd.data} tokens")
+            teach = teacher.cached(None if workdir is None else workdir.dir / "distill-teacher.safetensors",
+                                   model, kd_ids, kd.topk, c.batch_size, torch.device(device), kd.temperature)
         if kd.hidden_mse:  # the hidden-state term compares with the dense model live: keep a copy
             dense = copy.deepcopy(model).eval()
     allocation = allocate(ctx, workdir)

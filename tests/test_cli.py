@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import launch
 
+import compress
 from compress.cli import main
 
 FAST = ["--set", "calibrate.samples=8", "--set", "calibrate.seqlen=64", "--set", "weights.group_size=32",
@@ -162,3 +164,18 @@ def test_discquant_run_reports_its_optimisation(tiny_llama_dir: Path, tmp_path: 
     assert "DiscQuant step 8/8" in stdout + err
     card = (out / "README.md").read_text()
     assert "| discquant | 8 steps x 2 windows = 1024 tokens" in card and "nan" not in card
+
+
+def test_the_same_command_runs_under_torchrun(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2 -m compress MODEL --recipe ...` with a distillation stage: the
+    distillation runs data-parallel, rank 0 alone writes, and the checkpoint is the one-process one."""
+    kd = "distill={steps: 4, windows_per_step: 4, lr: 0.01, warmup: 1, topk: 16}"
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for n in (1, 2):
+        launch(n, ["-m", "compress", str(tiny_llama_dir), "--recipe", "rtn-4bit", "--set", "weights.bits=2", *FAST,
+                   "--set", kd, "--out", str(tmp_path / f"n{n}")])
+        assert not (tmp_path / f"n{n}" / ".partial").exists()
+        with torch.no_grad():
+            out[n] = compress.load(tmp_path / f"n{n}")(ids).logits
+    torch.testing.assert_close(out[2], out[1], rtol=1e-3, atol=1e-3)

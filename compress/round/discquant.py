@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from compress import grid, train
+from compress import grid, parallel, train
 from compress.errors import CompressError
 from compress.nn import set_module
 from compress.plan import LayerWeight, Plan
@@ -273,6 +273,8 @@ def round_model(model: nn.Module, plan: Plan, ids: Tensor, cfg: Config, *, workd
 
 def _save(path: Path, layers: dict[str, RoundingLinear], opt: torch.optim.Optimizer,
           sched: torch.optim.lr_scheduler.LRScheduler, step: int, history: list[float]) -> None:
+    if not parallel.is_main():  # every process runs the same rounding; one writes its state
+        return
     tmp = path.with_suffix(".tmp")
     torch.save({"x": {n: m.x.detach() for n, m in layers.items()}, "opt": opt.state_dict(),
                 "sched": sched.state_dict(), "step": step, "history": history}, tmp)
