@@ -25,6 +25,9 @@ With `sparsity` > 0 (train=weights) the training prunes as ISS-P does (compress.
 multiplied by `iss_alpha` (recomputed every step); then the mask freezes, pruned weights are zeroed and
 kept at zero, and their gradients and Adam moments are masked. `iss_alpha` = 0 is iterative hard
 thresholding; `prune_steps` = 0 freezes the magnitude mask at once (magnitude pruning + the same budget).
+In a recipe this stage runs *before* rounding (prune, then quantize): it needs `per_row` (the checkpoint
+keeps the same count in every row) and the recipe's `weights.sparsity` equal to its own, so the rounding's
+magnitude mask is exactly the zeros the training left, stored as a bitmask beside the kept codes.
 
 AdamW (bitsandbytes' 8-bit AdamW on CUDA when installed) with linear warm-up and cosine decay, gradient
 accumulation over `windows_per_step` windows in micro-batches of `batch_size`, optional gradient
@@ -75,6 +78,7 @@ class Config:
     pattern: str = "unstructured"  # or n:m, e.g. 2:4
     iss_alpha: float = 0.999  # soft shrinkage factor during the pruning phase
     prune_steps: int = -1  # length of the pruning phase; -1 = half of the steps
+    per_row: bool = False  # ISS-P ranks magnitudes per row, not per layer (recipes: the checkpoint's layout)
     mst_reg: float = 0.0  # train=ste: weight of the MST sign-distance regularizer on binary layers
     temperature: float = 1.0  # softmax temperature of teacher and student; the KL is scaled by T²
     hidden_mse: float = 0.0  # weight of the normalised per-block hidden-state MSE (0 = logits only)
@@ -207,6 +211,10 @@ def prepare(model: nn.Module, train: str, mst_reg: float = 0.0) -> list[nn.Param
                                         "for per-column-level layers")
                 m._grid = binary_grid(m, mst_reg) if m.spec.binary else _grid(m)
                 m._latent = nn.Parameter(m.dequantize())
+                if m.spec.sparse:  # pruned layers keep their mask: pruned weights stay exactly 0
+                    from compress import format as fmt
+
+                    m._keep = fmt.unpack(m.keep_mask, 1, m.in_features).bool()
                 params.append(m._latent)
             else:
                 for name in ("scale", "mu"):
@@ -237,7 +245,11 @@ def finish(model: nn.Module, train: str, mst_reg: float = 0.0) -> None:
         if train == "ste":
             S, Z, Q = m._grid
             codes = grid.quantize(m._latent.detach(), S, Z, Q).to(torch.uint8)
-            m.qweight.copy_(fmt.pack_layer(codes, m.spec))
+            if m.spec.sparse:
+                m.qweight.copy_(fmt.pack_sparse(codes, m._keep, m.spec)[0])
+                del m._keep
+            else:
+                m.qweight.copy_(fmt.pack_layer(codes, m.spec))
             del m._latent, m._grid
         else:
             for name, dtype in getattr(m, "_storage", {}).items():
@@ -279,6 +291,8 @@ def ste_forward(m: CompressedLinear, x: Tensor) -> Tensor:
         return torch.nn.functional.linear(x, W.to(x.dtype), None if m.bias is None else m.bias.to(x.dtype))
     S, Z, Q = m._grid
     W = _STE.apply(m._latent, S, Z, Q)
+    if "_keep" in m.__dict__:
+        W = W * m._keep
     return torch.nn.functional.linear(x, W.to(x.dtype), None if m.bias is None else m.bias.to(x.dtype))
 
 
@@ -416,10 +430,10 @@ def _prune_step(step: int, params: list[nn.Parameter], opt: torch.optim.Optimize
 
     if step + 1 < _prune_steps(cfg):
         for p in params:
-            prune.soft_shrink_(p.data, cfg.sparsity, cfg.iss_alpha, cfg.pattern)
+            prune.soft_shrink_(p.data, cfg.sparsity, cfg.iss_alpha, cfg.pattern, cfg.per_row)
         return None
     if masks is None:  # the end of the pruning phase: freeze the current magnitude mask
-        masks = [prune.magnitude(p.data, cfg.sparsity, cfg.pattern) for p in params]
+        masks = [prune.magnitude(p.data, cfg.sparsity, cfg.pattern, cfg.per_row) for p in params]
     for p, keep in zip(params, masks, strict=True):
         p.data.mul_(keep)
         for v in opt.state.get(p, {}).values():  # Adam moments of pruned weights stop pushing them

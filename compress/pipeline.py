@@ -95,6 +95,7 @@ def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | 
     t0 = time.perf_counter()
     arch = models.arch_of(model)
     base = make_plan(model, arch, recipe)
+    check_pruned_training(base, recipe.distill)
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in base}
     rnd, alloc, c = recipe.round, recipe.allocate, recipe.calibrate
     windows = None
@@ -117,6 +118,10 @@ def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | 
                                    model, kd_ids, kd.topk, c.batch_size, torch.device(device), kd.temperature)
         if kd.hidden_mse:  # the hidden-state term compares with the dense model live: keep a copy
             dense = copy.deepcopy(model).eval()
+    if teach is not None and kd.train == "weights":  # ISS-P / pruned training: prune first, then round
+        assert kd_ids is not None
+        distilled = run_distill(model, teach, kd_ids, kd, workdir, device, say, dense)
+        teach = None
     allocation = allocate(ctx, workdir)
     rounding: dict[str, Any] = {}
     if joint(rnd.method):  # rounds the whole model at once (DiscQuant), on the allocation's plan
@@ -136,21 +141,45 @@ def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | 
             progress=progress,
         )
     if teach is not None:
-        t1 = time.perf_counter()
         assert kd_ids is not None
-        history = distill.distill(model, teach, kd_ids, kd, workdir=None if workdir is None else workdir.dir,
-                                  device=device, log=say or log.info, hidden_teacher=dense)
-        distilled = {"steps": kd.steps, "train": kd.train, "windows_per_step": kd.windows_per_step,
-                     "data": kd.data, "temperature": kd.temperature, "hidden_mse": kd.hidden_mse,
-                     "tokens": kd.steps * kd.windows_per_step * (kd_ids.shape[1] - 1),
-                     # the training loss: the KL itself at temperature 1 without the hidden-state term
-                     "kl_first": history[0] if history else None,
-                     "kl_last": history[-1] if history else None, "seconds": time.perf_counter() - t1}
+        distilled = run_distill(model, teach, kd_ids, kd, workdir, device, say, dense)
     # The rounding may complete a spec (PB-LLM's salient count and index): the modules hold the final plan.
     plan = Plan({n: model.get_submodule(n).spec for n in allocation.plan})
     return Result(model, plan, recipe, blocks,
                   windows.describe() if windows is not None else "none (data-free)",
                   time.perf_counter() - t0, peak_rss_mb(), shapes, allocation.summary, rounding, distilled)
+
+
+def run_distill(model: nn.Module, teach: teacher.Teacher, ids: torch.Tensor, kd: distill.Config,
+                workdir: WorkDir | None, device: str | torch.device, say: Callable[[str], None] | None,
+                dense: nn.Module | None) -> dict[str, Any]:
+    """The distillation stage; returns what it did, for the summary and the model card."""
+    t0 = time.perf_counter()
+    history = distill.distill(model, teach, ids, kd, workdir=None if workdir is None else workdir.dir,
+                              device=device, log=say or log.info, hidden_teacher=dense)
+    return {"steps": kd.steps, "train": kd.train, "windows_per_step": kd.windows_per_step, "data": kd.data,
+            "temperature": kd.temperature, "hidden_mse": kd.hidden_mse, "sparsity": kd.sparsity,
+            "tokens": kd.steps * kd.windows_per_step * (ids.shape[1] - 1),
+            # the training loss: the KL itself at temperature 1 without the hidden-state term
+            "kl_first": history[0] if history else None, "kl_last": history[-1] if history else None,
+            "seconds": time.perf_counter() - t0}
+
+
+def check_pruned_training(plan: Plan, kd: distill.Config) -> None:
+    """train=weights in a recipe prunes before rounding; the rounding must keep exactly its mask."""
+    if kd.train != "weights" or not kd.steps:
+        return
+    if not kd.sparsity:
+        raise CompressError("distill train=weights in a recipe is pruned training (ISS-P): set distill.sparsity")
+    if kd.pattern == "unstructured" and not kd.per_row:
+        raise CompressError("distill train=weights prunes before rounding and the checkpoint keeps the same count "
+                            "in every row: set distill.per_row=true")
+    for name, spec in plan.layers.items():
+        same = spec.pattern == kd.pattern and (kd.pattern != "unstructured" or spec.sparsity == kd.sparsity)
+        if not same or spec.prune != "magnitude":
+            raise CompressError(f"{name}: the rounding would not keep the pruned training's mask; set "
+                                f"weights.sparsity={kd.sparsity}, weights.pattern={kd.pattern} and "
+                                "weights.prune=magnitude")
 
 
 def distill_windows(model: nn.Module, ids: torch.Tensor, kd: distill.Config, batch_size: int, device: torch.device,

@@ -66,9 +66,9 @@ def mask_from_scores(score: Tensor, sparsity: float, pattern: str = "unstructure
     return keep
 
 
-def magnitude(W: Tensor, sparsity: float, pattern: str = "unstructured") -> Tensor:
-    """Magnitude keep-mask: one threshold over the whole layer (per row for n:m patterns)."""
-    return mask_from_scores(W.abs(), sparsity, pattern, per_row=False)
+def magnitude(W: Tensor, sparsity: float, pattern: str = "unstructured", per_row: bool = False) -> Tensor:
+    """Magnitude keep-mask: one threshold over the whole layer, or per row (always per row for n:m)."""
+    return mask_from_scores(W.abs(), sparsity, pattern, per_row=per_row)
 
 
 def wanda(W: Tensor, input_norm: Tensor, sparsity: float, pattern: str = "unstructured") -> Tensor:
@@ -79,10 +79,11 @@ def wanda(W: Tensor, input_norm: Tensor, sparsity: float, pattern: str = "unstru
 
 
 @torch.no_grad()
-def soft_shrink_(W: Tensor, sparsity: float, alpha: float, pattern: str = "unstructured") -> Tensor:
-    """ISS-P's step, in place: multiply the lowest-magnitude weights (layer-local) by α; returns their mask
-    (True = shrunk, i.e. currently pruned)."""
-    pruned = ~magnitude(W, sparsity, pattern)
+def soft_shrink_(W: Tensor, sparsity: float, alpha: float, pattern: str = "unstructured",
+                 per_row: bool = False) -> Tensor:
+    """ISS-P's step, in place: multiply the lowest-magnitude weights (layer-local, or row-local) by α;
+    returns their mask (True = shrunk, i.e. currently pruned)."""
+    pruned = ~magnitude(W, sparsity, pattern, per_row)
     W[pruned] *= alpha
     return pruned
 

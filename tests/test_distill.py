@@ -12,6 +12,7 @@ from test_pipeline import SMALL, logits, run
 
 import compress
 from compress import checkpoint, data, distill, recipe, teacher
+from compress import format as fmt
 from compress.nn import CompressedLinear
 
 WINDOWS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
@@ -223,3 +224,64 @@ def test_pipeline_distills_on_teacher_written_text_and_keeps_it_for_a_resumed_ru
     assert torch.equal(stored[:, :8], calib[:, :8]) and not torch.equal(stored, calib)
     with pytest.raises(compress.CompressError, match="prompt_tokens"):
         run(tiny_llama(), "rtn-4bit", ("weights.bits=2", kd + "prompt_tokens: 32}"))
+
+
+ISS = ("distill={steps: 12, windows_per_step: 8, batch_size: 8, lr: 0.001, warmup: 1, topk: 0, train: weights, "
+       "sparsity: 0.5, per_row: true, iss_alpha: 0.5, prune_steps: 6}")
+
+
+def test_iss_p_in_a_recipe_prunes_before_rounding_and_stores_the_mask_compactly(tmp_path: Path) -> None:
+    """train=weights with sparsity in a recipe trains (ISS-P) before GPTQ rounds: half of every row decodes
+    to exactly 0 under a bitmask, the mask is the trained one (not the original magnitudes'), the result
+    is nearer the dense model than one-shot magnitude pruning + GPTQ, and it saves and loads exactly."""
+    oneshot = run(tiny_llama(), "gptq-4bit", ("weights.sparsity=0.5",)).model
+    m = tiny_llama()
+    res = run(m, "gptq-4bit", ("weights.sparsity=0.5", ISS))
+    assert res.distilled["train"] == "weights" and res.distilled["steps"] == 12  # (it starts dense: KL 0 → up)
+    moved = 0
+    for n, mod in m.named_modules():
+        if isinstance(mod, CompressedLinear):
+            assert mod.spec.sparse and hasattr(mod, "keep_mask")
+            kept = mod.dequantize() != 0
+            assert bool((kept.sum(1) <= mod.in_features // 2).all())  # exactly half pruned (+ codes at 0)
+            moved += int((kept & (oneshot.get_submodule(n).dequantize() == 0)).sum())
+    assert moved > 0
+    assert kl_to_dense(m) < kl_to_dense(oneshot)
+    checkpoint.save(m, None, res.plan, res.recipe, tmp_path, card="card")
+    assert torch.equal(logits(compress.load(tmp_path)), logits(m))
+
+
+@pytest.mark.parametrize(("edits", "needle"), [
+    (("weights.sparsity=0.5", ISS.replace("per_row: true", "per_row: false")), "per_row"),
+    (("weights.sparsity=0.25", ISS), "weights.sparsity=0.5"),
+    (("weights.sparsity=0.5", "weights.prune=wanda", ISS), "weights.prune=magnitude"),
+])
+def test_pruned_training_whose_mask_the_rounding_would_not_keep_is_refused(edits: tuple[str, ...],
+                                                                           needle: str) -> None:
+    with pytest.raises(compress.CompressError, match=needle):
+        run(tiny_llama(), "gptq-4bit", edits)
+
+
+def test_ste_on_a_pruned_layer_keeps_its_mask_and_packs_the_kept_codes(tmp_path: Path) -> None:
+    m, teach = setup("gptq-4bit", ("weights.sparsity=0.5",))
+    zeros = {n: mod.dequantize() == 0 for n, mod in m.named_modules() if isinstance(mod, CompressedLinear)}
+    seen = {}
+
+    def last(p: distill.Progress) -> None:
+        if p.step == p.steps:
+            with torch.no_grad():
+                seen["logits"] = m(WINDOWS).logits
+
+    history = distill.distill(m, teach, WINDOWS, distill.Config(steps=10, windows_per_step=8, batch_size=8, lr=3e-3,
+                                                                warmup=2, train="ste"), on_step=last)
+    assert history[-1] < history[0]
+    for n, mod in m.named_modules():
+        if isinstance(mod, CompressedLinear):
+            W = mod.dequantize()
+            pruned = ~fmt.unpack(mod.keep_mask, 1, mod.in_features).bool()
+            assert bool((W[pruned] == 0).all()) and bool(zeros[n][pruned].all())
+    with torch.no_grad():
+        torch.testing.assert_close(m(WINDOWS).logits, seen["logits"], rtol=1e-5, atol=1e-6)
+    res = run(tiny_llama(), "gptq-4bit", ("weights.sparsity=0.5",))
+    checkpoint.save(m, None, res.plan, res.recipe, tmp_path, card="card")
+    assert torch.equal(logits(compress.load(tmp_path)), logits(m))
