@@ -15,8 +15,9 @@ def summary(result: Result) -> dict[str, Any]:
     return {"avg_bits_code": round(code, 4), "avg_bits_total": round(total, 4), "calibration": result.calibration}
 
 
-def allocation_section(result: Result) -> list[str]:
-    """What the allocator decided and how its loss model compared with the losses actually measured."""
+def allocation_section(result: Result, kl_gain: float | None = None) -> list[str]:
+    """What the allocator decided and how its loss model compared with the losses actually measured
+    (`kl_gain` = the uniform reference's quick-check KL over the allocated model's, when measured)."""
     a = result.allocation
     if not a:
         return []
@@ -32,8 +33,11 @@ def allocation_section(result: Result) -> list[str]:
         out.append(f"BAQ's layer-local loss model predicted the summed layer loss to change by a factor "
                    f"{a['predicted_loss_ratio']:.3f} against uniform {a.get('reference_bits')}-bit rounding; the "
                    f"rounding pass measured {measured:.3f} (its Hessians already see the mixed-precision prefix). "
-                   "The model is layer-local: the end-to-end effect is what the quick check in this card and "
-                   "`compress eval` measure.")
+                   "The model is layer-local; " + (
+                       f"end to end, on the quick-check tokens, the allocated model's KL to the original is "
+                       f"{1 / kl_gain:.3f} times the uniform reference's (prediction {a['predicted_loss_ratio']:.3f}"
+                       f", off by {abs(1 / kl_gain - a['predicted_loss_ratio']):.3f})." if kl_gain else
+                       "the end-to-end effect is what the quick check and `compress eval` measure."))
     if a.get("fitness_history"):
         h = a["fitness_history"]
         out.append(f"EvoPress: {a['generations']} generations ({a.get('search_seconds', 0):.0f} s), parent "
@@ -41,7 +45,9 @@ def allocation_section(result: Result) -> list[str]:
     return out
 
 
-def model_card(ref: ModelRef, result: Result, quick: Reference | None, checked: ModelStats | None) -> str:
+def model_card(ref: ModelRef, result: Result, quick: Reference | None, checked: ModelStats | None,
+               uniform: ModelStats | None = None) -> str:
+    """The checkpoint's README; `uniform` = the quick check of the allocation's uniform reference, if any."""
     rec = result.recipe
     code, total = result.avg_bits()
     lines = [
@@ -100,10 +106,13 @@ def model_card(ref: ModelRef, result: Result, quick: Reference | None, checked: 
             "|---|---|---|---|",
             f"| original | {quick.stats.ppl:.3f} | - | - |",
             f"| compressed | {checked.ppl:.3f} | {checked.kl_mean:.4f} | {checked.top1:.2%} |",
+            *([f"| uniform {result.allocation.get('reference_bits')}-bit (the allocation's reference) | "
+               f"{uniform.ppl:.3f} | {uniform.kl_mean:.4f} | {uniform.top1:.2%} |"] if uniform is not None else []),
             "",
             "Run `compress eval ORIGINAL THIS_DIR` for the full comparison.",
         ]
-    lines += allocation_section(result)
+    lines += allocation_section(result, uniform.kl_mean / checked.kl_mean if uniform and checked and checked.kl_mean
+                                else None)
     fresh = [b for b in result.blocks if not b.resumed]
     if fresh and not result.rounding:
         worst = sorted((r for b in fresh for r in b.layers), key=lambda r: -r.loss)[:5]

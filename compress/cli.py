@@ -199,13 +199,18 @@ def compress_cmd(
         raise typer.Exit(130) from None
     if not parallel.is_main():  # the other processes helped with the data-parallel stages; rank 0 writes
         return
-    checked = None
+    checked = uniform = None
     if quick is not None:
         with console.status("quick check against the original"):
             checked = evaluate.compare_to(quick, m.to(device), name=rec.name)
+            if result.reference:  # the allocation's uniform reference, for its prediction's end-to-end check
+                from compress.pipeline import swapped
+
+                with swapped(m, result.reference):
+                    uniform = evaluate.compare_to(quick, m.to(device), name="uniform")
             m.to("cpu")
     with console.status(f"writing {out}"):
-        checkpoint.save(m, tok, result.plan, rec, out, card=card.model_card(ref, result, quick, checked),
+        checkpoint.save(m, tok, result.plan, rec, out, card=card.model_card(ref, result, quick, checked, uniform),
                         extra=card.summary(result))
         work.remove()
     code, total = result.avg_bits()
@@ -216,7 +221,9 @@ def compress_cmd(
         ratio = result.allocation.get("predicted_loss_ratio")
         console.print(f"allocation ({rec.allocate.method}): target {target:g} code bits → realised {code:.4f} "
                       f"code bits, {total:.4f} with scales/zeros"
-                      + (f"; modelled layer-loss ratio vs uniform {ratio:.3f}" if ratio is not None else ""))
+                      + (f"; modelled layer-loss ratio vs uniform {ratio:.3f}" if ratio is not None else "")
+                      + (f", measured KL ratio {checked.kl_mean / uniform.kl_mean:.3f} (quick check)"
+                         if checked is not None and uniform is not None and uniform.kl_mean else ""))
     size = checkpoint.disk_bytes(out)
     summary = (f"[green]done[/] in {result.seconds:.0f}s · peak RSS {result.peak_rss_mb:.0f} MB · "
                f"{code:.3f} bits/weight (codes), {total:.3f} with scales/zeros · {_human_bytes(size)} on disk")

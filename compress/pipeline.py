@@ -12,7 +12,8 @@ import copy
 import logging
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,8 @@ class Result:
     allocation: dict[str, Any] = field(default_factory=dict)  # what the allocator reports (predicted gain, ...)
     rounding: dict[str, Any] = field(default_factory=dict)  # what a joint rounding reports (steps, KL history)
     distilled: dict[str, Any] = field(default_factory=dict)  # what the distillation stage did (steps, KL)
+    # the uniform model an allocator's prediction is relative to (BAQ's pass 1), to score it end to end
+    reference: dict[str, nn.Module] | None = field(default=None, repr=False)
 
     def avg_bits(self) -> tuple[float, float]:
         return self.plan.avg_bits(self.shapes)
@@ -147,7 +150,23 @@ def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | 
     plan = Plan({n: model.get_submodule(n).spec for n in allocation.plan})
     return Result(model, plan, recipe, blocks,
                   windows.describe() if windows is not None else "none (data-free)",
-                  time.perf_counter() - t0, peak_rss_mb(), shapes, allocation.summary, rounding, distilled)
+                  time.perf_counter() - t0, peak_rss_mb(), shapes, allocation.summary, rounding, distilled,
+                  allocation.reference)
+
+
+@contextmanager
+def swapped(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[nn.Module]:
+    """The model with `modules` in place of its own (e.g. the uniform reference of an allocation), restored after."""
+    from compress.nn import set_module
+
+    own = {n: model.get_submodule(n) for n in modules}
+    for n, m in modules.items():
+        set_module(model, n, m)
+    try:
+        yield model
+    finally:
+        for n, m in own.items():
+            set_module(model, n, m)
 
 
 def run_distill(model: nn.Module, teach: teacher.Teacher, ids: torch.Tensor, kd: distill.Config,

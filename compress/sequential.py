@@ -223,14 +223,15 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
         resume: Callable[[int], dict[str, Tensor] | None] | None = None,
         on_block_done: Callable[[int, nn.Module], None] | None = None,
         progress: Progress | None = None, round_layer: RoundLayer | None = None,
-        restore: bool = False, stage: str = "round") -> list[BlockReport]:
+        restore: bool = False, stage: str = "round", kept: dict[str, nn.Module] | None = None) -> list[BlockReport]:
     """Compress every Linear in `plan`, block by block; the model is modified in place.
 
     `resume(i)` may return the saved state of an already finished block i (it is loaded, not recomputed);
     `on_block_done(i, block)` is called after each newly compressed block (to save it).
     `round_layer` replaces the default (round with `method`/`cfg` and pack), e.g. to build a level database.
     `restore=True` puts every dense Linear back after its block has produced the next block's inputs: the
-    model ends unchanged and the reports carry what the rounding measured (BAQ's first pass).
+    model ends unchanged and the reports carry what the rounding measured (BAQ's first pass); `kept`, if
+    given, receives the rounded modules that were taken out (on the CPU), to score that model later.
     """
     if round_layer is None:
         def round_layer(name: str, lin: nn.Linear, H: Tensor | None, spec: Any) -> tuple[CompressedLinear, LayerReport]:
@@ -259,6 +260,8 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
             inputs = _run_block(block, inputs, device, keep=True)
         if restore:
             for name, lin in linears.items():
+                if kept is not None:
+                    kept[name] = model.get_submodule(name).to("cpu")
                 set_module(model, name, lin)
         block.to("cpu", dtype)
         if on_block_done is not None and state is None:

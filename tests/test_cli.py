@@ -179,3 +179,13 @@ def test_the_same_command_runs_under_torchrun(tiny_llama_dir: Path, tmp_path: Pa
         with torch.no_grad():
             out[n] = compress.load(tmp_path / f"n{n}")(ids).logits
     torch.testing.assert_close(out[2], out[1], rtol=1e-3, atol=1e-3)
+
+
+def test_baq_card_sets_its_prediction_against_the_measured_end_to_end_change(
+        tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli([str(tiny_llama_dir), "--recipe", "baq-3bit", "--out", str(tmp_path / "baq"), *FAST], capsys)
+    assert code == 0
+    card = (tmp_path / "baq" / "README.md").read_text()
+    line = next(x for x in card.splitlines() if x.startswith("| uniform 3-bit"))
+    assert float(line.split("|")[3]) > 0  # the uniform reference's KL was measured on the same tokens
+    assert "end to end, on the quick-check tokens" in card and "measured KL ratio" in err

@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 
 from compress import sequential
 from compress.allocate import budget
@@ -62,15 +63,17 @@ class Config:
         return self.reference_bits or math.floor(self.target_bits + 0.5)
 
 
-def first_pass(ctx: Context, ref_bits: int) -> dict[str, sequential.LayerReport]:
-    """Round every planned Linear at ref_bits with the recipe's method, record losses, leave the model dense."""
+def first_pass(ctx: Context, ref_bits: int, kept: dict[str, nn.Module] | None = None
+               ) -> dict[str, sequential.LayerReport]:
+    """Round every planned Linear at ref_bits with the recipe's method, record losses, leave the model dense
+    (the rounded Linears go to `kept`, if given)."""
     plan = Plan({n: replace(s, bits=ref_bits) for n, s in ctx.base.layers.items()})
     rnd = ctx.recipe.round
     c = ctx.recipe.calibrate
     method, rcfg = layerwise(rnd.method, rnd.config)
     reports = sequential.run(ctx.model, ctx.arch, plan, method, rcfg, ctx.windows,
                              batch_size=c.batch_size, true_sequential=c.true_sequential, device=ctx.device,
-                             restore=True, progress=ctx.progress, stage=f"baq pass 1 ({ref_bits} bits)")
+                             restore=True, progress=ctx.progress, stage=f"baq pass 1 ({ref_bits} bits)", kept=kept)
     return {r.name: r for b in reports for r in b.layers}
 
 
@@ -86,7 +89,8 @@ def allocate(ctx: Context, cfg: Config) -> Allocation:
     if not measure[1].needs_hessian:
         raise CompressError("baq allocates from the rounding method's per-column losses; use round.method=gptq")
     ctx.log(f"BAQ pass 1: {measure[0].__name__.rsplit('.', 1)[-1]} at {cfg.ref_bits} bits to measure column losses")
-    losses = first_pass(ctx, cfg.ref_bits)
+    uniform: dict[str, nn.Module] = {}
+    losses = first_pass(ctx, cfg.ref_bits, uniform)
     names = [n for n in ctx.base if n not in ctx.pinned]
     layers = dict(ctx.base.layers)
     summary: dict[str, object] = {"method": "baq", "granularity": cfg.granularity, "theta": cfg.theta,
@@ -111,7 +115,7 @@ def allocate(ctx: Context, cfg: Config) -> Allocation:
         summary["pass1_loss"] = sum(losses[n].loss for n in names)
         ctx.log(f"BAQ (columns): realised rate {summary['realised_rate']:.4f} bits, mean predicted gain "
                 f"{summary['predicted_loss_ratio']:.3f}")
-        return Allocation(Plan(layers), summary=summary)
+        return Allocation(Plan(layers), summary=summary, reference=uniform)
     if cfg.granularity == "layer":
         L = torch.tensor([losses[n].loss for n in names], dtype=torch.float64)
         n = torch.tensor([losses[n].numel for n in names], dtype=torch.float64)
@@ -145,4 +149,4 @@ def allocate(ctx: Context, cfg: Config) -> Allocation:
     summary["predicted_loss_ratio"] = after / before if before else float("nan")
     ctx.log(f"BAQ: modelled layer-loss ratio vs uniform {cfg.target_bits:g} bits: "
             f"{summary['predicted_loss_ratio']:.3f}")
-    return Allocation(Plan(layers), summary=summary)
+    return Allocation(Plan(layers), summary=summary, reference=uniform)

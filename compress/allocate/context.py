@@ -38,3 +38,5 @@ class Allocation:
     plan: Plan
     weights: Callable[[str], LayerWeight] | None = None
     summary: dict[str, Any] = field(default_factory=dict)  # facts for the model card and the CLI
+    # BAQ: the uniform model its prediction is relative to (pass 1's rounded Linears), for an end-to-end check
+    reference: dict[str, nn.Module] | None = None
