@@ -113,3 +113,16 @@ def test_two_gloo_processes_search_like_one(tmp_path: Path) -> None:
     two = torchrun("evopress_worker.py", 2, tmp_path / "two.json", str(tmp_path / "db2"))
     assert two["widths"] == one["widths"] and len(set(one["widths"].values())) > 1
     assert two["fitness"] == pytest.approx(one["fitness"], rel=1e-6)
+
+
+def test_each_generation_scores_its_stages_on_disjoint_fresh_windows(tmp_path: Path) -> None:
+    ctx, cfg = context(tmp_path)
+    s = evopress.Search(ctx, cfg, None, [], None, {})  # type: ignore[arg-type]
+    rng = random.Random(0)
+    stages = ((4, 64), (2, 128), (1, 256))  # 2 + 4 + 8 windows of 32 tokens from a pool of 16
+    first, second = s.stage_windows(stages, rng), s.stage_windows(stages, rng)
+    assert [len(w) for w in first] == [2, 4, 8]
+    assert len({i for w in first for i in w}) == 14  # no window scores two stages of one generation
+    assert first != second  # fresh draws every generation
+    with pytest.raises(CompressError, match="no fewer tokens"):
+        replace(cfg, stages=((2, 128), (1, 64)))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -88,6 +89,10 @@ class Config:
         if not self.stages or self.stages[-1][0] != 1 or any(s < 1 or t < 1 for s, t in self.stages):
             raise CompressError(f"evopress stages={[list(s) for s in self.stages]} must be [survivors, tokens] "
                                 "pairs ending with one survivor")
+        pairs = list(itertools.pairwise(self.stages))
+        if any(b[0] > a[0] or b[1] < a[1] for a, b in pairs):
+            raise CompressError(f"evopress stages={[list(s) for s in self.stages]}: each stage keeps no more "
+                                "survivors and scores no fewer tokens than the one before")
         if self.init not in ("uniform", "baq"):
             raise CompressError(f"evopress init={self.init!r} is invalid; choose uniform or baq")
         if self.generations < 0 or self.offspring < 1:
@@ -277,9 +282,14 @@ class Search:
         parallel.all_sum(sums)
         return float(sums[0] / sums[1])
 
-    def stage_windows(self, tokens: int, rng: random.Random) -> list[int]:
-        n = max(1, round(tokens / self.ctx.windows.shape[1]))
-        return rng.sample(range(len(self.ctx.windows)), n)
+    def stage_windows(self, stages: Sequence[tuple[int, int]], rng: random.Random) -> list[list[int]]:
+        """Fresh windows for each stage of one generation, disjoint across its stages while the pool allows."""
+        pool = len(self.ctx.windows)
+        n = [min(pool, max(1, round(tokens / self.ctx.windows.shape[1]))) for _, tokens in stages]
+        if sum(n) <= pool:
+            draw = rng.sample(range(pool), sum(n))
+            return [draw[sum(n[:k]) : sum(n[: k + 1])] for k in range(len(n))]
+        return [rng.sample(range(pool), k) for k in n]
 
 
 def _state_path(root: Path) -> Path:
@@ -325,8 +335,7 @@ def search(ctx: Context, cfg: Config, s: Search, groups: list[list[int]], init: 
                 seen.add(tuple(child))
                 offspring.append(child)
         candidates, scores = offspring, []
-        for k, (survivors, tokens) in enumerate(cfg.stages):
-            windows = s.stage_windows(tokens, rng)
+        for k, ((survivors, _), windows) in enumerate(zip(cfg.stages, s.stage_windows(cfg.stages, rng), strict=True)):
             if k == len(cfg.stages) - 1:
                 candidates = [*candidates, parent]  # elitism, re-scored on fresh windows
             scores = [s.fitness(c, windows) for c in candidates]
