@@ -38,6 +38,13 @@ def allocation_section(result: Result, kl_gain: float | None = None) -> list[str
                        f"{1 / kl_gain:.3f} times the uniform reference's (prediction {a['predicted_loss_ratio']:.3f}"
                        f", off by {abs(1 / kl_gain - a['predicted_loss_ratio']):.3f})." if kl_gain else
                        "the end-to-end effect is what the quick check and `compress eval` measure."))
+    if a.get("layer_gains"):
+        g = sorted(a["layer_gains"].items(), key=lambda kv: kv[1])
+        out += ["", "BAQ's predicted gain per Linear, geomean(L_j) / mean(L_j) of its column losses (lower = "
+                "more to gain from unequal columns); the five largest predicted gains:", "",
+                "| layer | predicted gain |", "|---|---|"]
+        out += [f"| `{n}` | {v:.3f} |" for n, v in g[:5]]
+        out.append(f"| median over {len(g)} Linears | {g[len(g) // 2][1]:.3f} |")
     if a.get("fitness_history"):
         h = a["fitness_history"]
         out.append(f"EvoPress: {a['generations']} generations ({a.get('search_seconds', 0):.0f} s), parent "

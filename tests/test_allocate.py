@@ -123,6 +123,12 @@ def test_faithful_baq_checkpoint_stores_per_column_levels_and_reloads(tmp_path: 
     spec = res.plan["model.layers.0.self_attn.q_proj"]
     assert spec.levels is not None and len(set(spec.levels)) > 1
     assert 2.5 < res.allocation["realised_rate"] < 3.5
+    gains = res.allocation["layer_gains"]  # geomean / mean of each Linear's column losses: in (0, 1]
+    assert set(gains) == set(res.plan.layers) and all(0 < g <= 1 for g in gains.values())
+    assert res.allocation["predicted_loss_ratio"] == pytest.approx(sum(gains.values()) / len(gains))
+    from compress import card
+
+    assert any(f"| {min(gains.values()):.3f} |" in line for line in card.allocation_section(res))  # in the card
     checkpoint.save(m, None, res.plan, res.recipe, tmp_path, card="card")
     loaded = compress.load(tmp_path)
     assert torch.equal(logits(loaded), logits(m))

@@ -112,6 +112,7 @@ def allocate(ctx: Context, cfg: Config) -> Allocation:
             gains.append(float(torch.exp(torch.log(L + 1e-8).mean()) / L.mean()))
         summary["realised_rate"] = rate_num / rate_den
         summary["predicted_loss_ratio"] = sum(gains) / len(gains)  # the reference's per-layer "gain", averaged
+        summary["layer_gains"] = dict(zip(names, gains, strict=True))  # geomean(L) / mean(L) of each Linear
         summary["pass1_loss"] = sum(losses[n].loss for n in names)
         ctx.log(f"BAQ (columns): realised rate {summary['realised_rate']:.4f} bits, mean predicted gain "
                 f"{summary['predicted_loss_ratio']:.3f}")
