@@ -189,3 +189,34 @@ def test_baq_card_sets_its_prediction_against_the_measured_end_to_end_change(
     line = next(x for x in card.splitlines() if x.startswith("| uniform 3-bit"))
     assert float(line.split("|")[3]) > 0  # the uniform reference's KL was measured on the same tokens
     assert "end to end, on the quick-check tokens" in card and "measured KL ratio" in err
+
+
+def test_a_killed_distillation_resumes_to_the_uninterrupted_checkpoint(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """SIGKILL in the middle of the distillation stage (no clean-up runs), re-run the same command: it resumes
+    from the last saved state and writes the same checkpoint as a run that was never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    kd = "distill={steps: 40, windows_per_step: 4, lr: 0.01, warmup: 1, topk: 16, save_every: 4, log_every: 4}"
+    args = [sys.executable, "-m", "compress", str(tiny_llama_dir), "--recipe", "rtn-4bit", "--set", "weights.bits=2",
+            *FAST, "--set", kd, "--threads", "1"]
+    env = {**os.environ, "COLUMNS": "200"}
+    subprocess.run([*args, "--out", str(tmp_path / "straight")], env=env, check=True, capture_output=True)
+    p = subprocess.Popen([*args, "--out", str(tmp_path / "killed")], env=env, stderr=subprocess.PIPE, text=True)
+    assert p.stderr is not None
+    for line in p.stderr:
+        if "distill step 12/40" in line:  # states saved at 4, 8, 12: killed somewhere after
+            p.send_signal(signal.SIGKILL)
+            break
+    p.wait()
+    assert p.returncode == -signal.SIGKILL and (tmp_path / "killed" / ".partial" / "distill-state.pt").is_file()
+    done = subprocess.run([*args, "--out", str(tmp_path / "killed")], env=env, check=True, capture_output=True,
+                          text=True)
+    assert "distill: resuming at step" in done.stderr
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a = compress.load(tmp_path / "straight")(ids).logits
+        b = compress.load(tmp_path / "killed")(ids).logits
+    assert torch.equal(a, b)
