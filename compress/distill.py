@@ -347,7 +347,7 @@ def distill(model: nn.Module, teach: Teacher, windows: Tensor, cfg: Config, *, w
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     masks: list[Tensor] | None = None
-    if cfg.sparsity and start >= _prune_steps(cfg):  # resumed after the pruning phase: the frozen masks
+    if cfg.sparsity and start > 0 and start >= _prune_steps(cfg):  # resumed after the pruning phase: the frozen masks
         masks = [p.detach() != 0 for p in params]
     t0, tokens = time.perf_counter(), 0
     try:

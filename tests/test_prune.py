@@ -37,12 +37,12 @@ def test_soft_shrink_multiplies_the_lowest_fraction_by_alpha() -> None:
     assert pruned.sum() == 3 and torch.equal(W[0, :4], torch.tensor([0.5, 1.0, 1.5, 4.0]))
 
 
-@pytest.mark.parametrize("alpha", [0.9, 0.0])  # ISS-P, and IHT (alpha = 0)
-def test_iss_p_ends_exactly_sparse_and_pruned_weights_stay_zero(alpha: float) -> None:
+@pytest.mark.parametrize(("alpha", "prune_steps"), [(0.9, 5), (0.0, 5), (0.999, 0)])  # ISS-P, IHT, magnitude
+def test_iss_p_ends_exactly_sparse_and_pruned_weights_stay_zero(alpha: float, prune_steps: int) -> None:
     teach = teacher.teacher(tiny_llama(), WINDOWS, 0, 4, torch.device("cpu"))
     m = tiny_llama()
     cfg = distill.Config(steps=10, windows_per_step=4, lr=1e-3, warmup=2, train="weights", sparsity=0.5,
-                         iss_alpha=alpha, prune_steps=5)
+                         iss_alpha=alpha, prune_steps=prune_steps)
     seen = {}
 
     def watch(p: distill.Progress) -> None:
@@ -50,12 +50,13 @@ def test_iss_p_ends_exactly_sparse_and_pruned_weights_stay_zero(alpha: float) ->
         seen[p.step] = float((lin == 0).float().mean())
 
     distill.distill(m, teach, WINDOWS, cfg, on_step=watch)
-    if alpha:
+    if alpha and prune_steps:
         assert seen[3] < 0.5  # during the pruning phase weights are shrunk, not zeroed
     for lin in distill.block_linears(m):
         n = lin.weight.numel()
         assert int((lin.weight == 0).sum()) == n // 2
-    assert all(seen[s] == 0.5 for s in range(5, 11))  # frozen mask: exactly half, every step after
+    # frozen mask: exactly half, every step after (prune_steps 0: from the first step on, magnitude + training)
+    assert all(seen[s] == 0.5 for s in range(max(prune_steps, 1), 11))
 
 
 def test_input_norms_equal_a_direct_computation() -> None:
