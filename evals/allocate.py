@@ -28,6 +28,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "evopress-3bit": ("evopress-3bit", DB),
     "baq-evopress-3bit": ("baq-evopress-3bit", DB),
     "evopress-2.5bit": ("evopress-2.5bit", DB),
+    "evopress-2.5bit, 12 generations": ("evopress-2.5bit", [*DB, "allocate.generations=12"]),
     "gptq uniform w3 per-row (act-order off)": ("gptq-3bit", ["weights.group_size=-1", "round.act_order=false"]),
     "baq-3bit-faithful": ("baq-3bit-faithful", []),
 }
