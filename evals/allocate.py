@@ -29,6 +29,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "baq-evopress-3bit": ("baq-evopress-3bit", DB),
     "evopress-2.5bit": ("evopress-2.5bit", DB),
     "evopress-2.5bit, 12 generations": ("evopress-2.5bit", [*DB, "allocate.generations=12"]),
+    "baq-evopress-3bit, 8 generations": ("baq-evopress-3bit", [*DB, "allocate.generations=8"]),
     "gptq uniform w3 per-row (act-order off)": ("gptq-3bit", ["weights.group_size=-1", "round.act_order=false"]),
     "baq-3bit-faithful": ("baq-3bit-faithful", []),
 }
