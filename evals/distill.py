@@ -3,8 +3,8 @@
 Quantized rows: a GPTQ recipe, then the same recipe with the distillation stage (KL to the original on
 the 128 x 512 calibration windows). Pruned rows (dense weights, 50 % unstructured per layer): magnitude
 one-shot, Wanda one-shot (|w|·‖x‖ per row from one dense calibration pass; not sequential), magnitude +
-the same distillation budget as ISS-P (mask frozen at once), ISS-P + that budget. Every row runs in its own
-process. Writes evals/results/distill.{json,md}.
+the same distillation budget as ISS-P (mask frozen at once), Wanda + that budget (its mask frozen), ISS-P +
+that budget. Every row runs in its own process. Writes evals/results/distill.{json,md}.
 
     python evals/distill.py                     # every row (hours on 2 CPU cores)
     python evals/distill.py --rows "gptq w3g128" "gptq w3g128 + distill scales"
@@ -13,6 +13,7 @@ process. Writes evals/results/distill.{json,md}.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from common import EVAL_WINDOWS, SEQLEN, cli, fmt_num, fmt_ppl
 from common import job as recipe_job
@@ -33,6 +34,9 @@ PRUNE: dict[str, dict] = {
     "magnitude 50% one-shot": {"mode": "magnitude"},
     "wanda 50% one-shot": {"mode": "wanda"},
     "magnitude 50% + distill": {"mode": "train", "prune_steps": 0},
+    # Wanda's mask (per row), then the same training with that mask frozen (the pruned weights are the
+    # smallest after one step, so the per-row magnitude mask taken then is Wanda's)
+    "wanda 50% + distill": {"mode": "train", "prune_steps": 0, "wanda": True, "per_row": True},
     # ISS-P shrinks the pruned set by alpha per step: over a 16-step pruning phase 0.999 would leave it at
     # 98 % (magnitude pruning in all but name), so the short budget uses 0.9 (0.9^16 = 0.19).
     "iss-p 50% (alpha 0.9) + distill": {"mode": "train", "prune_steps": PRUNE_STEPS // 2, "iss_alpha": 0.9},
@@ -56,10 +60,18 @@ def prune_job(spec: dict) -> dict:
                if isinstance(m, torch.nn.Linear)}
     p = PRUNE[spec["label"]]
     out: dict = {"label": spec["label"]}
-    if p["mode"] == "train":
-        teach = teacher.teacher(model, calib, 256, 8, torch.device("cpu"))
+    if p["mode"] == "train":  # the teacher depends only on the model and the windows: cached across rows
+        cache = Path(__file__).parent / ".cache" / "distill-teacher-pydoc-128x512-top256.safetensors"
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        teach = teacher.cached(cache, model, calib, 256, 8, torch.device("cpu"))
+        if p.get("wanda"):
+            norms = prune.input_norms(model, linears, calib)
+            with torch.no_grad():
+                for n, lin in linears.items():
+                    lin.weight.mul_(prune.wanda(lin.weight, norms[n], 0.5))
         cfg = distill.Config(steps=PRUNE_STEPS, windows_per_step=4, batch_size=2, lr=1e-4, warmup=8, train="weights",
-                             sparsity=0.5, prune_steps=p["prune_steps"], iss_alpha=p.get("iss_alpha", 0.999))
+                             sparsity=0.5, prune_steps=p["prune_steps"], iss_alpha=p.get("iss_alpha", 0.999),
+                             per_row=p.get("per_row", False))
         history = distill.distill(model, teach, calib, cfg)
         out["train_kl"] = [history[0], history[-1]]
     else:
@@ -82,7 +94,6 @@ def before_distillation(rows: list[dict]) -> list[dict]:
     """The GPTQ w2g64 checkpoint before distillation, from the eval report when this benchmark did not run it
     (same recipe, same calibration, same 40 x 512 pydoc windows: the same model and measurement)."""
     import json
-    from pathlib import Path
 
     report = Path(__file__).parent / "results" / "report" / "eval-standard-pydoc-512x40.json"
     if not rows or any(r["label"] == "gptq w2g64" for r in rows) or not report.is_file():
