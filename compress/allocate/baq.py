@@ -118,6 +118,7 @@ def allocate(ctx: Context, cfg: Config) -> Allocation:
                 f"{summary['predicted_loss_ratio']:.3f}")
         return Allocation(Plan(layers), summary=summary, reference=uniform)
     if cfg.granularity == "layer":
+        ctx.log(f"BAQ granularity=layer {budget.CROSS_LINEAR_CAVEAT} Prefer granularity=group.")
         L = torch.tensor([losses[n].loss for n in names], dtype=torch.float64)
         n = torch.tensor([losses[n].numel for n in names], dtype=torch.float64)
         bits = budget.discrete(L, n, cfg.target_bits, cfg.theta, cfg.ref_bits, cfg.choices)

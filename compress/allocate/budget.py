@@ -27,6 +27,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+# Measured on SmolLM2-135M (evals/results/allocate.md, baq-evopress-3bit): why cross-Linear allocation on
+# layer-local losses is a poor start.
+CROSS_LINEAR_CAVEAT = ("compares raw layer losses across Linears, whose units differ (each is in its own "
+                       "output's units); on SmolLM2 such a start had 0.42x uniform's summed layer loss but "
+                       "2.5x its KL.")
+
 
 def closed_form(loss: Tensor, numel: Tensor, target: float, theta: float) -> Tensor:
     """Real-valued widths b_u [U] minimising Σ L_u 2^(-θ(b_u-R)) at Σ n_u b_u = target Σ n_u."""

@@ -423,6 +423,7 @@ def allocate(ctx: Context, cfg: Config) -> Allocation:
     numel = [u.numel for u in units]
     rng = random.Random(cfg.seed + 1)
     if cfg.init == "baq":
+        ctx.log(f"EvoPress init=baq {budget.CROSS_LINEAR_CAVEAT} Prefer init=uniform.")
         L = torch.tensor([sum(db.loss(n, cfg.calib_bits) for n in u.layers) for u in units], dtype=torch.float64)
         init = budget.discrete(L, torch.tensor(numel, dtype=torch.float64), cfg.target_bits, cfg.theta,
                                cfg.calib_bits, cfg.choices).tolist()
