@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 from common import EVAL_WINDOWS, SEQLEN, cli, fmt_num, fmt_ppl
 from common import job as recipe_job
@@ -44,10 +48,22 @@ PRUNE: dict[str, dict] = {
 ROWS = [*QUANT, *PRUNE]
 
 
+def one_shot(model: torch.nn.Module, linears: dict, calib: torch.Tensor, how: str) -> None:
+    """Zero 50 % of every Linear: magnitude (one threshold per layer) or Wanda (|w|·‖x‖ per row)."""
+    import torch
+
+    from compress import prune
+
+    norms = prune.input_norms(model, linears, calib) if how == "wanda" else {}
+    with torch.no_grad():
+        for n, lin in linears.items():
+            lin.weight.mul_(prune.wanda(lin.weight, norms[n], 0.5) if norms else prune.magnitude(lin.weight, 0.5))
+
+
 def prune_job(spec: dict) -> dict:
     import torch
 
-    from compress import data, distill, evaluate, models, prune, teacher
+    from compress import data, distill, evaluate, models, teacher
     from compress.pipeline import peak_rss_mb
 
     torch.set_num_threads(2)
@@ -65,21 +81,14 @@ def prune_job(spec: dict) -> dict:
         cache.parent.mkdir(parents=True, exist_ok=True)
         teach = teacher.cached(cache, model, calib, 256, 8, torch.device("cpu"))
         if p.get("wanda"):
-            norms = prune.input_norms(model, linears, calib)
-            with torch.no_grad():
-                for n, lin in linears.items():
-                    lin.weight.mul_(prune.wanda(lin.weight, norms[n], 0.5))
+            one_shot(model, linears, calib, "wanda")
         cfg = distill.Config(steps=PRUNE_STEPS, windows_per_step=4, batch_size=2, lr=1e-4, warmup=8, train="weights",
                              sparsity=0.5, prune_steps=p["prune_steps"], iss_alpha=p.get("iss_alpha", 0.999),
                              per_row=p.get("per_row", False))
         history = distill.distill(model, teach, calib, cfg)
         out["train_kl"] = [history[0], history[-1]]
     else:
-        norms = prune.input_norms(model, linears, calib) if p["mode"] == "wanda" else {}
-        with torch.no_grad():
-            for n, lin in linears.items():
-                keep = prune.wanda(lin.weight, norms[n], 0.5) if norms else prune.magnitude(lin.weight, 0.5)
-                lin.weight.mul_(keep)
+        one_shot(model, linears, calib, p["mode"])
     out["compress_seconds"] = time.perf_counter() - t0
     out["peak_rss_mb"] = peak_rss_mb()
     out["sparsity"] = sum(int((m.weight == 0).sum()) for m in linears.values()) / sum(
