@@ -214,7 +214,7 @@ def prepare(model: nn.Module, train: str, mst_reg: float = 0.0) -> list[nn.Param
                 if m.spec.sparse:  # pruned layers keep their mask: pruned weights stay exactly 0
                     from compress import format as fmt
 
-                    m._keep = fmt.unpack(m.keep_mask, 1, m.in_features).bool()
+                    m._keep = fmt.unpack_keep(m.keep_mask, m.in_features)
                 params.append(m._latent)
             else:
                 for name in ("scale", "mu"):

@@ -189,9 +189,14 @@ def pack_sparse(codes: Tensor, keep: Tensor, spec: LayerSpec) -> tuple[Tensor, T
     return pack(kept, spec.group_bits(K)[0]), pack(keep.to(torch.uint8), 1)
 
 
+def unpack_keep(keep_mask: Tensor, K: int) -> Tensor:
+    """The keep-mask bool [N, K] of a pruned layer (True = kept) from its packed bitmask."""
+    return unpack(keep_mask, 1, K).bool()
+
+
 def unpack_sparse(qweight: Tensor, keep_mask: Tensor, spec: LayerSpec, K: int, fill: Tensor) -> Tensor:
     """Inverse of `pack_sparse`: codes uint8 [N, K], `fill` (the zero codes [N, K]) at pruned positions."""
-    keep = unpack(keep_mask, 1, K).bool()
+    keep = unpack_keep(keep_mask, K)
     codes = fill.to(torch.uint8).clone()
     codes[keep] = unpack(qweight, spec.group_bits(K)[0], spec.kept(K)).flatten()
     return codes
