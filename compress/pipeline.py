@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compress import data, distill, models, parallel, sequential, teacher
@@ -212,8 +213,6 @@ def distill_windows(model: nn.Module, ids: torch.Tensor, kd: distill.Config, bat
                             f"{ids.shape[1]}-token windows; lower it")
     path = None if workdir is None else workdir.dir / "distill-windows.safetensors"
     if path is not None and path.is_file():
-        from safetensors.torch import load_file
-
         stored = load_file(path)["ids"]
         if torch.equal(stored[:, : kd.prompt_tokens], ids[:, : kd.prompt_tokens]) and stored.shape == ids.shape:
             return stored
@@ -221,8 +220,6 @@ def distill_windows(model: nn.Module, ids: torch.Tensor, kd: distill.Config, bat
                       f"from {kd.prompt_tokens}-token prompts")
     out = teacher.generate(model, ids[:, : kd.prompt_tokens], ids.shape[1], batch_size, device, seed=kd.seed)
     if path is not None:
-        from safetensors.torch import save_file
-
         save_file({"ids": out.contiguous()}, path)
     return out
 
