@@ -4,21 +4,36 @@
     model = compress.load("out/smollm2-135m-gptq-4bit")          # or AutoModelForCausalLM.from_pretrained
     result = compress.compress(model, tokenizer, compress.recipe.load("gptq-4bit"))
 
-Importing the package registers the "compress" quantization method with transformers.
+Importing the package registers the "compress" quantization method with transformers and imports only
+what loading a checkpoint needs (core types, codecs, the runtime); the compression pipeline and its
+methods are imported on first use of `compress.compress`, `compress.Result`, `compress.recipe` or
+`compress.Recipe`.
 """
 
 from __future__ import annotations
 
-from compress import recipe
+import importlib
+from typing import Any
+
 from compress.checkpoint import load
 from compress.errors import CompressError
 from compress.hf import register
 from compress.nn import CompressedLinear
-from compress.pipeline import Result, compress
 from compress.plan import LayerSpec, LayerWeight, Plan
-from compress.recipe import Recipe
 
 register()
+
+_LAZY = {"compress": ("compress.pipeline", "compress"), "Result": ("compress.pipeline", "Result"),
+         "Recipe": ("compress.recipe", "Recipe"), "recipe": ("compress.recipe", None)}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'compress' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = importlib.import_module(module)
+    return value if attr is None else getattr(value, attr)
+
 
 __all__ = ["CompressError", "CompressedLinear", "LayerSpec", "LayerWeight", "Plan", "Recipe", "Result",
            "compress", "load", "recipe"]

@@ -79,7 +79,7 @@ def model_card(ref: ModelRef, result: Result, quick: Reference | None, checked: 
         f"| calibration | {result.calibration} |",
         f"| wall time / peak RSS | {result.seconds:.0f} s / {result.peak_rss_mb:.0f} MB |",
     ]
-    binary = [s for s in result.plan.layers.values() if s.binary]
+    binary = [s for s in result.plan.layers.values() if s.kind == "binary"]
     if binary:
         edges = [r.info["mst_edge"] for b in result.blocks for r in b.layers if "mst_edge" in r.info]
         mean = f"; mean MST edge {sum(edges) / len(edges):.1%} of K over the layers of this run" if edges else ""

@@ -274,13 +274,14 @@ def _finish_binary(model: nn.Module, name: str, m: CompressedLinear, mst_reg: fl
     signs = (w >= bg.mu).to(torch.uint8)
     spec = replace(m.spec, signs="", edges=0)
     info: dict[str, float] = {}
+    tree = None
     if mst_reg or m.spec.signs == "mst":
-        spec = pbllm.mst_signs(signs.bool().cpu(), spec, info)
+        spec, tree = pbllm.mst_signs(signs.bool().cpu(), spec, info)
     sal = None
     if spec.nnz:
         q8 = grid.quantize(w, bg.s8, bg.z8, 255).to(torch.uint8) * bg.mask
         sal = Salient(bg.mask, q8, bg.s8, bg.z8)
-    lw = LayerWeight(w, spec).rounded(codes=signs, scale=m.scale, zero=m.mu, salient=sal, info=info)
+    lw = LayerWeight(w, spec).rounded(codes=signs, scale=m.scale, zero=m.mu, salient=sal, info=info, tree=tree)
     new = CompressedLinear.from_weight(lw, None if m.bias is None else m.bias.detach())
     set_module(model, name, new)
 

@@ -1,5 +1,6 @@
-"""The on-disk spec of a compressed Linear (FORMAT_VERSION 1). This file *is* the spec: kernels are
-tested against `unpack` + `grid.dequantize_groups`.
+"""The on-disk spec of a compressed Linear (FORMAT_VERSION 3: every v1 and v2 checkpoint is a valid v3 one).
+This file *is* the spec of the bit layouts; compress/codecs/ builds one codec per storage kind from them
+(which tensors a kind stores, how they pack, decode and count), and kernels are tested against the codecs.
 
 Per compressed Linear `<fqn>` with weight W [N, K], grid from its `LayerSpec` (bits b, group size g,
 G = ceil(K / g) groups, g = K when per-row):
@@ -90,8 +91,6 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 3
 QUANT_METHOD = "compress"
-REQUIRED = ("qweight", "scale")
-OPTIONAL = ("zero", "bias")
 
 PLANES: dict[int, tuple[int, ...]] = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1), 8: (8,)}
 
@@ -145,17 +144,6 @@ def width_parts(spec: LayerSpec, K: int) -> list[tuple[int, Tensor]]:
     (Columns of width 0, single-level columns of BAQ's faithful mode, are not stored: their code is 0.)"""
     cb = spec.column_bits(K)
     return [(w, torch.nonzero(cb == w).flatten()) for w in sorted(set(cb.tolist())) if w > 0]
-
-
-def layer_words(spec: LayerSpec, K: int) -> int:
-    """int32 words per row of a layer's qweight."""
-    if spec.binary and spec.signs == "mst":
-        return 0
-    if spec.binary:
-        return packed_words(K, 1)
-    if spec.sparse:
-        return packed_words(spec.kept(K), spec.group_bits(K)[0])
-    return sum(packed_words(len(cols), w) for w, cols in width_parts(spec, K))
 
 
 def pack_layer(codes: Tensor, spec: LayerSpec) -> Tensor:
@@ -287,28 +275,3 @@ def unpack_salient(t: dict[str, Tensor], index: str, N: int, K: int) -> tuple[Te
     codes = torch.zeros(N, K, dtype=torch.uint8, device=device)
     codes[mask] = t["salient_q"]
     return mask, codes
-
-
-def bits_per_weight(spec: LayerSpec, N: int, K: int) -> tuple[float, float]:
-    """(code bits, code + scale + zero bits) per weight, as stored (K padding included). For binary
-    layers "code" is signs + salient index + 8-bit salient values, and the rest adds alpha, mu and the
-    salient rows' 8-bit grid; for pruned layers it is the kept codes + the keep mask."""
-    code = N * layer_words(spec, K) * 32
-    G = spec.groups(K)
-    meta = N * G * torch.finfo(spec.torch_scale_dtype).bits
-    if spec.binary:  # alpha and mu per group
-        meta *= 2
-        if spec.signs == "mst":
-            code += mst_bits(N, K, spec.edges)
-        nnz = max(spec.nnz, 0)
-        if nnz:
-            code += index_bits(spec.index or choose_index(N, K, nnz), N, K, nnz) + 8 * nnz
-            meta += N * (torch.finfo(spec.torch_scale_dtype).bits + 8)  # the salient rows' 8-bit grid
-        return code / (N * K), (code + meta) / (N * K)
-    if spec.sparse:
-        code += N * packed_words(K, 1) * 32  # the keep mask
-    if spec.levels is not None:  # row range + row minimum, both in the scale dtype
-        meta *= 2
-    elif not spec.symmetric:
-        meta += N * G * 8
-    return code / (N * K), (code + meta) / (N * K)

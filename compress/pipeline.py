@@ -1,8 +1,12 @@
-"""compress(): the stages as visible data flow over one `Plan`.
+"""compress(): the stages as data flowing over one `Plan`.
 
-    recipe ──> plan (allocate: uniform today) ──> calibration windows ──> sequential rounding ──> model
-                                                                          (GPTQ / RTN per Linear)
-
+    recipe ─> plan ─> windows ─> teacher ─> [pruned training] ─> allocate ─> round ─> [distill] ─> final plan
+                      (calibrate: (learn_from:  (distill train=     (widths)  one of:
+                      when a stage  distillation  weights: ISS-P)              joint       DiscQuant, the whole model
+                      needs data)   only)                                      database    EvoPress's rounded levels
+                                                                               sequential  block by block (GPTQ, RTN,
+                                                                                           PB-LLM)
+Each stage is one function below that takes and returns explicit values; `compress()` only wires them.
 The model is modified in place: every planned Linear becomes a packed `CompressedLinear`.
 """
 
@@ -10,17 +14,14 @@ from __future__ import annotations
 
 import copy
 import logging
-import resource
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
 from compress import data, distill, models, parallel, sequential, teacher
 from compress.allocate import METHODS as ALLOCATORS
@@ -29,8 +30,9 @@ from compress.checkpoint import WorkDir
 from compress.errors import CompressError
 from compress.plan import Plan
 from compress.recipe import Recipe
-from compress.round import METHODS, joint
-from compress.sequential import BlockReport, Progress
+from compress.reports import BlockReport, Progress, RoundLayer
+from compress.round import METHODS, joint, layerwise
+from compress.util import peak_rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +66,6 @@ class Result:
         return sum(b.resumed for b in self.blocks)
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB. Linux's VmHWM, which starts afresh at exec
-    (getrusage's ru_maxrss survives exec, so a benchmark child would report its parent's peak)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, the fallback elsewhere
-
-
 def make_plan(model: nn.Module, arch: models.Arch, recipe: Recipe) -> Plan:
     """Uniform allocation: every Linear inside the blocks gets the recipe's spec, after overrides.
     Embeddings, lm_head and norms are outside the blocks (or not Linear) and stay dense."""
@@ -91,92 +81,132 @@ def make_plan(model: nn.Module, arch: models.Arch, recipe: Recipe) -> Plan:
     return Plan(layers)
 
 
+@dataclass
+class Distillation:
+    """What the distillation stage learns from, captured before any weight is rounded."""
+
+    teacher: teacher.Teacher  # the dense model's (top-k) log-probs on `windows`
+    windows: Tensor  # [n, T] the calibration windows, or the dense model's own continuations of them
+    dense: nn.Module | None  # a live dense copy, for the hidden-state term
+
+
 def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | torch.device = "cpu",
              progress: Progress | None = None, workdir: WorkDir | None = None,
              say: Callable[[str], None] | None = None) -> Result:
     """Compress `model` in place following `recipe`; a `workdir` makes the run resumable; `say` receives
-    one-line progress messages of the allocation stage (default: the library's logger)."""
+    one-line progress messages of the allocation and training stages (default: the library's logger)."""
     t0 = time.perf_counter()
+    say = say or log.info
     arch = models.arch_of(model)
     base = make_plan(model, arch, recipe)
     check_pruned_training(base, recipe.distill)
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in base}
-    rnd, alloc, c = recipe.round, recipe.allocate, recipe.calibrate
-    windows = None
-    kd = recipe.distill
-    if (rnd.config.needs_hessian or getattr(rnd.config, "needs_calibration", False) or alloc.config.needs_calibration
-            or kd.steps):
-        windows = data.calibration(tokenizer, c.dataset, c.samples, c.seqlen, c.seed,
-                                   vocab_size=model.config.vocab_size)
-        log.info("calibration: %s", windows.describe())
+    windows = calibrate(model, tokenizer, recipe)
     ids = None if windows is None else windows.ids
-    ctx = Context(model, arch, base, {n for n in base if recipe.pinned(n)}, ids, recipe, torch.device(device),
-                  None if workdir is None else workdir.dir, progress, say or log.info)
-    teach, distilled, kd_ids, dense = None, {}, ids, None
-    if kd.steps:  # the original's distributions (and text, hidden states), before any weight is rounded
-        assert ids is not None
-        with parallel.main_first():  # rank 0 writes the shared files, the others then read them
-            kd_ids = distill_windows(model.to(device), ids, kd, c.batch_size, torch.device(device), workdir, say)
-            (say or log.info)(f"distill: dense teacher log-probs on {kd_ids.numel()} {kd.data} tokens")
-            teach = teacher.cached(None if workdir is None else workdir.dir / "distill-teacher.safetensors",
-                                   model, kd_ids, kd.topk, c.batch_size, torch.device(device), kd.temperature)
-        if kd.hidden_mse:  # the hidden-state term compares with the dense model live: keep a copy
-            dense = copy.deepcopy(model).eval()
-    if teach is not None and kd.train == "weights":  # ISS-P / pruned training: prune first, then round
-        assert kd_ids is not None
-        distilled = run_distill(model, teach, kd_ids, kd, workdir, device, say, dense)
-        teach = None
-    allocation = allocate(ctx, workdir)
-    rounding: dict[str, Any] = {}
-    if joint(rnd.method):  # rounds the whole model at once (DiscQuant), on the allocation's plan
-        assert ids is not None
-        weights, rounding = METHODS[rnd.method].round_model(
-            model, allocation.plan, ids, rnd.config, device=device, log=say or log.info,
-            workdir=None if workdir is None else workdir.dir / rnd.method)
-        blocks = sequential.assemble(model, allocation.plan, weights.__getitem__, progress=progress)
-    elif allocation.weights is not None:  # the allocator already rounded every Linear (EvoPress's database)
-        blocks = sequential.assemble(model, allocation.plan, allocation.weights, progress=progress)
-    else:
-        blocks = sequential.run(
-            model, arch, allocation.plan, METHODS[rnd.method], rnd.config, ids,
-            batch_size=c.batch_size, true_sequential=c.true_sequential, device=device,
-            resume=None if workdir is None else workdir.load_block,
-            on_block_done=None if workdir is None else workdir.save_block,
-            progress=progress,
-        )
-    if teach is not None:
-        assert kd_ids is not None
-        distilled = run_distill(model, teach, kd_ids, kd, workdir, device, say, dense)
-    # The rounding may complete a spec (PB-LLM's salient count and index): the modules hold the final plan.
-    plan = Plan({n: model.get_submodule(n).spec for n in allocation.plan})
-    return Result(model, plan, recipe, blocks,
-                  windows.describe() if windows is not None else "none (data-free)",
+    kd = learn_from(model, ids, recipe, device, workdir, say)
+    distilled = {}
+    if kd is not None and recipe.distill.train == "weights":  # pruned training (ISS-P): prune first, then round
+        distilled, kd = run_distill(model, kd, recipe.distill, workdir, device, say), None
+    allocation = allocate(context(model, arch, base, ids, recipe, device, workdir, progress, say), workdir)
+    blocks, rounding = round_model(model, arch, allocation, ids, recipe, device, workdir, progress, say)
+    if kd is not None:
+        distilled = run_distill(model, kd, recipe.distill, workdir, device, say)
+    plan = final_plan(model, allocation.plan)
+    return Result(model, plan, recipe, blocks, windows.describe() if windows is not None else "none (data-free)",
                   time.perf_counter() - t0, peak_rss_mb(), shapes, allocation.summary, rounding, distilled,
                   allocation.reference)
 
 
-@contextmanager
-def swapped(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[nn.Module]:
-    """The model with `modules` in place of its own (e.g. the uniform reference of an allocation), restored after."""
-    from compress.nn import set_module
-
-    own = {n: model.get_submodule(n) for n in modules}
-    for n, m in modules.items():
-        set_module(model, n, m)
-    try:
-        yield model
-    finally:
-        for n, m in own.items():
-            set_module(model, n, m)
+def calibrate(model: nn.Module, tokenizer: Any, recipe: Recipe) -> data.Windows | None:
+    """The calibration windows, when any stage looks at data (None for RTN alone: data-free)."""
+    rnd, c = recipe.round, recipe.calibrate
+    if not (rnd.config.needs_hessian or rnd.config.needs_calibration or recipe.allocate.config.needs_calibration
+            or recipe.distill.steps):
+        return None
+    windows = data.calibration(tokenizer, c.dataset, c.samples, c.seqlen, c.seed, vocab_size=model.config.vocab_size)
+    log.info("calibration: %s", windows.describe())
+    return windows
 
 
-def run_distill(model: nn.Module, teach: teacher.Teacher, ids: torch.Tensor, kd: distill.Config,
-                workdir: WorkDir | None, device: str | torch.device, say: Callable[[str], None] | None,
-                dense: nn.Module | None) -> dict[str, Any]:
+def learn_from(model: nn.Module, ids: Tensor | None, recipe: Recipe, device: str | torch.device,
+               workdir: WorkDir | None, say: Callable[[str], None]) -> Distillation | None:
+    """The dense model's distributions (and text, hidden states) for the distillation stage, before any
+    weight is rounded; None without one. Rank 0 writes the shared files, the others then read them."""
+    kd, c = recipe.distill, recipe.calibrate
+    if not kd.steps:
+        return None
+    assert ids is not None
+    dev = torch.device(device)
+    with parallel.main_first():
+        kd_ids = distill_windows(model.to(device), ids, kd, c.batch_size, dev, workdir, say)
+        say(f"distill: dense teacher log-probs on {kd_ids.numel()} {kd.data} tokens")
+        teach = teacher.cached(None if workdir is None else workdir.dir / "distill-teacher.safetensors",
+                               model, kd_ids, kd.topk, c.batch_size, dev, kd.temperature)
+    return Distillation(teach, kd_ids, copy.deepcopy(model).eval() if kd.hidden_mse else None)
+
+
+def context(model: nn.Module, arch: models.Arch, base: Plan, ids: Tensor | None, recipe: Recipe,
+            device: str | torch.device, workdir: WorkDir | None, progress: Progress | None,
+            say: Callable[[str], None]) -> Context:
+    """What an allocator works with, including `measure`: the sequential pass with the per-layer method (the
+    recipe's, or GPTQ when the recipe rounds jointly), the model left dense."""
+    method, cfg = layerwise(recipe.round.method, recipe.round.config)
+    c = recipe.calibrate
+
+    def measure(plan: Plan, *, stage: str, round_layer: RoundLayer | None = None,
+                kept: dict[str, nn.Module] | None = None) -> list[BlockReport]:
+        return sequential.run(model, arch, plan, method, cfg, ids, batch_size=c.batch_size,
+                              true_sequential=c.true_sequential, device=device, progress=progress,
+                              round_layer=round_layer, restore=True, stage=stage, kept=kept)
+
+    return Context(model, arch, base, {n for n in base if recipe.pinned(n)}, ids, recipe, measure,
+                   lambda lw, H: method.apply(lw, H, cfg), method.__name__.rsplit(".", 1)[-1], cfg.needs_hessian,
+                   torch.device(device), None if workdir is None else workdir.dir, progress, say)
+
+
+def rounding_path(recipe: Recipe, allocation: Allocation) -> str:
+    """How the planned Linears get their codes: "joint" (a method that rounds the whole model, DiscQuant),
+    "database" (the allocator already rounded every Linear, EvoPress) or "sequential" (block by block)."""
+    if joint(recipe.round.method):
+        return "joint"
+    return "database" if allocation.weights is not None else "sequential"
+
+
+def round_model(model: nn.Module, arch: models.Arch, allocation: Allocation, ids: Tensor | None, recipe: Recipe,
+                device: str | torch.device, workdir: WorkDir | None, progress: Progress | None,
+                say: Callable[[str], None]) -> tuple[list[BlockReport], dict[str, Any]]:
+    """Round every Linear of the allocation's plan: (block reports, what a joint rounding reports)."""
+    rnd, c, plan = recipe.round, recipe.calibrate, allocation.plan
+    path = rounding_path(recipe, allocation)
+    if path == "joint":
+        assert ids is not None
+        weights, rounding = METHODS[rnd.method].round_model(
+            model, plan, ids, rnd.config, device=device, log=say,
+            workdir=None if workdir is None else workdir.dir / rnd.method)
+        return sequential.assemble(model, plan, weights.__getitem__, progress=progress), rounding
+    if path == "database":
+        assert allocation.weights is not None
+        return sequential.assemble(model, plan, allocation.weights, progress=progress), {}
+    blocks = sequential.run(model, arch, plan, METHODS[rnd.method], rnd.config, ids, batch_size=c.batch_size,
+                            true_sequential=c.true_sequential, device=device,
+                            resume=None if workdir is None else workdir.load_block,
+                            on_block_done=None if workdir is None else workdir.save_block, progress=progress)
+    return blocks, {}
+
+
+def final_plan(model: nn.Module, planned: Plan) -> Plan:
+    """The plan as the modules hold it: a rounding may complete a spec (PB-LLM's salient count and index,
+    the MST sign storage), so the checkpoint's plan is read back from the packed Linears."""
+    return Plan({n: model.get_submodule(n).spec for n in planned})
+
+
+def run_distill(model: nn.Module, learn: Distillation, kd: distill.Config, workdir: WorkDir | None,
+                device: str | torch.device, say: Callable[[str], None]) -> dict[str, Any]:
     """The distillation stage; returns what it did, for the summary and the model card."""
     t0 = time.perf_counter()
-    history = distill.distill(model, teach, ids, kd, workdir=None if workdir is None else workdir.dir,
-                              device=device, log=say or log.info, hidden_teacher=dense)
+    ids = learn.windows
+    history = distill.distill(model, learn.teacher, ids, kd, workdir=None if workdir is None else workdir.dir,
+                              device=device, log=say, hidden_teacher=learn.dense)
     return {"steps": kd.steps, "train": kd.train, "windows_per_step": kd.windows_per_step, "data": kd.data,
             "temperature": kd.temperature, "hidden_mse": kd.hidden_mse, "sparsity": kd.sparsity,
             "tokens": kd.steps * kd.windows_per_step * (ids.shape[1] - 1),
@@ -202,8 +232,8 @@ def check_pruned_training(plan: Plan, kd: distill.Config) -> None:
                                 "weights.prune=magnitude")
 
 
-def distill_windows(model: nn.Module, ids: torch.Tensor, kd: distill.Config, batch_size: int, device: torch.device,
-                    workdir: WorkDir | None, say: Callable[[str], None] | None) -> torch.Tensor:
+def distill_windows(model: nn.Module, ids: Tensor, kd: distill.Config, batch_size: int, device: torch.device,
+                    workdir: WorkDir | None, say: Callable[[str], None]) -> Tensor:
     """The distillation windows: the calibration windows, or (data=generated) the dense model's own
     continuations of their first `prompt_tokens` tokens, kept in the work directory for a resumed run."""
     if kd.data == "calibration":
@@ -216,7 +246,7 @@ def distill_windows(model: nn.Module, ids: torch.Tensor, kd: distill.Config, bat
         stored = load_file(path)["ids"]
         if torch.equal(stored[:, : kd.prompt_tokens], ids[:, : kd.prompt_tokens]) and stored.shape == ids.shape:
             return stored
-    (say or log.info)(f"distill: the dense model writes {len(ids)} windows of {ids.shape[1]} tokens "
+    say(f"distill: the dense model writes {len(ids)} windows of {ids.shape[1]} tokens "
                       f"from {kd.prompt_tokens}-token prompts")
     out = teacher.generate(model, ids[:, : kd.prompt_tokens], ids.shape[1], batch_size, device, seed=kd.seed)
     if path is not None:
@@ -227,8 +257,6 @@ def distill_windows(model: nn.Module, ids: torch.Tensor, kd: distill.Config, bat
 def allocate(ctx: Context, workdir: WorkDir | None) -> Allocation:
     """Run the recipe's allocator; a plan found in the work directory (interrupted run) is reused."""
     method = ctx.recipe.allocate.method
-    if method == "uniform":
-        return Allocation(ctx.base)
     saved = None if workdir is None else workdir.load_json("allocation")
     if saved is not None and saved.get("method") == method:
         log.info("reusing the allocation of the interrupted run")

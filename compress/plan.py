@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from compress import codecs
 from compress.errors import CompressError
 
 SCALE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -30,7 +32,6 @@ class LayerSpec:
     group_size: columns (along K) sharing one scale/zero; -1 = one group per output row.
     symmetric:  symmetric grid (zero fixed at 2**(bits-1), not stored) or asymmetric (zero stored).
     scale_dtype: storage dtype of the scales ("float16", "bfloat16", "float32").
-    method:     the rounding method that produced the codes (a key of `compress.round.METHODS`).
     levels:     per-column level counts M_j (BAQ's faithful mode, per-row grids only): column j of row n
                 uses scale (xmax_n - xmin_n)/(M_j - 1) and is stored with ceil(log2 M_j) bits; M_j = 1
                 means the column is zero and not stored. `bits` is then the nominal rate.
@@ -51,7 +52,6 @@ class LayerSpec:
     group_size: int = 128
     symmetric: bool = False
     scale_dtype: str = "float16"
-    method: str = "gptq"
     levels: tuple[int, ...] | None = None
     binary: bool = False
     salient: float = 0.0
@@ -64,63 +64,35 @@ class LayerSpec:
     prune: str = "magnitude"
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, list):
-            object.__setattr__(self, "bits", tuple(self.bits))
+        for name in ("bits", "levels"):  # lists from JSON / YAML
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         widths = self.bits if isinstance(self.bits, tuple) else (self.bits,)
         if not widths or not all(isinstance(b, int) and 1 <= b <= 8 for b in widths):
             raise CompressError(f"bits={self.bits} is not supported; use integers from 1 to 8")
         if self.group_size != -1 and self.group_size < 1:
             raise CompressError(f"group_size={self.group_size} is invalid; use a positive size or -1 (per row)")
-        if isinstance(self.levels, list):
-            object.__setattr__(self, "levels", tuple(self.levels))
-        if self.levels is not None:
-            if self.group_size != -1 or self.symmetric or isinstance(self.bits, tuple):
-                raise CompressError("per-column levels need a per-row asymmetric grid (group_size=-1, symmetric=false)")
-            if not all(1 <= m <= 256 for m in self.levels):
-                raise CompressError("per-column level counts must lie in 1..256")
-        if self.binary:
-            if self.bits != 1 or self.levels is not None:
-                raise CompressError("binary layers have bits=1 and no per-column levels")
-            if not 0.0 <= self.salient < 1.0:
-                raise CompressError(f"salient={self.salient} must be a fraction in [0, 1)")
-            if self.index not in ("", "bitmask", "csr"):
-                raise CompressError(f"index={self.index!r} must be bitmask or csr")
-            if self.signs not in ("", "mst") or (self.signs == "mst") != (self.edges > 0):
-                raise CompressError(f"signs={self.signs!r}, edges={self.edges}: signs is '' or 'mst' (with edges > 0)")
-        elif self.salient:
-            raise CompressError("salient weights belong to binary layers; set binary: true (and bits: 1)")
-        elif self.signs or self.edges:
-            raise CompressError("MST sign storage belongs to binary layers; set binary: true (and bits: 1)")
-        if self.sparsity or self.pattern != "unstructured":
-            from compress.prune import parse_pattern
-
-            nm = parse_pattern(self.pattern)
-            if nm is None and not 0 < self.sparsity < 1:
-                raise CompressError(f"sparsity={self.sparsity} must be a fraction in (0, 1)")
-            if nm is not None and self.sparsity and abs(self.sparsity - nm[0] / nm[1]) > 1e-9:
-                raise CompressError(f"sparsity={self.sparsity} contradicts pattern {self.pattern}; drop one of them")
-            if self.binary or self.levels is not None or isinstance(self.bits, tuple):
-                raise CompressError("pruning composes with uniform group-wise grids only (not binary, levels or "
-                                    "mixed widths)")
-            if self.prune not in ("magnitude", "wanda", "obs"):
-                raise CompressError(f"prune={self.prune!r} is invalid; choose magnitude, wanda or obs")
         if self.scale_dtype not in SCALE_DTYPES:
             raise CompressError(f"scale_dtype={self.scale_dtype!r} is invalid; choose one of {list(SCALE_DTYPES)}")
+        codec = codecs.of(self)
+        for other in codecs.CODECS.values():  # another kind's fields must keep their defaults
+            for name in () if other is codec else other.FIELDS:
+                if getattr(self, name) != _DEFAULTS[name]:
+                    raise CompressError(f"{FOREIGN[name]} (this layer is {self.kind})")
+        codec.validate(self)
+
+    @property
+    def kind(self) -> str:
+        """The storage kind ("affine", "levels", "binary", "pruned"): the key of `compress.codecs.CODECS`."""
+        return codecs.kind(self)
 
     @property
     def sparse(self) -> bool:
-        return bool(self.sparsity) or self.pattern != "unstructured"
+        return self.kind == "pruned"
 
     def kept(self, K: int) -> int:
         """Weights kept per row of a pruned layer (every row keeps the same number)."""
-        from compress.prune import parse_pattern
-
-        nm = parse_pattern(self.pattern)
-        if nm is not None:
-            if K % nm[1]:
-                raise CompressError(f"in_features={K} is not a multiple of {nm[1]} ({self.pattern})")
-            return K // nm[1] * (nm[1] - nm[0])
-        return K - math.floor(self.sparsity * K)
+        return codecs.pruned.kept(self, K)
 
     def groups(self, K: int) -> int:
         """Number of groups along K (the last one may be narrower)."""
@@ -160,21 +132,35 @@ class LayerSpec:
         return SCALE_DTYPES[self.scale_dtype]
 
     def bits_per_weight(self, N: int, K: int) -> tuple[float, float]:
-        """(code bits, code + scale + zero bits) per weight, counted as stored (see `format.py`)."""
-        from compress import format as fmt
-
-        return fmt.bits_per_weight(self, N, K)
+        """(code bits, code + scale + zero bits) per weight, counted as stored (the kind's codec)."""
+        return codecs.of(self).bits(self, N, K)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> LayerSpec:
+        d = {k: v for k, v in d.items() if k not in LEGACY}
         valid = {f.name for f in fields(cls)}
         unknown = set(d) - valid
         if unknown:
             raise CompressError(f"unknown layer-spec keys {sorted(unknown)}; valid keys are {sorted(valid)}")
         return cls(**d)
+
+
+_DEFAULTS = {f.name: f.default for f in fields(LayerSpec)}
+LEGACY = ("method",)  # keys of older checkpoints' plans that carry nothing (FORMAT_VERSION <= 3 wrote `method`)
+FOREIGN = {  # what a field set on the wrong kind of layer means, and the fix
+    "levels": "per-column levels are a grid of their own: not for binary layers",
+    "binary": "binary layers have bits=1 and no per-column levels",
+    "salient": "salient weights belong to binary layers; set binary: true (and bits: 1)",
+    "nnz": "a salient count belongs to binary layers; set binary: true (and bits: 1)",
+    "index": "a salient index belongs to binary layers; set binary: true (and bits: 1)",
+    "signs": "MST sign storage belongs to binary layers; set binary: true (and bits: 1)",
+    "edges": "MST sign storage belongs to binary layers; set binary: true (and bits: 1)",
+    "sparsity": "pruning composes with uniform group-wise grids only (not binary, levels or mixed widths)",
+    "pattern": "pruning composes with uniform group-wise grids only (not binary, levels or mixed widths)",
+}
 
 
 @dataclass
@@ -217,6 +203,14 @@ class Plan:
     @classmethod
     def from_json(cls, d: Mapping[str, Mapping]) -> Plan:
         return cls({name: LayerSpec.from_dict(spec) for name, spec in d.items()})
+
+
+class SignTree(Protocol):
+    """A spanning tree over the rows of a sign matrix (compress.mst.Tree): each row's parent (-1 at the root)
+    and the columns where it differs from it (the root: its + columns)."""
+
+    parent: Tensor
+    diffs: list[Tensor]
 
 
 @dataclass
@@ -265,21 +259,14 @@ class LayerWeight:
     info: dict[str, float] = field(default_factory=dict)
     salient: Salient | None = None
     keep: Tensor | None = None  # pruned layers: bool [N, K], True = kept (pruned weights hold the zero code)
+    tree: SignTree | None = None  # binary layers with MST signs: the tree the rounding built (stored as is)
 
     def dequantize(self) -> Tensor:
-        from compress import grid
-
+        """Ŵ fp32 [N, K] from the codes and grid in memory (the codec's decode: what the checkpoint holds)."""
         if self.codes is None or self.scale is None or self.zero is None:
             raise ValueError("LayerWeight has not been rounded yet")
-        if self.spec.binary:
-            K = self.W.shape[1]
-            gw = self.spec.group_width(K)
-            W = grid.expand(self.zero, gw, K) + grid.expand(self.scale, gw, K) * (2 * self.codes.float() - 1)
-            return W if self.salient is None else self.salient.apply(W)
-        if self.spec.levels is not None:
-            s, z = grid.levels_grid(self.scale, self.zero, self.spec.levels)
-            return grid.dequantize(self.codes.float(), s, z)
-        return grid.dequantize_groups(self.codes, self.scale, self.zero, self.spec.group_width(self.W.shape[1]))
+        d = codecs.Decoded(self.codes, self.scale, self.zero, self.salient, self.keep)
+        return codecs.of(self.spec).dequantize(d, self.spec, self.W.shape[1])
 
     def rounded(self, **changes: object) -> LayerWeight:
         return replace(self, **changes)

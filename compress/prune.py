@@ -20,24 +20,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from compress.codecs.pruned import parse_pattern
 from compress.errors import CompressError
 
+if TYPE_CHECKING:
+    from compress.plan import LayerSpec
 
-def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """"unstructured" -> None; "n:m" -> (n pruned, m group)."""
-    if pattern == "unstructured":
-        return None
-    try:
-        n, m = (int(v) for v in pattern.split(":"))
-    except ValueError:
-        raise CompressError(f"pattern={pattern!r} is invalid; use unstructured or n:m (e.g. 2:4)") from None
-    if not 0 < n < m:
-        raise CompressError(f"pattern={pattern!r} must prune n of every m with 0 < n < m")
-    return n, m
+__all__ = ["choose", "input_norms", "magnitude", "mask_from_scores", "parse_pattern", "soft_shrink_", "wanda"]
 
 
 def mask_from_scores(score: Tensor, sparsity: float, pattern: str = "unstructured", per_row: bool = True) -> Tensor:
@@ -110,10 +104,10 @@ def input_norms(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], win
     return {n: v.sqrt().float() for n, v in sq.items()}
 
 
-def choose(W: Tensor, spec: object, h_diag: Tensor, inverse_cholesky: Callable[[], Tensor | None]) -> Tensor:
+def choose(W: Tensor, spec: LayerSpec, h_diag: Tensor, inverse_cholesky: Callable[[], Tensor | None]) -> Tensor:
     """The keep-mask of a pruned layer from its spec (same count in every row, or n:m): scores |w| (magnitude),
     |w|·‖x_j‖ with ‖x_j‖ ∝ sqrt(H_jj) (wanda), or SparseGPT's OBS score w² / U_jj² (obs)."""
-    how = spec.prune  # type: ignore[attr-defined]
+    how = spec.prune
     if how == "magnitude":
         score = W.abs()
     elif how == "wanda":
@@ -121,4 +115,4 @@ def choose(W: Tensor, spec: object, h_diag: Tensor, inverse_cholesky: Callable[[
     else:
         U = inverse_cholesky()
         score = W.pow(2) / (U.diagonal().pow(2).unsqueeze(0) if U is not None else 1.0)
-    return mask_from_scores(score, spec.sparsity, spec.pattern, per_row=True)  # type: ignore[attr-defined]
+    return mask_from_scores(score, spec.sparsity, spec.pattern, per_row=True)

@@ -27,7 +27,6 @@ from typing import Any
 
 import yaml
 
-from compress.distill import Config as DistillConfig
 from compress.errors import CompressError
 from compress.plan import LayerSpec
 
@@ -86,7 +85,7 @@ class Recipe:
     allocate: Allocate = field(default_factory=Allocate)
     weights: Weights = field(default_factory=Weights)
     round: Round = field(default_factory=Round)
-    distill: DistillConfig = field(default_factory=DistillConfig)  # steps: 0 = no distillation stage
+    distill: Any = None  # compress.distill.Config (steps: 0 = no distillation stage), set by from_dict
     overrides: tuple[Override, ...] = ()
 
     def pinned(self, name: str) -> bool:
@@ -102,7 +101,7 @@ class Recipe:
 
         w = self.weights
         spec = dict(bits=w.bits, group_size=w.group_size, symmetric=w.symmetric, scale_dtype=w.scale_dtype,
-                    method=self.round.method, binary=w.binary, salient=w.salient, sparsity=w.sparsity,
+                    binary=w.binary, salient=w.salient, sparsity=w.sparsity,
                     pattern=w.pattern, prune=w.prune)
         for o in self.overrides:
             if fnmatch.fnmatchcase(name, o.match):
@@ -120,7 +119,7 @@ class Recipe:
         d = dataclasses.asdict(self)
         for section in ("allocate", "round"):
             choice = getattr(self, section)
-            cfg = {k: v for k, v in dataclasses.asdict(choice.config).items() if k not in FACTS}
+            cfg = dataclasses.asdict(choice.config)
             d[section] = {"method": choice.method, **{k: list(v) if isinstance(v, tuple) else v
                                                      for k, v in cfg.items()}}
         d["overrides"] = [{k: v for k, v in o.items() if v is not None} for o in d["overrides"]]
@@ -132,7 +131,6 @@ class Recipe:
 
 # --- strict construction ------------------------------------------------------------------------
 
-FACTS = ("needs_hessian", "needs_calibration")  # class-level facts of a method's Config, not recipe keys
 
 def _check_type(value: Any, tp: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
@@ -160,7 +158,7 @@ def _check_type(value: Any, tp: Any, path: str) -> Any:
 
 def _build(cls: type, data: dict[str, Any], path: str) -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in FACTS]
+    names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
     if unknown:
         where = f"{path}." if path else ""
@@ -188,7 +186,10 @@ def from_dict(data: dict[str, Any]) -> Recipe:
     """Validate a raw mapping into a Recipe (raises CompressError naming the first bad key/value)."""
     if not isinstance(data, dict):
         raise CompressError("a recipe must be a YAML mapping at the top level")
+    # The methods' own registries and Configs validate their sections (imported here, not at the top, so
+    # that core modules and a checkpoint load never import method code).
     from compress.allocate import METHODS as ALLOCATORS
+    from compress.distill import Config as DistillConfig
     from compress.round import METHODS as ROUNDERS
 
     data = dict(data)

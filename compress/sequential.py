@@ -19,48 +19,20 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from compress import codecs
 from compress.errors import CompressError
 from compress.models import Arch, blocks_of
 from compress.nn import CompressedLinear, set_module, swap_linears
-from compress.plan import LayerWeight, Plan
+from compress.plan import LayerSpec, LayerWeight, Plan
+from compress.reports import BlockReport, LayerReport, Progress, RoundLayer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LayerReport:
-    name: str
-    loss: float  # the method's layer loss (GPTQ: OBQ estimate of ½·tr(ΔW H ΔWᵀ)); nan if no Hessian
-    seconds: float
-    info: dict[str, float] = field(default_factory=dict)
-    col_loss: Tensor | None = None  # [K] per-column loss on CPU (what BAQ allocates from)
-    numel: int = 0
-
-
-@dataclass
-class BlockReport:
-    index: int
-    total: int
-    seconds: float
-    layers: list[LayerReport]
-    resumed: bool = False
-    stage: str = "round"  # which pass produced it (e.g. "baq pass 1", "level database", "round")
-
-    @property
-    def loss(self) -> float:
-        return sum(r.loss for r in self.layers)
-
-
-Progress = Callable[[BlockReport], None]
-# (name, dense Linear, its Hessian or None, spec) -> (packed module used for propagation, report)
-RoundLayer = Callable[[str, nn.Linear, "Tensor | None", Any], tuple[CompressedLinear, LayerReport]]
 
 
 class Hessian:
@@ -206,15 +178,11 @@ def _round_block(model: nn.Module, block: nn.Module, groups: list[list[str]], pl
     return reports
 
 
-def saved_spec(spec: Any, state: dict[str, Tensor], rel: str) -> Any:
-    """The spec a saved block's Linear was packed with: a binary layer's salient size and index are decided
-    by its rounding, so they are read back from the saved tensors."""
-    if not spec.binary:
-        return spec
-    q = state.get(f"{rel}.salient_q")
-    if q is None:
-        return replace(spec, nnz=0, index="")
-    return replace(spec, nnz=q.numel(), index="csr" if f"{rel}.salient_rowptr" in state else "bitmask")
+def saved_spec(spec: LayerSpec, state: dict[str, Tensor], rel: str) -> LayerSpec:
+    """The spec a saved block's Linear `rel` was packed with (its codec reads back what the rounding decided,
+    e.g. a binary layer's salient size and index)."""
+    own = {k[len(rel) + 1 :]: v for k, v in state.items() if k.startswith(f"{rel}.")}
+    return codecs.of(spec).saved_spec(spec, own)
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ def job(spec: dict) -> dict:
 
     import compress
     from compress import data, evaluate, models, recipe
-    from compress.pipeline import peak_rss_mb
+    from compress.util import peak_rss_mb
 
     torch.set_num_threads(2)
     ref = models.resolve("smollm2-135m")

@@ -74,7 +74,7 @@ def job(label: str, tokens: int) -> dict:
     import compress  # noqa: F401  (registers the quantization method)
     from compress import kernels
     from compress.nn import CompressedLinear
-    from compress.pipeline import peak_rss_mb
+    from compress.util import peak_rss_mb
 
     torch.set_num_threads(2)
     ckpt, dtype, forced = ROWS[label]

@@ -64,7 +64,7 @@ def prune_job(spec: dict) -> dict:
     import torch
 
     from compress import data, distill, evaluate, models, teacher
-    from compress.pipeline import peak_rss_mb
+    from compress.util import peak_rss_mb
 
     torch.set_num_threads(2)
     ref = models.resolve("smollm2-135m")

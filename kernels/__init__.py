@@ -92,7 +92,7 @@ def binary_operands(layer: Any, *, cache: bool = True) -> BinaryOperands:
         return cached
     spec, N, K = layer.spec, layer.out_features, layer.in_features
     gw = spec.group_width(K)
-    signs = layer.qweight if spec.signs != "mst" else fmt.pack(layer.codes(), 1)
+    signs = fmt.pack(layer.codes(), 1) if layer.qweight.shape[1] == 0 else layer.qweight  # MST signs: a plane
     sal = layer.salient_part()
     dev = layer.qweight.device
     if sal is None:
@@ -147,15 +147,15 @@ def _triton_unsupported(layer: Any, x: Tensor) -> str | None:
         return "no CUDA device (set TRITON_INTERPRET=1 before importing to run Triton on the CPU)"
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         return "the input is not on a CUDA device"
-    if layer.spec.levels is not None or layer.spec.sparse:
-        return "per-column level grids and pruned layers have no Triton kernel yet"
+    if layer.spec.kind not in ("affine", "binary"):
+        return f"{layer.spec.kind} layers have no Triton kernel yet"
     return None
 
 
 def _triton_linear(layer: Any, x: Tensor) -> Tensor:
     from compress.kernels import triton_wq
 
-    if layer.spec.binary:
+    if layer.spec.kind == "binary":
         return _with_bias(layer, triton_wq.binary_matmul(x, *binary_operands(layer).args()))
     return _by_parts(triton_wq.wq_matmul, layer, x)
 
@@ -172,8 +172,8 @@ def _cuda_unsupported(layer: Any, x: Tensor) -> str | None:
         return "the input is not on a CUDA device"
     if x.numel() // layer.in_features != 1:
         return "the CUDA kernel is a batch-1 GEMV"
-    if layer.spec.levels is not None or layer.spec.sparse or \
-            (not layer.spec.binary and any(p.bits not in CUDA_BITS for p in parts(layer))):
+    kind = layer.spec.kind
+    if kind not in ("affine", "binary") or (kind == "affine" and any(p.bits not in CUDA_BITS for p in parts(layer))):
         return f"the CUDA GEMV covers group-wise widths {CUDA_BITS} and binary layers"
     from compress.kernels.cuda import build
 
@@ -185,7 +185,7 @@ def _cuda_unsupported(layer: Any, x: Tensor) -> str | None:
 def _cuda_linear(layer: Any, x: Tensor) -> Tensor:
     from compress.kernels.cuda import build
 
-    if layer.spec.binary:
+    if layer.spec.kind == "binary":
         return _with_bias(layer, build.binary_gemv(x, *binary_operands(layer).args()))
     return _by_parts(build.wq_gemv, layer, x)
 

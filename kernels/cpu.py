@@ -58,9 +58,9 @@ class Prepared:
 def unsupported(layer: object) -> str | None:
     """Why this layer cannot take the CPU path (neither the int4 matmul nor the GEMV), or None when it can."""
     spec = layer.spec  # type: ignore[attr-defined]
-    if spec.levels is not None:
+    if spec.kind == "levels":
         return "per-column level grids (BAQ faithful mode) are not group-wise"
-    if spec.binary:
+    if spec.kind == "binary":
         return binary_unsupported(layer)
     K = layer.in_features  # type: ignore[attr-defined]
     if max(spec.group_bits(K)) > 4:
@@ -91,7 +91,7 @@ def gemv_unsupported(layer: object) -> str | None:
     spec = layer.spec  # type: ignore[attr-defined]
     if os.environ.get(GEMV_ENV, "").strip() == "0":
         why = f"{GEMV_ENV}=0"
-    elif spec.levels is not None or spec.binary or spec.sparse:
+    elif spec.kind != "affine":
         why = "the GEMV covers plain group-wise layers (not level grids, binary or pruned ones)"
     elif not set(spec.group_bits(layer.in_features)) <= set(cpu_ext.BITS):  # type: ignore[attr-defined]
         why = f"the GEMV covers widths {cpu_ext.BITS}"
@@ -269,7 +269,7 @@ def linear(layer: object, x: Tensor) -> Tensor:
     """y = x Ŵᵀ + b: the packed GEMV for at most GEMV_ROWS rows of x, else the int4 matmul (computed with bf16
     activations), returned in x's dtype. Layers the int4 matmul cannot take run every call on the GEMV;
     binary layers take `binary_linear`."""
-    if layer.spec.binary:  # type: ignore[attr-defined]
+    if layer.spec.kind == "binary":  # type: ignore[attr-defined]
         return binary_linear(layer, x)
     K = layer.in_features  # type: ignore[attr-defined]
     if x.numel() <= GEMV_ROWS * K and gemv_unsupported(layer) is None:

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_llama, torchrun
 from test_pipeline import SMALL
 
-from compress import data, models, recipe
+from compress import data, models, pipeline, recipe
 from compress.allocate import evopress
 from compress.allocate.context import Context
 from compress.errors import CompressError
@@ -49,7 +49,7 @@ def context(tmp_path: Path, edits: tuple[str, ...] = ()) -> tuple[Context, evopr
     arch = models.arch_of(m)
     base = make_plan(m, arch, rec)
     windows = data.calibration(None, "random", 16, 32, vocab_size=m.config.vocab_size).ids
-    ctx = Context(m, arch, base, set(), windows, rec, workdir=tmp_path, log=lambda s: None)
+    ctx = replace(pipeline.context(m, arch, base, windows, rec, "cpu", None, None, lambda s: None), workdir=tmp_path)
     return ctx, rec.allocate.config
 
 

@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from compress import sequential
 from compress.allocate import budget
 from compress.allocate.context import Allocation, Context
 from compress.errors import CompressError
 from compress.plan import Plan
-from compress.round import layerwise
+from compress.reports import LayerReport
 
 GRANULARITIES = ("group", "layer", "column")
 
@@ -45,7 +45,7 @@ class Config:
     choices: tuple[int, ...] = (2, 3, 4, 8)  # widths a unit may get
     theta: float = 1.95  # slope of log2-loss per bit; the reference's fitted value (2 = the 6 dB/bit rule)
     reference_bits: int = 0  # width of pass 1; 0 = the target rounded half up
-    needs_calibration: bool = True
+    needs_calibration: ClassVar[bool] = True  # a fact of the allocator, not a recipe knob
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -63,17 +63,11 @@ class Config:
         return self.reference_bits or math.floor(self.target_bits + 0.5)
 
 
-def first_pass(ctx: Context, ref_bits: int, kept: dict[str, nn.Module] | None = None
-               ) -> dict[str, sequential.LayerReport]:
+def first_pass(ctx: Context, ref_bits: int, kept: dict[str, nn.Module] | None = None) -> dict[str, LayerReport]:
     """Round every planned Linear at ref_bits with the recipe's method, record losses, leave the model dense
     (the rounded Linears go to `kept`, if given)."""
     plan = Plan({n: replace(s, bits=ref_bits) for n, s in ctx.base.layers.items()})
-    rnd = ctx.recipe.round
-    c = ctx.recipe.calibrate
-    method, rcfg = layerwise(rnd.method, rnd.config)
-    reports = sequential.run(ctx.model, ctx.arch, plan, method, rcfg, ctx.windows,
-                             batch_size=c.batch_size, true_sequential=c.true_sequential, device=ctx.device,
-                             restore=True, progress=ctx.progress, stage=f"baq pass 1 ({ref_bits} bits)", kept=kept)
+    reports = ctx.measure(plan, stage=f"baq pass 1 ({ref_bits} bits)", kept=kept)
     return {r.name: r for b in reports for r in b.layers}
 
 
@@ -85,10 +79,9 @@ def column_levels(L: torch.Tensor, ref_bits: int, theta: float) -> torch.Tensor:
 
 
 def allocate(ctx: Context, cfg: Config) -> Allocation:
-    measure = layerwise(ctx.recipe.round.method, ctx.recipe.round.config)
-    if not measure[1].needs_hessian:
+    if not ctx.needs_hessian:
         raise CompressError("baq allocates from the rounding method's per-column losses; use round.method=gptq")
-    ctx.log(f"BAQ pass 1: {measure[0].__name__.rsplit('.', 1)[-1]} at {cfg.ref_bits} bits to measure column losses")
+    ctx.log(f"BAQ pass 1: {ctx.method} at {cfg.ref_bits} bits to measure column losses")
     uniform: dict[str, nn.Module] = {}
     losses = first_pass(ctx, cfg.ref_bits, uniform)
     names = [n for n in ctx.base if n not in ctx.pinned]

@@ -41,6 +41,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors import safe_open
@@ -48,13 +49,13 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from compress import format as fmt
-from compress import parallel, sequential
+from compress import parallel
 from compress.allocate import budget
 from compress.allocate.context import Allocation, Context
 from compress.errors import CompressError
 from compress.nn import CompressedLinear
 from compress.plan import LayerSpec, LayerWeight, Plan
-from compress.round import layerwise
+from compress.reports import LayerReport
 from compress.teacher import Teacher, cached
 
 TIED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
@@ -77,7 +78,7 @@ class Config:
     # Directory for the teacher and the level database, shared by runs that agree on model, calibration,
     # grid, rounding and choices (e.g. the same model searched at several targets); None = the run's workdir.
     database: str | None = None
-    needs_calibration: bool = True
+    needs_calibration: ClassVar[bool] = True  # a fact of the allocator, not a recipe knob
 
     def __post_init__(self) -> None:
         c = sorted(self.choices)
@@ -224,28 +225,21 @@ class Database:
 
 def build_database(ctx: Context, cfg: Config, db: Database, shapes: dict[str, tuple[int, int]]) -> None:
     """One sequential pass: every Linear rounded at every width from the same Hessian; the model stays dense."""
-    rnd = ctx.recipe.round
-    method, rcfg = layerwise(rnd.method, rnd.config)
     names_done = {n for n in ctx.base if db.has(n)}
 
-    def round_all(name: str, lin: nn.Linear, H: Tensor | None,
-                  spec: LayerSpec) -> tuple[CompressedLinear, sequential.LayerReport]:
+    def round_all(name: str, lin: nn.Linear, H: Tensor | None, spec: LayerSpec) -> tuple[CompressedLinear, LayerReport]:
         pinned = name in ctx.pinned  # an override fixed its width: only that one is needed
         if name not in names_done:
             widths = [ctx.base[name].bits] if pinned else db.choices
-            levels = {w: method.apply(LayerWeight(lin.weight.detach().float(), replace(spec, bits=w)), H, rcfg)
-                      for w in widths}
+            levels = {w: ctx.round(LayerWeight(lin.weight.detach().float(), replace(spec, bits=w)), H) for w in widths}
             db.write(name, levels)
         lw = db.read(name, ctx.base[name].bits if pinned else cfg.calib_bits, shapes[name])
         bias = None if lin.bias is None else lin.bias.detach()
-        rep = sequential.LayerReport(name, float(lw.loss.sum()), 0.0, {}, lw.loss, lin.weight.numel())
+        rep = LayerReport(name, float(lw.loss.sum()), 0.0, {}, lw.loss, lin.weight.numel())
         return CompressedLinear.from_weight(lw, bias).to(lin.weight.device), rep
 
     plan = Plan({n: replace(s, bits=cfg.calib_bits) for n, s in ctx.base.layers.items()})
-    c = ctx.recipe.calibrate
-    sequential.run(ctx.model, ctx.arch, plan, method, rcfg, ctx.windows, batch_size=c.batch_size,
-                   true_sequential=c.true_sequential, device=ctx.device, round_layer=round_all, restore=True,
-                   progress=ctx.progress, stage=f"level database ({', '.join(map(str, db.choices))} bits)")
+    ctx.measure(plan, round_layer=round_all, stage=f"level database ({', '.join(map(str, db.choices))} bits)")
 
 
 # --- the search ----------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,8 @@ from compress.teacher import Teacher, cached
 
 @dataclass(frozen=True)
 class Config:
+    needs_hessian: ClassVar[bool] = False  # facts of the method, not recipe knobs
+    needs_calibration: ClassVar[bool] = True  # (needs windows without a Hessian: a joint method)
     steps: int = 1024  # optimiser steps (reference: 1024)
     windows_per_step: int = 8  # calibration windows per step (reference: 8 x 2048 tokens)
     batch_size: int = 1  # windows per forward/backward; gradients accumulate up to windows_per_step
@@ -57,8 +59,6 @@ class Config:
     save_every: int = 32  # steps between saved states (work directory runs only)
     log_every: int = 8
     seed: int = 42
-    needs_hessian: bool = False
-    needs_calibration: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.windows_per_step < 1 or self.batch_size < 1:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -52,11 +53,12 @@ log = logging.getLogger(__name__)
 class Config:
     """GPTQ knobs; defaults are the reference's."""
 
+    needs_hessian: ClassVar[bool] = True  # facts of the method, not recipe knobs
+    needs_calibration: ClassVar[bool] = False  # (needs windows without a Hessian: a joint method)
     damp: float = 0.01  # λ = damp · mean(diag H)
     block_size: int = 128  # lazy-update block B
     act_order: bool = False  # process columns by decreasing diag(H), with static groups
     max_damp: float = 10.0  # escalate λ ×10 on a failed Cholesky up to this, then fall back to RTN
-    needs_hessian: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.damp <= self.max_damp:
@@ -115,7 +117,7 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
     if not torch.isfinite(H).all():
         raise CompressError("the calibration Hessian holds NaN/inf (the model produced non-finite activations); "
                             "load the model in float32 or use other calibration data")
-    if lw.spec.binary:
+    if lw.spec.kind == "binary":
         raise CompressError("binary layers are rounded by round.method=pbllm (PB-LLM), not gptq")
     spec = lw.spec
     W = lw.W.float().clone()  # [N, K]
@@ -131,17 +133,18 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
     W[:, dead] = 0
 
     keep = None
-    if spec.sparse:  # prune first (SparseGPT-style: the sweep compensates for the pruned weights)
+    if spec.kind == "pruned":  # prune first (SparseGPT-style: the sweep compensates for the pruned weights)
         keep = prune.choose(W, spec, torch.diag(H), lambda: inverse_cholesky(H, cfg.damp, cfg.max_damp)[0])
     Wfit = W if keep is None else W * keep  # grids are fitted on what is kept
 
     static = cfg.act_order or spec.group_size == -1
     perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else None
     col = torch.arange(K, device=W.device) if perm is None else perm  # original index of the j-th column
-    if spec.levels is not None:  # BAQ's faithful grid: the row's range, a level count per column
+    if spec.kind == "levels":  # BAQ's faithful grid: the row's range, a level count per column
+        levels = spec.levels or ()
         scale, zero = grid.choose_range(W, sdt)  # [N, 1] range and minimum
-        S, Z = grid.levels_grid(scale, zero, spec.levels)  # [N, K]
-        col_qmax = [spec.levels[c] - 1 for c in col.tolist()]
+        S, Z = grid.levels_grid(scale, zero, levels)  # [N, K]
+        col_qmax = [levels[c] - 1 for c in col.tolist()]
     elif static:
         scale, zero = grid.choose_qparams_groups(Wfit, gbits, gs, sym, sdt)  # [N, G]
         S, Z = grid.expand(scale, gs, K), grid.expand(zero, gs, K)  # [N, K]

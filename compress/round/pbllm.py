@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -41,13 +42,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Config:
+    needs_hessian: ClassVar[bool] = True  # facts of the method, not recipe knobs
+    needs_calibration: ClassVar[bool] = False  # (needs windows without a Hessian: a joint method)
     metric: str = "magnitude"  # magnitude (|w|) | hessian (w² / U_jj²)
     feedback: bool = True  # GPTQ-PB error feedback; false = no feedback (the paper's RTN rows)
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False  # for the Linears the plan quantizes instead of binarizing
     signs: str = "auto"  # auto: store the signs as an MST over the rows when that is smaller | plain
-    needs_hessian: bool = True
 
     def __post_init__(self) -> None:
         if self.metric not in ("magnitude", "hessian"):
@@ -58,15 +60,16 @@ class Config:
             raise CompressError("pbllm needs block_size >= 1 and damp >= 0")
 
 
-def mst_signs(S: Tensor, spec: LayerSpec, info: dict[str, float]) -> LayerSpec:
-    """MST-compression of the sign rows S [N, K]: the spec stores them as a tree when that is smaller than
-    the plain 1-bit plane (format.py); `info` gets the tree's mean edge / K and whether it was stored."""
+def mst_signs(S: Tensor, spec: LayerSpec, info: dict[str, float]) -> tuple[LayerSpec, mst.Tree | None]:
+    """MST-compression of the sign rows S [N, K]: (the spec storing them as a tree, the tree) when that is
+    smaller than the plain 1-bit plane (format.py), else (spec, None); `info` gets the tree's mean edge / K
+    and whether it was stored."""
     N, K = S.shape
     tree = mst.build(S)
     edges = sum(len(d) for d in tree.diffs)
     info["mst_edge"] = float(tree.edge_distances().mean()) / K if N > 1 else 0.0
     info["mst"] = float(fmt.mst_bits(N, K, edges) < N * fmt.packed_words(K, 1) * 32)
-    return replace(spec, signs="mst", edges=edges) if info["mst"] else spec
+    return (replace(spec, signs="mst", edges=edges), tree) if info["mst"] else (spec, None)
 
 
 def salient_mask(score: Tensor, fraction: float, group: int) -> Tensor:
@@ -102,7 +105,7 @@ def binary_params(W: Tensor, keep: Tensor, group: int, dtype: torch.dtype) -> tu
 def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
     """Binarize lw.W [N, K] with a salient 8-bit part (PB-LLM / GPTQ-PB); non-binary specs go to GPTQ."""
     spec = lw.spec
-    if not spec.binary:
+    if spec.kind != "binary":
         return gptq.apply(lw, H, gptq.Config(damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order))
     if H is None:
         raise CompressError("pbllm needs calibration data (a Hessian) for its salience and error feedback")
@@ -149,10 +152,11 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
         loss = None
     nnz = int(mask.sum())
     spec = replace(spec, nnz=nnz, index=fmt.choose_index(N, K, nnz) if nnz else "")
+    tree = None
     if cfg.signs == "auto":
-        spec = mst_signs(SIGN.T.bool().cpu(), spec, info)
+        spec, tree = mst_signs(SIGN.T.bool().cpu(), spec, info)
     out = lw.rounded(
-        spec=spec,
+        spec=spec, tree=tree,
         codes=SIGN.T.contiguous(), scale=alpha, zero=mu, info=info,
         salient=Salient(mask, Q8.T.contiguous() * mask, s8[:, None], z8[:, None]) if nnz else None)
     if loss is None:

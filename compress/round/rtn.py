@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -15,18 +16,20 @@ from compress.round.loss import column_loss
 
 @dataclass(frozen=True)
 class Config:
-    needs_hessian: bool = False  # class-level fact, not a knob: RTN never looks at data
+    needs_hessian: ClassVar[bool] = False  # facts of the method, not recipe knobs
+    needs_calibration: ClassVar[bool] = False  # (needs windows without a Hessian: a joint method)
 
 
 def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
     """Quantize every group of W [N, K] to its nearest grid point."""
-    if lw.spec.binary:
+    if lw.spec.kind == "binary":
         raise CompressError("binary layers are rounded by round.method=pbllm (PB-LLM), not rtn")
     spec, W = lw.spec, lw.W.float()
-    if spec.levels is not None:  # BAQ's per-column level counts on the row's range
+    if spec.kind == "levels":  # BAQ's per-column level counts on the row's range
         scale, zero = grid.choose_range(W, spec.torch_scale_dtype)
-        S, Z = grid.levels_grid(scale, zero, spec.levels)
-        codes = grid.quantize(W, S, Z, torch.tensor(spec.levels) - 1).to(torch.uint8)
+        levels = spec.levels or ()
+        S, Z = grid.levels_grid(scale, zero, levels)
+        codes = grid.quantize(W, S, Z, torch.tensor(levels) - 1).to(torch.uint8)
         out = lw.rounded(codes=codes, scale=scale, zero=zero)
         if H is not None:
             out.loss = column_loss(W, out.dequantize(), H)
@@ -34,7 +37,7 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
     gs = spec.group_width(W.shape[1])
     gb = spec.group_bits(W.shape[1])
     keep = None
-    if spec.sparse:  # prune, then quantize what is kept; pruned weights take the zero code
+    if spec.kind == "pruned":  # prune, then quantize what is kept; pruned weights take the zero code
         if spec.prune != "magnitude" and H is None:
             raise CompressError(f"prune={spec.prune} needs calibration statistics; use round.method=gptq "
                                 "or prune: magnitude")
