@@ -1,0 +1,24 @@
+"""Small helpers with no place of their own in the stages."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write `path` whole or not at all: `write(tmp)` fills a temporary file beside it (same folder, so the
+    rename stays on one file system), which is flushed to disk and renamed over `path`. If `write` fails, or
+    the process is interrupted before the rename, `path` keeps its old content and the temporary file is
+    removed (a hard kill can leave `<name>.tmp` behind, which the next write replaces)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        with open(tmp, "r+b") as f:  # (write access: Windows will not sync a read-only handle)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
