@@ -86,6 +86,7 @@ def test_interrupted_run_resumes_to_the_same_rounding(tmp_path: Path) -> None:
 
     with pytest.raises(KeyboardInterrupt):
         run(workdir=tmp_path / "b", on_step=stop)
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["discquant-state.safetensors"]  # no pickle, no temp
     _, resumed = run(workdir=tmp_path / "b")
     for name, lw in straight.items():
         assert torch.equal(resumed[name].codes, lw.codes), name
