@@ -44,8 +44,6 @@ The result is written back into the packed buffers: the checkpoint format does n
 from __future__ import annotations
 
 import logging
-import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,14 +321,7 @@ def _pack_binary(m: CompressedLinear, bg: BinaryGrid, w: Tensor, mst_reg: float)
 
 # --- the loop ---------------------------------------------------------------------------------------------
 
-@dataclass
-class Progress:
-    step: int
-    steps: int
-    loss: float
-    kl: float
-    tokens_per_s: float
-    eta: float
+Progress = train.Progress  # metrics: kl (the loss's mean KL per token), tokens_per_s
 
 
 def distill(model: nn.Module, teach: Teacher, windows: Tensor, cfg: Config, *, workdir: Path | None = None,
@@ -344,85 +335,71 @@ def distill(model: nn.Module, teach: Teacher, windows: Tensor, cfg: Config, *, w
     if teach.temperature != cfg.temperature:
         raise CompressError(f"the teacher's log-probs are at temperature {teach.temperature}, the recipe asks for "
                             f"{cfg.temperature}: recompute the teacher")
-    say = log or (lambda s: None)
     device = parallel.init(device)
-    rank, world = parallel.rank(), parallel.world()
     model.to(device)
-    params = list(prepare(model, cfg.train, cfg.mst_reg).values())
-    opt = _optimizer(params, cfg, device)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: train.warmup_cosine(s, cfg.warmup, cfg.steps))
+    params = prepare(model, cfg.train, cfg.mst_reg)
+    opt = _optimizer(list(params.values()), cfg, device)
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
-    state_file = None if workdir is None else workdir / "distill-state.pt"
-    start, history = 0, []
-    if state_file is not None and state_file.is_file():
-        st = torch.load(state_file, weights_only=True, map_location=device)
-        for p, v in zip(params, st["params"], strict=True):
-            p.data.copy_(v)
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        start, history = st["step"], st["history"]
-        say(f"distill: resuming at step {start}/{cfg.steps}")
-    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainer = train.Trainer("distill", params, opt, steps=cfg.steps, warmup=cfg.warmup,
+                            state=None if workdir is None else workdir / "distill-state.safetensors",
+                            save_every=cfg.save_every, log_every=cfg.log_every, lr_key="distill.lr", say=log,
+                            describe=lambda p: f"loss {p.loss:.4f}, KL {p.metrics['kl']:.4f}, "
+                                               f"{p.metrics['tokens_per_s']:.0f} tokens/s")
+    loss = StepLoss(model, teach, windows, cfg, device, hidden_teacher, list(params.values()))
     model.train()
-    masks: list[Tensor] | None = None
-    if cfg.sparsity and start > 0 and start >= _prune_steps(cfg):  # resumed after the pruning phase: the frozen masks
-        masks = [p.detach() != 0 for p in params]
-    t0, tokens = time.perf_counter(), 0
     try:
-        for step in range(start, cfg.steps):
-            batch = train.step_windows(step, cfg.windows_per_step, len(windows), cfg.seed)
-            mine = batch[rank::world]
-            opt.zero_grad(set_to_none=True)
-            sums = torch.zeros(2, dtype=torch.float64)  # loss, KL summed over my windows
-            for i in range(0, len(mine), cfg.batch_size):
-                w = torch.tensor(mine[i : i + cfg.batch_size])
-                x = windows[w].to(device)
-                out = model(input_ids=x, use_cache=False, output_hidden_states=bool(cfg.hidden_mse))
-                kl = teach.kl(out.logits, w).mean(-1)  # [b]
-                per_window = cfg.temperature**2 * kl
-                if cfg.hidden_mse:
-                    per_window = per_window + cfg.hidden_mse * hidden_nmse(out.hidden_states, hidden_teacher, x)
-                (per_window.sum() / len(batch)).backward()  # mean over the global batch
-                sums += torch.stack([per_window.detach().sum(), kl.detach().sum()]).double()
-                tokens += x[:, 1:].numel()
-            if cfg.mst_reg and rank == 0 and (pen := mst_penalty(model)) is not None:
-                (cfg.mst_reg * pen).backward()  # once per step (rank 0 only: the all-reduce sums the grads)
-            if world > 1:
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    parallel.all_sum(p.grad)
-                parallel.all_sum(sums)
-            loss, kl_mean = (float(v) / len(batch) for v in sums)
-            if not math.isfinite(loss):
-                raise CompressError(f"distillation loss became {loss} at step {step}; lower distill.lr")
-            opt.step()
-            sched.step()
-            if cfg.sparsity:
-                masks = _prune_step(step, params, opt, cfg, masks)
-            history.append(loss)
-            done = step + 1
-            if rank == 0 and state_file is not None and (done % cfg.save_every == 0 or done == cfg.steps):
-                tmp = state_file.with_suffix(".tmp")
-                torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict(),
-                            "sched": sched.state_dict(), "step": done, "history": history}, tmp)
-                tmp.replace(state_file)
-            el = time.perf_counter() - t0
-            prog = Progress(done, cfg.steps, loss, kl_mean, tokens * world / el,
-                            el / (done - start) * (cfg.steps - done))
-            if on_step is not None:
-                on_step(prog)
-            if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
-                say(f"distill step {done}/{cfg.steps}: loss {loss:.4f}, KL {kl_mean:.4f}, "
-                    f"{prog.tokens_per_s:.0f} tokens/s, ETA {prog.eta:.0f}s")
+        with train.checkpointing(model, cfg.gradient_checkpointing):
+            steps = trainer.resume()
+            project = ISSP(list(params.values()), opt, cfg, trainer.start) if cfg.sparsity else None
+            for _ in steps:
+                trainer.step(loss, project)
+                trainer.log(on_step, lambda: {"kl": loss.kl, "tokens_per_s": loss.tokens * parallel.world()
+                                              / trainer.elapsed})
     finally:
-        if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
-            model.gradient_checkpointing_disable()
         model.eval()
         finish(model)
-    return history
+    return trainer.history
+
+
+class StepLoss:
+    """The distillation loss of step t, as `Trainer.step` calls it: T²·KL(teacher ‖ student) per token, plus
+    hidden_mse × the hidden-state term, over this process's share of the step's windows (micro-batches of
+    `batch_size`), backpropagated as a mean over the global batch; the MST regularizer once per step; the
+    gradients summed over the processes. Returns the global mean loss and keeps its KL and the tokens seen."""
+
+    def __init__(self, model: nn.Module, teach: Teacher, windows: Tensor, cfg: Config, device: torch.device,
+                 hidden_teacher: nn.Module | None, params: list[nn.Parameter]) -> None:
+        self.model, self.teach, self.windows, self.cfg, self.device = model, teach, windows, cfg, device
+        self.hidden_teacher, self.params = hidden_teacher, params
+        self.kl, self.tokens = float("nan"), 0
+
+    def __call__(self, step: int) -> float:
+        cfg, rank, world = self.cfg, parallel.rank(), parallel.world()
+        batch = train.step_windows(step, cfg.windows_per_step, len(self.windows), cfg.seed)
+        mine = batch[rank::world]
+        sums = torch.zeros(2, dtype=torch.float64)  # loss, KL summed over my windows
+        for i in range(0, len(mine), cfg.batch_size):
+            w = torch.tensor(mine[i : i + cfg.batch_size])
+            x = self.windows[w].to(self.device)  # [b, T]
+            out = self.model(input_ids=x, use_cache=False, output_hidden_states=bool(cfg.hidden_mse))
+            kl = self.teach.kl(out.logits, w).mean(-1)  # [b]
+            per_window = cfg.temperature**2 * kl
+            if cfg.hidden_mse:
+                per_window = per_window + cfg.hidden_mse * hidden_nmse(out.hidden_states, self.hidden_teacher, x)
+            (per_window.sum() / len(batch)).backward()  # mean over the global batch
+            sums += torch.stack([per_window.detach().sum(), kl.detach().sum()]).double()
+            self.tokens += x[:, 1:].numel()
+        if cfg.mst_reg and rank == 0 and (pen := mst_penalty(self.model)) is not None:
+            (cfg.mst_reg * pen).backward()  # once per step (rank 0 only: the all-reduce sums the grads)
+        if world > 1:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                parallel.all_sum(p.grad)
+            parallel.all_sum(sums)
+        loss, self.kl = (float(v) / len(batch) for v in sums)
+        return loss
 
 
 def hidden_nmse(hidden: tuple[Tensor, ...], dense: nn.Module, x: Tensor) -> Tensor:
@@ -439,24 +416,31 @@ def _prune_steps(cfg: Config) -> int:
     return cfg.steps // 2 if cfg.prune_steps < 0 else cfg.prune_steps
 
 
-@torch.no_grad()
-def _prune_step(step: int, params: list[nn.Parameter], opt: torch.optim.Optimizer, cfg: Config,
-                masks: list[Tensor] | None) -> list[Tensor] | None:
-    """ISS-P after optimiser step `step`: soft shrinkage during the pruning phase, then a frozen mask."""
-    from compress import prune
+class ISSP:
+    """ISS-P after every optimiser step: soft shrinkage during the pruning phase, then a frozen mask whose
+    pruned weights, and their Adam moments, stay zero. A run resumed after the pruning phase takes the mask
+    from the zeros of the resumed weights."""
 
-    if step + 1 < _prune_steps(cfg):
-        for p in params:
-            prune.soft_shrink_(p.data, cfg.sparsity, cfg.iss_alpha, cfg.pattern, cfg.per_row)
-        return None
-    if masks is None:  # the end of the pruning phase: freeze the current magnitude mask
-        masks = [prune.magnitude(p.data, cfg.sparsity, cfg.pattern, cfg.per_row) for p in params]
-    for p, keep in zip(params, masks, strict=True):
-        p.data.mul_(keep)
-        for v in opt.state.get(p, {}).values():  # Adam moments of pruned weights stop pushing them
-            if isinstance(v, Tensor) and v.shape == p.shape and v.is_floating_point():  # (not 8-bit codes)
-                v.mul_(keep)
-    return masks
+    def __init__(self, params: list[nn.Parameter], opt: torch.optim.Optimizer, cfg: Config, start: int) -> None:
+        self.params, self.opt, self.cfg = params, opt, cfg
+        self.masks = [p.detach() != 0 for p in params] if start > 0 and start >= _prune_steps(cfg) else None
+
+    @torch.no_grad()
+    def __call__(self, step: int) -> None:
+        from compress import prune
+
+        cfg = self.cfg
+        if step + 1 < _prune_steps(cfg):
+            for p in self.params:
+                prune.soft_shrink_(p.data, cfg.sparsity, cfg.iss_alpha, cfg.pattern, cfg.per_row)
+            return
+        if self.masks is None:  # the end of the pruning phase: freeze the current magnitude mask
+            self.masks = [prune.magnitude(p.data, cfg.sparsity, cfg.pattern, cfg.per_row) for p in self.params]
+        for p, keep in zip(self.params, self.masks, strict=True):
+            p.data.mul_(keep)
+            for v in self.opt.state.get(p, {}).values():  # Adam moments of pruned weights stop pushing them
+                if isinstance(v, Tensor) and v.shape == p.shape and v.is_floating_point():  # (not 8-bit codes)
+                    v.mul_(keep)
 
 
 def _optimizer(params: list[nn.Parameter], cfg: Config, device: torch.device) -> torch.optim.Optimizer:
