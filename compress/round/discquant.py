@@ -187,15 +187,16 @@ def _at_vertex(layers: list[RoundingLinear]) -> float:
 
 
 def _swap_in(model: nn.Module, plan: Plan, cfg: Config, device: torch.device) -> dict[str, RoundingLinear]:
-    """Replace every Linear of `plan` by its RoundingLinear (x initialised per `cfg.init`); only the x's
+    """Replace every Linear of `plan` by its RoundingLinear (x initialised per `cfg.init`, rand drawing from
+    its own generator seeded with `cfg.seed`, so the global RNG is neither read nor moved); only the x's
     train. Returns them by name."""
-    torch.manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     layers = {}
     for name, spec in plan.layers.items():
         lin = model.get_submodule(name)
         rl = RoundingLinear(LayerWeight(lin.weight.detach().float(), spec), lin.bias).to(device)
         if cfg.init == "rand":
-            rl.x.data.uniform_(0, 1)
+            rl.x.data.uniform_(0, 1, generator=gen)
         layers[name] = rl
         set_module(model, name, rl)
     for p in model.parameters():
