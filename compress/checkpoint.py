@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import struct
 from pathlib import Path
@@ -29,6 +28,7 @@ from compress import format as fmt
 from compress import parallel
 from compress.errors import CompressError
 from compress.hf import CompressConfig, register
+from compress.util import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,8 @@ class WorkDir:
     def save_block(self, i: int, block: nn.Module) -> None:
         if not parallel.is_main():
             return
-        tmp = self._path(i).with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in block.state_dict().items()}, tmp)
-        os.replace(tmp, self._path(i))
+        tensors = {k: v.contiguous() for k, v in block.state_dict().items()}
+        atomic_write(self._path(i), lambda tmp: save_file(tensors, tmp))
 
     def load_json(self, name: str) -> Any:
         p = self.dir / f"{name}.json"
@@ -80,9 +79,8 @@ class WorkDir:
     def save_json(self, name: str, obj: Any) -> None:
         if not parallel.is_main():
             return
-        tmp = self.dir / f"{name}.json.tmp"
-        tmp.write_text(json.dumps(obj, default=float))
-        os.replace(tmp, self.dir / f"{name}.json")
+        text = json.dumps(obj, default=float)
+        atomic_write(self.dir / f"{name}.json", lambda tmp: tmp.write_text(text))
 
     def remove(self) -> None:
         if parallel.is_main():

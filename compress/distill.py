@@ -44,19 +44,19 @@ The result is written back into the packed buffers: the checkpoint format does n
 from __future__ import annotations
 
 import logging
-import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from compress import grid, parallel, train
 from compress.errors import CompressError
-from compress.nn import CompressedLinear
+from compress.nn import CompressedLinear, set_module
+from compress.plan import LayerWeight, Salient
 from compress.teacher import Teacher
 
 log = logging.getLogger(__name__)
@@ -166,24 +166,93 @@ def binary_grid(m: CompressedLinear, mst_reg: float) -> BinaryGrid:
     return bg
 
 
+@dataclass
+class GroupGrid:
+    """The fixed grid of a group-wise layer, per element [N, K]."""
+
+    scale: Tensor
+    zero: Tensor
+    qmax: Tensor
+
+    def forward(self, w: Tensor) -> Tensor:
+        return _STE.apply(w, self.scale, self.zero, self.qmax)
+
+
+def group_grid(m: CompressedLinear) -> GroupGrid:
+    """Per-element (scale, zero, qmax) [N, K] of a group-wise layer."""
+    K, gw = m.in_features, m.spec.group_width(m.in_features)
+    qmax = grid.expand(torch.tensor([m.spec.group_bits(K)], dtype=torch.float32).exp2() - 1, gw, K)
+    return GroupGrid(grid.expand(m.scale.float(), gw, K), grid.expand(m.zero_points(), gw, K), qmax.to(m.scale.device))
+
+
+class STELinear(nn.Module):
+    """A packed layer under train=ste: fp32 latent weights [N, K], which the forward rounds onto the layer's
+    fixed grid (straight-through gradient; a pruned layer's pruned weights stay exactly 0). `pack()` re-rounds
+    them into the packed layer."""
+
+    def __init__(self, m: CompressedLinear, mst_reg: float = 0.0) -> None:
+        super().__init__()
+        if m.spec.kind == "levels":
+            raise CompressError("distill train=ste needs group-wise or binary layers; use train=scales "
+                                "for per-column-level layers")
+        self.packed, self.mst_reg = m, mst_reg
+        self.grid = binary_grid(m, mst_reg) if m.spec.kind == "binary" else group_grid(m)
+        self.latent = nn.Parameter(m.dequantize())
+        self.keep = m.decoded().keep  # bool [N, K] of a pruned layer, else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        W = self.grid.forward(self.latent)
+        if self.keep is not None:
+            W = W * self.keep
+        b = self.packed.bias
+        return F.linear(x, W.to(x.dtype), None if b is None else b.to(x.dtype))
+
+    @torch.no_grad()
+    def pack(self) -> CompressedLinear:
+        """The packed layer with the latent weights' codes (binary layers: a new module, as their sign storage,
+        plain or MST, may change size)."""
+        m, w = self.packed, self.latent.detach()
+        if isinstance(self.grid, BinaryGrid):
+            return _pack_binary(m, self.grid, w, self.mst_reg)
+        codes = grid.quantize(w, self.grid.scale, self.grid.zero, self.grid.qmax).to(torch.uint8)
+        scale, zero = m.codec.grid(m.packed(), m.spec, m.out_features, m.in_features)
+        m.qweight.copy_(m.codec.pack(LayerWeight(w, m.spec, codes, scale, zero, keep=self.keep))["qweight"])
+        m._drop_kernel_state()
+        return m
+
+
+class ScaleLinear(nn.Module):
+    """A packed layer under train=scales|norms: codes fixed, its scale (and μ of binary layers) trained as
+    fp32 Parameters in place of the stored ones. `pack()` writes them back in their storage dtypes."""
+
+    def __init__(self, m: CompressedLinear) -> None:
+        super().__init__()
+        self.packed = m
+        for name in ("scale", "mu"):
+            if hasattr(m, name):
+                self.register_parameter(name, nn.Parameter(getattr(m, name).detach().float().clone()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.func.functional_call(self.packed, dict(self.named_parameters(recurse=False)), (x,))
+
+    @torch.no_grad()
+    def pack(self) -> CompressedLinear:
+        for name, p in self.named_parameters(recurse=False):
+            getattr(self.packed, name).copy_(p)
+        self.packed._drop_kernel_state()
+        return self.packed
+
+
 def mst_penalty(model: nn.Module) -> Tensor | None:
     """The MST regularizer of every binary layer under train=ste, per binary weight (None if none)."""
     from compress import mst
 
     terms, n = [], 0
     for m in model.modules():
-        bg = getattr(m, "_grid", None)
-        if isinstance(bg, BinaryGrid) and bg.parent is not None:
-            terms.append(mst.regularizer(m._latent - bg.mu, bg.parent, bg.beta))
-            n += m._latent.numel()
+        if isinstance(m, STELinear) and isinstance(m.grid, BinaryGrid) and m.grid.parent is not None:
+            terms.append(mst.regularizer(m.latent - m.grid.mu, m.grid.parent, m.grid.beta))
+            n += m.latent.numel()
     return torch.stack(terms).sum() / n if terms else None
-
-
-def _grid(m: CompressedLinear) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-element (scale, zero, qmax) [N, K] of a group-wise layer."""
-    K, gw = m.in_features, m.spec.group_width(m.in_features)
-    qmax = grid.expand(torch.tensor([m.spec.group_bits(K)], dtype=torch.float32).exp2() - 1, gw, K)
-    return grid.expand(m.scale.float(), gw, K), grid.expand(m.zero_points(), gw, K), qmax.to(m.scale.device)
 
 
 def block_linears(model: nn.Module) -> list[nn.Linear]:
@@ -193,84 +262,47 @@ def block_linears(model: nn.Module) -> list[nn.Linear]:
     return [m for m in models.blocks_of(model, models.arch_of(model)).modules() if isinstance(m, nn.Linear)]
 
 
-def prepare(model: nn.Module, train: str, mst_reg: float = 0.0) -> list[nn.Parameter]:
-    """Turn what trains into fp32 Parameters (everything else frozen); returns them in a fixed order."""
+def is_norm(m: nn.Module) -> bool:
+    """A normalisation layer (RMSNorm, LayerNorm and the models' own copies): a leaf module with a 1-D
+    `weight` Parameter. Linear and Embedding weights are 2-D; packed layers have none."""
+    w = getattr(m, "weight", None)
+    return isinstance(w, nn.Parameter) and w.dim() == 1 and next(m.children(), None) is None
+
+
+def prepare(model: nn.Module, train: str, mst_reg: float = 0.0) -> dict[str, nn.Parameter]:
+    """Make what trains trainable and freeze the rest: packed layers are wrapped (STELinear for ste,
+    ScaleLinear for scales and norms), norms (norms) and the blocks' dense Linears (weights) train in place.
+    Returns the trained Parameters by name, in module order."""
     for p in model.parameters():
         p.requires_grad_(False)
-    params: list[nn.Parameter] = []
     if train == "weights":
         for lin in block_linears(model):
             lin.weight.requires_grad_(True)
-            params.append(lin.weight)
-        return params
-    for m in model.modules():
-        if isinstance(m, CompressedLinear):
-            if train == "ste":
-                if m.spec.levels is not None:
-                    raise CompressError("distill train=ste needs group-wise or binary layers; use train=scales "
-                                        "for per-column-level layers")
-                m._grid = binary_grid(m, mst_reg) if m.spec.binary else _grid(m)
-                m._latent = nn.Parameter(m.dequantize())
-                if m.spec.sparse:  # pruned layers keep their mask: pruned weights stay exactly 0
-                    from compress import format as fmt
-
-                    m._keep = fmt.unpack_keep(m.keep_mask, m.in_features)
-                params.append(m._latent)
-            else:
-                for name in ("scale", "mu"):
-                    if hasattr(m, name):
-                        t = getattr(m, name)
-                        m._storage = {**getattr(m, "_storage", {}), name: t.dtype}
-                        delattr(m, name)
-                        p = nn.Parameter(t.float())
-                        m.register_parameter(name, p)
-                        params.append(p)
-        elif train == "norms" and "norm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None:
-            m.weight.requires_grad_(True)
-            params.append(m.weight)
-    return params
+    else:
+        for name, m in list(model.named_modules()):
+            if isinstance(m, CompressedLinear):
+                set_module(model, name, STELinear(m, mst_reg) if train == "ste" else ScaleLinear(m))
+            elif train == "norms" and is_norm(m):
+                m.weight.requires_grad_(True)
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def finish(model: nn.Module, train: str, mst_reg: float = 0.0) -> None:
-    """Write the trained tensors back into the packed buffers in their storage dtypes (binary layers are
-    re-packed as new modules: their sign storage, plain or MST, may change size)."""
-    from compress import format as fmt
-
+def finish(model: nn.Module) -> None:
+    """Swap the packed layers back in, holding what was trained, and freeze everything."""
     for name, m in list(model.named_modules()):
-        if not isinstance(m, CompressedLinear):
-            continue
-        if train == "ste" and isinstance(m._grid, BinaryGrid):
-            _finish_binary(model, name, m, mst_reg)
-            continue
-        if train == "ste":
-            S, Z, Q = m._grid
-            codes = grid.quantize(m._latent.detach(), S, Z, Q).to(torch.uint8)
-            if m.spec.sparse:
-                m.qweight.copy_(fmt.pack_sparse(codes, m._keep, m.spec)[0])
-                del m._keep
-            else:
-                m.qweight.copy_(fmt.pack_layer(codes, m.spec))
-            del m._latent, m._grid
-        else:
-            for name, dtype in getattr(m, "_storage", {}).items():
-                t = getattr(m, name).detach().to(dtype)
-                delattr(m, name)
-                m.register_buffer(name, t)
-            m.__dict__.pop("_storage", None)
-        m._drop_kernel_state()
+        if isinstance(m, (STELinear, ScaleLinear)):
+            set_module(model, name, m.pack())
     for p in model.parameters():
         p.requires_grad_(False)
 
 
-@torch.no_grad()
-def _finish_binary(model: nn.Module, name: str, m: CompressedLinear, mst_reg: float) -> None:
+def _pack_binary(m: CompressedLinear, bg: BinaryGrid, w: Tensor, mst_reg: float) -> CompressedLinear:
+    """A binary layer re-packed from latent weights `w` [N, K]: signs against mu, the salient weights on their
+    8-bit row grid, the signs stored as their tree when that is smaller (always re-decided with mst_reg)."""
     from dataclasses import replace
 
-    from compress.nn import set_module
-    from compress.plan import LayerWeight, Salient
     from compress.round import pbllm
 
-    bg, w = m._grid, m._latent.detach()
     signs = (w >= bg.mu).to(torch.uint8)
     spec = replace(m.spec, signs="", edges=0)
     info: dict[str, float] = {}
@@ -282,31 +314,12 @@ def _finish_binary(model: nn.Module, name: str, m: CompressedLinear, mst_reg: fl
         q8 = grid.quantize(w, bg.s8, bg.z8, 255).to(torch.uint8) * bg.mask
         sal = Salient(bg.mask, q8, bg.s8, bg.z8)
     lw = LayerWeight(w, spec).rounded(codes=signs, scale=m.scale, zero=m.mu, salient=sal, info=info, tree=tree)
-    new = CompressedLinear.from_weight(lw, None if m.bias is None else m.bias.detach())
-    set_module(model, name, new)
-
-
-def ste_forward(m: CompressedLinear, x: Tensor) -> Tensor:
-    if isinstance(m._grid, BinaryGrid):
-        W = m._grid.forward(m._latent)
-        return torch.nn.functional.linear(x, W.to(x.dtype), None if m.bias is None else m.bias.to(x.dtype))
-    S, Z, Q = m._grid
-    W = _STE.apply(m._latent, S, Z, Q)
-    if "_keep" in m.__dict__:
-        W = W * m._keep
-    return torch.nn.functional.linear(x, W.to(x.dtype), None if m.bias is None else m.bias.to(x.dtype))
+    return CompressedLinear.from_weight(lw, None if m.bias is None else m.bias.detach())
 
 
 # --- the loop ---------------------------------------------------------------------------------------------
 
-@dataclass
-class Progress:
-    step: int
-    steps: int
-    loss: float
-    kl: float
-    tokens_per_s: float
-    eta: float
+Progress = train.Progress  # metrics: kl (the loss's mean KL per token), tokens_per_s
 
 
 def distill(model: nn.Module, teach: Teacher, windows: Tensor, cfg: Config, *, workdir: Path | None = None,
@@ -320,93 +333,71 @@ def distill(model: nn.Module, teach: Teacher, windows: Tensor, cfg: Config, *, w
     if teach.temperature != cfg.temperature:
         raise CompressError(f"the teacher's log-probs are at temperature {teach.temperature}, the recipe asks for "
                             f"{cfg.temperature}: recompute the teacher")
-    say = log or (lambda s: None)
     device = parallel.init(device)
-    rank, world = parallel.rank(), parallel.world()
     model.to(device)
     params = prepare(model, cfg.train, cfg.mst_reg)
-    ste = cfg.train == "ste"
-    if ste:  # the forward sees the latent weights rounded onto the grid
-        for m in model.modules():
-            if isinstance(m, CompressedLinear):
-                m.forward = lambda x, m=m: ste_forward(m, x)  # type: ignore[method-assign]
-    opt = _optimizer(params, cfg, device)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: train.warmup_cosine(s, cfg.warmup, cfg.steps))
+    opt = _optimizer(list(params.values()), cfg, device)
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
-    state_file = None if workdir is None else workdir / "distill-state.pt"
-    start, history = 0, []
-    if state_file is not None and state_file.is_file():
-        st = torch.load(state_file, weights_only=True, map_location=device)
-        for p, v in zip(params, st["params"], strict=True):
-            p.data.copy_(v)
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        start, history = st["step"], st["history"]
-        say(f"distill: resuming at step {start}/{cfg.steps}")
-    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainer = train.Trainer("distill", params, opt, steps=cfg.steps, warmup=cfg.warmup,
+                            state=None if workdir is None else workdir / "distill-state.safetensors",
+                            save_every=cfg.save_every, log_every=cfg.log_every, lr_key="distill.lr", say=log,
+                            describe=lambda p: f"loss {p.loss:.4f}, KL {p.metrics['kl']:.4f}, "
+                                               f"{p.metrics['tokens_per_s']:.0f} tokens/s")
+    loss = StepLoss(model, teach, windows, cfg, device, hidden_teacher, list(params.values()))
     model.train()
-    masks: list[Tensor] | None = None
-    if cfg.sparsity and start > 0 and start >= _prune_steps(cfg):  # resumed after the pruning phase: the frozen masks
-        masks = [p.detach() != 0 for p in params]
-    t0, tokens = time.perf_counter(), 0
     try:
-        for step in range(start, cfg.steps):
-            batch = train.step_windows(step, cfg.windows_per_step, len(windows), cfg.seed)
-            mine = batch[rank::world]
-            opt.zero_grad(set_to_none=True)
-            sums = torch.zeros(2, dtype=torch.float64)  # loss, KL summed over my windows
-            for i in range(0, len(mine), cfg.batch_size):
-                w = torch.tensor(mine[i : i + cfg.batch_size])
-                x = windows[w].to(device)
-                out = model(input_ids=x, use_cache=False, output_hidden_states=bool(cfg.hidden_mse))
-                kl = teach.kl(out.logits, w).mean(-1)  # [b]
-                per_window = cfg.temperature**2 * kl
-                if cfg.hidden_mse:
-                    per_window = per_window + cfg.hidden_mse * hidden_nmse(out.hidden_states, hidden_teacher, x)
-                (per_window.sum() / len(batch)).backward()  # mean over the global batch
-                sums += torch.stack([per_window.detach().sum(), kl.detach().sum()]).double()
-                tokens += x[:, 1:].numel()
-            if cfg.mst_reg and rank == 0 and (pen := mst_penalty(model)) is not None:
-                (cfg.mst_reg * pen).backward()  # once per step (rank 0 only: the all-reduce sums the grads)
-            if world > 1:
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    parallel.all_sum(p.grad)
-                parallel.all_sum(sums)
-            loss, kl_mean = (float(v) / len(batch) for v in sums)
-            if not math.isfinite(loss):
-                raise CompressError(f"distillation loss became {loss} at step {step}; lower distill.lr")
-            opt.step()
-            sched.step()
-            if cfg.sparsity:
-                masks = _prune_step(step, params, opt, cfg, masks)
-            history.append(loss)
-            done = step + 1
-            if rank == 0 and state_file is not None and (done % cfg.save_every == 0 or done == cfg.steps):
-                tmp = state_file.with_suffix(".tmp")
-                torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict(),
-                            "sched": sched.state_dict(), "step": done, "history": history}, tmp)
-                tmp.replace(state_file)
-            el = time.perf_counter() - t0
-            prog = Progress(done, cfg.steps, loss, kl_mean, tokens * world / el,
-                            el / (done - start) * (cfg.steps - done))
-            if on_step is not None:
-                on_step(prog)
-            if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
-                say(f"distill step {done}/{cfg.steps}: loss {loss:.4f}, KL {kl_mean:.4f}, "
-                    f"{prog.tokens_per_s:.0f} tokens/s, ETA {prog.eta:.0f}s")
+        with train.checkpointing(model, cfg.gradient_checkpointing):
+            steps = trainer.resume()
+            project = ISSP(list(params.values()), opt, cfg, trainer.start) if cfg.sparsity else None
+            for _ in steps:
+                trainer.step(loss, project)
+                trainer.log(on_step, lambda: {"kl": loss.kl, "tokens_per_s": loss.tokens * parallel.world()
+                                              / trainer.elapsed})
     finally:
-        for m in model.modules():
-            if isinstance(m, CompressedLinear):
-                m.__dict__.pop("forward", None)
-        if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
-            model.gradient_checkpointing_disable()
         model.eval()
-        finish(model, cfg.train, cfg.mst_reg)
-    return history
+        finish(model)
+    return trainer.history
+
+
+class StepLoss:
+    """The distillation loss of step t, as `Trainer.step` calls it: T²·KL(teacher ‖ student) per token, plus
+    hidden_mse × the hidden-state term, over this process's share of the step's windows (micro-batches of
+    `batch_size`), backpropagated as a mean over the global batch; the MST regularizer once per step; the
+    gradients summed over the processes. Returns the global mean loss and keeps its KL and the tokens seen."""
+
+    def __init__(self, model: nn.Module, teach: Teacher, windows: Tensor, cfg: Config, device: torch.device,
+                 hidden_teacher: nn.Module | None, params: list[nn.Parameter]) -> None:
+        self.model, self.teach, self.windows, self.cfg, self.device = model, teach, windows, cfg, device
+        self.hidden_teacher, self.params = hidden_teacher, params
+        self.kl, self.tokens = float("nan"), 0
+
+    def __call__(self, step: int) -> float:
+        cfg, rank, world = self.cfg, parallel.rank(), parallel.world()
+        batch = train.step_windows(step, cfg.windows_per_step, len(self.windows), cfg.seed)
+        mine = batch[rank::world]
+        sums = torch.zeros(2, dtype=torch.float64)  # loss, KL summed over my windows
+        for i in range(0, len(mine), cfg.batch_size):
+            w = torch.tensor(mine[i : i + cfg.batch_size])
+            x = self.windows[w].to(self.device)  # [b, T]
+            out = self.model(input_ids=x, use_cache=False, output_hidden_states=bool(cfg.hidden_mse))
+            kl = self.teach.kl(out.logits, w).mean(-1)  # [b]
+            per_window = cfg.temperature**2 * kl
+            if cfg.hidden_mse:
+                per_window = per_window + cfg.hidden_mse * hidden_nmse(out.hidden_states, self.hidden_teacher, x)
+            (per_window.sum() / len(batch)).backward()  # mean over the global batch
+            sums += torch.stack([per_window.detach().sum(), kl.detach().sum()]).double()
+            self.tokens += x[:, 1:].numel()
+        if cfg.mst_reg and rank == 0 and (pen := mst_penalty(self.model)) is not None:
+            (cfg.mst_reg * pen).backward()  # once per step (rank 0 only: the all-reduce sums the grads)
+        if world > 1:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                parallel.all_sum(p.grad)
+            parallel.all_sum(sums)
+        loss, self.kl = (float(v) / len(batch) for v in sums)
+        return loss
 
 
 def hidden_nmse(hidden: tuple[Tensor, ...], dense: nn.Module, x: Tensor) -> Tensor:
@@ -423,24 +414,31 @@ def _prune_steps(cfg: Config) -> int:
     return cfg.steps // 2 if cfg.prune_steps < 0 else cfg.prune_steps
 
 
-@torch.no_grad()
-def _prune_step(step: int, params: list[nn.Parameter], opt: torch.optim.Optimizer, cfg: Config,
-                masks: list[Tensor] | None) -> list[Tensor] | None:
-    """ISS-P after optimiser step `step`: soft shrinkage during the pruning phase, then a frozen mask."""
-    from compress import prune
+class ISSP:
+    """ISS-P after every optimiser step: soft shrinkage during the pruning phase, then a frozen mask whose
+    pruned weights, and their Adam moments, stay zero. A run resumed after the pruning phase takes the mask
+    from the zeros of the resumed weights."""
 
-    if step + 1 < _prune_steps(cfg):
-        for p in params:
-            prune.soft_shrink_(p.data, cfg.sparsity, cfg.iss_alpha, cfg.pattern, cfg.per_row)
-        return None
-    if masks is None:  # the end of the pruning phase: freeze the current magnitude mask
-        masks = [prune.magnitude(p.data, cfg.sparsity, cfg.pattern, cfg.per_row) for p in params]
-    for p, keep in zip(params, masks, strict=True):
-        p.data.mul_(keep)
-        for v in opt.state.get(p, {}).values():  # Adam moments of pruned weights stop pushing them
-            if isinstance(v, Tensor) and v.shape == p.shape and v.is_floating_point():  # (not 8-bit codes)
-                v.mul_(keep)
-    return masks
+    def __init__(self, params: list[nn.Parameter], opt: torch.optim.Optimizer, cfg: Config, start: int) -> None:
+        self.params, self.opt, self.cfg = params, opt, cfg
+        self.masks = [p.detach() != 0 for p in params] if start > 0 and start >= _prune_steps(cfg) else None
+
+    @torch.no_grad()
+    def __call__(self, step: int) -> None:
+        from compress import prune
+
+        cfg = self.cfg
+        if step + 1 < _prune_steps(cfg):
+            for p in self.params:
+                prune.soft_shrink_(p.data, cfg.sparsity, cfg.iss_alpha, cfg.pattern, cfg.per_row)
+            return
+        if self.masks is None:  # the end of the pruning phase: freeze the current magnitude mask
+            self.masks = [prune.magnitude(p.data, cfg.sparsity, cfg.pattern, cfg.per_row) for p in self.params]
+        for p, keep in zip(self.params, self.masks, strict=True):
+            p.data.mul_(keep)
+            for v in self.opt.state.get(p, {}).values():  # Adam moments of pruned weights stop pushing them
+                if isinstance(v, Tensor) and v.shape == p.shape and v.is_floating_point():  # (not 8-bit codes)
+                    v.mul_(keep)
 
 
 def _optimizer(params: list[nn.Parameter], cfg: Config, device: torch.device) -> torch.optim.Optimizer:

@@ -32,7 +32,7 @@ from compress.plan import Plan
 from compress.recipe import Recipe
 from compress.reports import BlockReport, Progress, RoundLayer
 from compress.round import METHODS, joint, layerwise
-from compress.util import peak_rss_mb
+from compress.util import atomic_write, peak_rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def distill_windows(model: nn.Module, ids: Tensor, kd: distill.Config, batch_siz
                       f"from {kd.prompt_tokens}-token prompts")
     out = teacher.generate(model, ids[:, : kd.prompt_tokens], ids.shape[1], batch_size, device, seed=kd.seed)
     if path is not None:
-        save_file({"ids": out.contiguous()}, path)
+        atomic_write(path, lambda tmp: save_file({"ids": out.contiguous()}, tmp))
     return out
 
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from compress import data, evaluate, tasks
 from compress.errors import CompressError
+from compress.util import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +187,8 @@ class Cache:
             return
         p = self._path(fp, key)
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.with_suffix(".tmp").write_text(json.dumps(value))
-        p.with_suffix(".tmp").replace(p)
+        text = json.dumps(value)
+        atomic_write(p, lambda tmp: tmp.write_text(text))
 
 
 def fingerprint(*parts: Any, files: list[Path] = ()) -> str:

@@ -19,6 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from compress.util import atomic_write
+
 
 @dataclass
 class Teacher:
@@ -42,10 +44,8 @@ class Teacher:
         return (pk * (p - q_top)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        save_file({"logp": self.logp} | ({"index": self.index} if self.index is not None else {}), tmp,
-                  metadata={"temperature": repr(self.temperature)})
-        tmp.replace(path)
+        tensors = {"logp": self.logp} | ({"index": self.index} if self.index is not None else {})
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"temperature": repr(self.temperature)}))
 
     @classmethod
     def load(cls, path: Path) -> Teacher:

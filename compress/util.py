@@ -1,15 +1,34 @@
-"""Small helpers with no home of their own: process memory, and swapping modules in for a while."""
+"""Small helpers with no place of their own in the stages: atomic writes, process memory, and swapping
+modules in for a while."""
 
 from __future__ import annotations
 
+import os
 import resource
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
 
 from compress.nn import set_module
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write `path` whole or not at all: `write(tmp)` fills a temporary file beside it (same folder, so the
+    rename stays on one file system), which is flushed to disk and renamed over `path`. If `write` fails, or
+    the process is interrupted before the rename, `path` keeps its old content and the temporary file is
+    removed (a hard kill can leave `<name>.tmp` behind, which the next write replaces)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        with open(tmp, "r+b") as f:  # (write access: Windows will not sync a read-only handle)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def peak_rss_mb() -> float:

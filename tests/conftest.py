@@ -73,7 +73,8 @@ requires_smollm2 = pytest.mark.skipif(not smollm2_available(),
 def launch(n: int, args: list[str], launcher: str = "torchrun") -> None:
     """`torchrun --nproc_per_node n ARGS` or `accelerate launch --multi_gpu --num_processes n ARGS` (which on a
     machine without GPUs starts the same CPU processes; gloo, one thread each), failing with its stderr."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    here = Path(__file__).parent  # the tests, and the checkout under test (not whichever one is pip-installed)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])}
     port = str(29500 + n + (10 if launcher == "accelerate" else 0))
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", port]
            if launcher == "torchrun" else

@@ -213,7 +213,8 @@ def test_a_killed_distillation_resumes_to_the_uninterrupted_checkpoint(tiny_llam
             p.send_signal(signal.SIGKILL)
             break
     p.wait()
-    assert p.returncode == -signal.SIGKILL and (tmp_path / "killed" / ".partial" / "distill-state.pt").is_file()
+    partial = tmp_path / "killed" / ".partial"
+    assert p.returncode == -signal.SIGKILL and (partial / "distill-state.safetensors").is_file()
     done = subprocess.run([*args, "--out", str(tmp_path / "killed")], env=env, check=True, capture_output=True,
                           text=True)
     assert "distill: resuming at step" in done.stderr

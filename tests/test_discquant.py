@@ -86,10 +86,23 @@ def test_interrupted_run_resumes_to_the_same_rounding(tmp_path: Path) -> None:
 
     with pytest.raises(KeyboardInterrupt):
         run(workdir=tmp_path / "b", on_step=stop)
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["discquant-state.safetensors"]  # no pickle, no temp
     _, resumed = run(workdir=tmp_path / "b")
     for name, lw in straight.items():
         assert torch.equal(resumed[name].codes, lw.codes), name
     assert resumed[next(iter(resumed))].info["kl_last"] == pytest.approx(lw.info["kl_last"])
+
+
+def test_the_random_start_neither_reads_nor_moves_the_global_rng() -> None:
+    m, rec, ids = setup(("round.steps=2",))
+    plan = make_plan(m, compress.models.arch_of(m), rec)
+    out = {}
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        out[global_seed] = discquant.round_model(m, plan, ids, rec.round.config)[0]
+        assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(out[1][n].codes, out[2][n].codes) for n in out[1])
 
 
 @torch.no_grad()

@@ -285,3 +285,17 @@ def test_ste_on_a_pruned_layer_keeps_its_mask_and_packs_the_kept_codes(tmp_path:
     res = run(tiny_llama(), "gptq-4bit", ("weights.sparsity=0.5",))
     checkpoint.save(m, None, res.plan, res.recipe, tmp_path, card="card")
     assert torch.equal(logits(compress.load(tmp_path)), logits(m))
+
+
+def test_norms_are_found_by_structure_in_every_supported_architecture() -> None:
+    """train=norms trains what the models call norms (RMSNorm, LayerNorm, Qwen3's q/k norms), nothing else."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig, Qwen3Config
+
+    kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+              vocab_size=64)
+    for cfg in (LlamaConfig(**kw), Qwen3Config(**kw, head_dim=16),
+                OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
+                          word_embed_proj_dim=32)):
+        m = AutoModelForCausalLM.from_config(cfg)
+        named = [n for n, mod in m.named_modules() if "norm" in type(mod).__name__.lower()]
+        assert [n for n, mod in m.named_modules() if distill.is_norm(mod)] == named and named, cfg.model_type

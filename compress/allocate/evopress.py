@@ -57,6 +57,7 @@ from compress.nn import CompressedLinear
 from compress.plan import LayerSpec, LayerWeight, Plan
 from compress.reports import LayerReport
 from compress.teacher import Teacher, cached
+from compress.util import atomic_write
 
 TIED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
 
@@ -197,9 +198,7 @@ class Database:
             for k, v in packed.state_dict().items():
                 tensors[f"{w}.{k}"] = v.contiguous().cpu()
             tensors[f"{w}.loss"] = lw.loss.cpu()
-        tmp = self.path(name).with_suffix(".tmp")
-        save_file(tensors, tmp)
-        tmp.replace(self.path(name))
+        atomic_write(self.path(name), lambda tmp: save_file(tensors, tmp))
 
     def read(self, name: str, width: int, shape: tuple[int, int]) -> LayerWeight:
         with safe_open(self.path(name), "pt") as f:
@@ -291,9 +290,8 @@ def _state_path(root: Path) -> Path:
 
 
 def _save_state(root: Path, state: dict) -> None:
-    tmp = root / "search.json.tmp"
-    tmp.write_text(json.dumps(state))
-    tmp.replace(_state_path(root))
+    text = json.dumps(state)
+    atomic_write(_state_path(root), lambda tmp: tmp.write_text(text))
 
 
 def _rng_state(rng: random.Random) -> list:

@@ -22,10 +22,8 @@ would (the windows of step t are a function of (seed, t) only).
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from compress import grid, parallel, train
+from compress import grid, train
 from compress.errors import CompressError
 from compress.nn import set_module
 from compress.plan import LayerWeight, Plan
@@ -88,10 +86,11 @@ class RoundingLinear(nn.Module):
         N, K = W.shape
         ref = rtn.apply(lw, None, rtn.Config())  # the plan's grid, fitted as every method fits it
         self.spec, self.shape = lw.spec, (N, K)
-        self.gs = K if lw.spec.levels is not None else lw.spec.group_width(K)
-        if lw.spec.levels is not None:
-            S, Z = grid.levels_grid(ref.scale, ref.zero, lw.spec.levels)
-            qmax = (torch.tensor(lw.spec.levels, dtype=torch.float32) - 1).expand(N, K)
+        levels = lw.spec.levels if lw.spec.kind == "levels" else None
+        self.gs = K if levels is not None else lw.spec.group_width(K)
+        if levels is not None:
+            S, Z = grid.levels_grid(ref.scale, ref.zero, levels)
+            qmax = (torch.tensor(levels, dtype=torch.float32) - 1).expand(N, K)
         else:
             S, Z = grid.expand(ref.scale, self.gs, K), grid.expand(ref.zero, self.gs, K)
             qmax = grid.expand(torch.tensor([lw.spec.group_bits(K)], dtype=torch.float32).exp2() - 1, self.gs, K)
@@ -105,8 +104,8 @@ class RoundingLinear(nn.Module):
         self.register_buffer("d", d.to(torch.uint8), persistent=False)
         self.register_buffer("s", s, persistent=False)
         self.register_buffer("c", (2 * y - 1).half(), persistent=False)
-        self.register_buffer("scale", S if lw.spec.levels is not None else ref.scale, persistent=False)
-        self.register_buffer("zero", Z if lw.spec.levels is not None else ref.zero, persistent=False)
+        self.register_buffer("scale", S if levels is not None else ref.scale, persistent=False)
+        self.register_buffer("zero", Z if levels is not None else ref.zero, persistent=False)
         self.ref_scale, self.ref_zero = ref.scale, ref.zero  # what the checkpoint stores
         self.rtn_mse = float((ref.dequantize() - W).pow(2).mean())
         self.x = nn.Parameter(y.clone())
@@ -142,15 +141,7 @@ def direction(grad: Tensor, c: Tensor, rho: float, kappa: float) -> Tensor:
 
 # --- training ---------------------------------------------------------------------------------------
 
-@dataclass
-class Progress:
-    step: int
-    steps: int
-    kl: float  # mean-token KL(dense ‖ W_x model) of this step's windows
-    at_vertex: float  # share of variables at 0 or 1
-    seconds: float
-    eta: float
-    history: list[float] = field(default_factory=list)
+Progress = train.Progress  # metrics: at_vertex, the share of variables at 0 or 1
 
 
 def _kl(model: nn.Module, ids: Tensor, windows: Tensor, teach: Teacher | None,
@@ -169,6 +160,53 @@ def _kl(model: nn.Module, ids: Tensor, windows: Tensor, teach: Teacher | None,
     return teach.kl(model(input_ids=batch, use_cache=False).logits, windows).mean()
 
 
+def _step(step: int, model: nn.Module, ids: Tensor, teach: Teacher | None, layers: list[RoundingLinear],
+          cfg: Config, delta2: float) -> float:
+    """Step `step`'s KL D(x) over its windows (micro-batches of `batch_size`, gradients accumulated); leaves
+    the update direction, not the plain gradient, in every x.grad. Returns the mean KL."""
+    windows = torch.tensor(train.step_windows(step, cfg.windows_per_step, len(ids), cfg.seed))
+    kl_sum, micro = 0.0, cfg.windows_per_step // cfg.batch_size
+    for i in range(0, cfg.windows_per_step, cfg.batch_size):
+        kl = _kl(model, ids, windows[i : i + cfg.batch_size], teach, layers)
+        (kl / (micro * delta2)).backward()
+        kl_sum += float(kl.detach()) / micro
+    with torch.no_grad():
+        for m in layers:
+            m.x.grad = direction(m.x.grad, m.c, cfg.rho, cfg.clamp)
+    return kl_sum
+
+
+def _clamp(layers: list[RoundingLinear]) -> None:
+    """Project every x back onto [0, 1]."""
+    for m in layers:
+        m.x.clamp_(0, 1)
+
+
+def _at_vertex(layers: list[RoundingLinear]) -> float:
+    """The share of variables at 0 or 1 (weights already on a grid point count as there)."""
+    return sum(float(((m.x == 0) | (m.x == 1) | ~m.s).sum()) for m in layers) / sum(m.x.numel() for m in layers)
+
+
+def _swap_in(model: nn.Module, plan: Plan, cfg: Config, device: torch.device) -> dict[str, RoundingLinear]:
+    """Replace every Linear of `plan` by its RoundingLinear (x initialised per `cfg.init`, rand drawing from
+    its own generator seeded with `cfg.seed`, so the global RNG is neither read nor moved); only the x's
+    train. Returns them by name."""
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    layers = {}
+    for name, spec in plan.layers.items():
+        lin = model.get_submodule(name)
+        rl = RoundingLinear(LayerWeight(lin.weight.detach().float(), spec), lin.bias).to(device)
+        if cfg.init == "rand":
+            rl.x.data.uniform_(0, 1, generator=gen)
+        layers[name] = rl
+        set_module(model, name, rl)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for rl in layers.values():
+        rl.x.requires_grad_(True)
+    return layers
+
+
 def round_model(model: nn.Module, plan: Plan, ids: Tensor, cfg: Config, *, workdir: Path | None = None,
                 device: torch.device | str = "cpu", on_step: Callable[[Progress], None] | None = None,
                 log: Callable[[str], None] | None = None) -> tuple[dict[str, LayerWeight], dict[str, Any]]:
@@ -185,100 +223,33 @@ def round_model(model: nn.Module, plan: Plan, ids: Tensor, cfg: Config, *, workd
         path = None if workdir is None else workdir / "teacher.safetensors"
         say(f"DiscQuant: dense top-{cfg.topk} log-probs on {ids.numel()} calibration tokens")
         teach = cached(path, model, ids, cfg.topk, cfg.batch_size, device)
-    torch.manual_seed(cfg.seed)
-    layers: dict[str, RoundingLinear] = {}
-    originals: dict[str, nn.Module] = {}
-    for name, spec in plan.layers.items():
-        lin = model.get_submodule(name)
-        rl = RoundingLinear(LayerWeight(lin.weight.detach().float(), spec), lin.bias).to(device)
-        if cfg.init == "rand":
-            rl.x.data.uniform_(0, 1)
-        layers[name], originals[name] = rl, lin
-        set_module(model, name, rl)
+    originals = {name: model.get_submodule(name) for name in plan.layers}
+    layers = _swap_in(model, plan, cfg, device)
     mods = list(layers.values())
     delta2 = sum(12 * m.rtn_mse for m in mods) / len(mods)  # ≈ mean squared grid step
-    params = [m.x for m in mods]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: train.warmup_cosine(s, cfg.warmup, cfg.steps))
-    state_file = None if workdir is None else workdir / "state.pt"
-    start, history = 0, []
-    if state_file is not None and state_file.is_file():
-        st = torch.load(state_file, weights_only=True)
-        for name, x in st["x"].items():
-            layers[name].x.data.copy_(x)
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        start, history = st["step"], st["history"]
-        say(f"DiscQuant: resuming at step {start}/{cfg.steps}")
-    was_training = model.training
-    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()  # HF models checkpoint only in train mode (Llama has no dropout)
-    t0 = time.perf_counter()
+    opt = torch.optim.AdamW([m.x for m in mods], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = None if workdir is None else workdir / "discquant-state.safetensors"
+    trainer = train.Trainer("DiscQuant", {n: m.x for n, m in layers.items()}, opt, steps=cfg.steps, warmup=cfg.warmup,
+                            state=state, save_every=cfg.save_every, log_every=cfg.log_every, lr_key="round.lr", say=say,
+                            describe=lambda p: f"KL {p.loss:.4f}, {p.metrics['at_vertex']:.1%} at a vertex")
     try:
-        for step in range(start, cfg.steps):
-            windows = torch.tensor(train.step_windows(step, cfg.windows_per_step, len(ids), cfg.seed))
-            opt.zero_grad(set_to_none=True)
-            kl_sum = 0.0
-            micro = cfg.windows_per_step // cfg.batch_size
-            for i in range(0, cfg.windows_per_step, cfg.batch_size):
-                kl = _kl(model, ids, windows[i : i + cfg.batch_size], teach, mods)
-                (kl / (micro * delta2)).backward()
-                kl_sum += float(kl.detach()) / micro
-            if not math.isfinite(kl_sum):
-                raise CompressError(f"DiscQuant: the KL became {kl_sum} at step {step}; lower round.lr")
-            with torch.no_grad():
-                for m in mods:
-                    m.x.grad = direction(m.x.grad, m.c, cfg.rho, cfg.clamp)
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                for p in params:
-                    p.clamp_(0, 1)
-            history.append(kl_sum)
-            done = step + 1
-            if workdir is not None and (done % cfg.save_every == 0 or done == cfg.steps):
-                _save(state_file, layers, opt, sched, done, history)
-            if done % cfg.log_every == 0 or done == cfg.steps or on_step is not None:
-                vert = sum(float(((m.x == 0) | (m.x == 1) | ~m.s).sum()) for m in mods)
-                vert /= sum(m.x.numel() for m in mods)
-                el = time.perf_counter() - t0
-                prog = Progress(done, cfg.steps, kl_sum, vert, el, el / (done - start) * (cfg.steps - done), history)
-                if on_step is not None:
-                    on_step(prog)
-                if done % cfg.log_every == 0 or done == cfg.steps:
-                    say(f"DiscQuant step {done}/{cfg.steps}: KL {kl_sum:.4f}, {vert:.1%} at a vertex, "
-                        f"ETA {prog.eta:.0f}s")
+        with train.checkpointing(model, cfg.gradient_checkpointing):
+            for _ in trainer.resume():
+                trainer.step(lambda step: _step(step, model, ids, teach, mods, cfg, delta2), lambda _: _clamp(mods))
+                trainer.log(on_step, lambda: {"at_vertex": _at_vertex(mods)})
     finally:
-        if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
-            model.gradient_checkpointing_disable()
-        model.train(was_training)
-        out = {}
+        out = {name: layers[name].rounded() for name in originals}
         for name, orig in originals.items():
-            out[name] = layers[name].rounded()
             set_module(model, name, orig)
+    history = trainer.history
     for lw in out.values():
         lw.info["kl_last"] = history[-1] if history else float("nan")
     n = sum(m.x.numel() for m in mods)
     summary = {"method": "discquant", "steps": cfg.steps, "windows_per_step": cfg.windows_per_step,
                "tokens": cfg.steps * cfg.windows_per_step * ids.shape[1], "train_kl": history,
                "fractional_before_rounding": sum(lw.info["fractional"] * lw.W.numel() for lw in out.values()) / n,
-               "seconds": time.perf_counter() - t0}
+               "seconds": trainer.elapsed}
     return out, summary
-
-
-def _save(path: Path, layers: dict[str, RoundingLinear], opt: torch.optim.Optimizer,
-          sched: torch.optim.lr_scheduler.LRScheduler, step: int, history: list[float]) -> None:
-    if not parallel.is_main():  # every process runs the same rounding; one writes its state
-        return
-    tmp = path.with_suffix(".tmp")
-    torch.save({"x": {n: m.x.detach() for n, m in layers.items()}, "opt": opt.state_dict(),
-                "sched": sched.state_dict(), "step": step, "history": history}, tmp)
-    tmp.replace(path)
 
 
 def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
