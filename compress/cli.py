@@ -204,7 +204,7 @@ def compress_cmd(
         with console.status("quick check against the original"):
             checked = evaluate.compare_to(quick, m.to(device), name=rec.name)
             if result.reference:  # the allocation's uniform reference, for its prediction's end-to-end check
-                from compress.util import swapped
+                from compress.nn import swapped
 
                 with swapped(m, result.reference):
                     uniform = evaluate.compare_to(quick, m.to(device), name="uniform")

@@ -5,7 +5,8 @@ reference decode every kernel is tested against.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import ModuleType
 
 import torch
@@ -119,6 +120,19 @@ class CompressedLinear(nn.Module):
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+@contextmanager
+def swapped(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[nn.Module]:
+    """The model with `modules` in place of its own (e.g. the uniform reference of an allocation), restored after."""
+    own = {n: model.get_submodule(n) for n in modules}
+    for n, m in modules.items():
+        set_module(model, n, m)
+    try:
+        yield model
+    finally:
+        for n, m in own.items():
+            set_module(model, n, m)
 
 
 def swap_linears(model: nn.Module, plan: Plan) -> nn.Module:

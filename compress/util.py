@@ -1,17 +1,11 @@
-"""Small helpers with no place of their own in the stages: atomic writes, process memory, and swapping
-modules in for a while."""
+"""Small helpers with no place of their own in the stages: atomic writes and process memory."""
 
 from __future__ import annotations
 
 import os
 import resource
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-
-from torch import nn
-
-from compress.nn import set_module
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -41,16 +35,3 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, the fallback elsewhere
-
-
-@contextmanager
-def swapped(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[nn.Module]:
-    """The model with `modules` in place of its own (e.g. the uniform reference of an allocation), restored after."""
-    own = {n: model.get_submodule(n) for n in modules}
-    for n, m in modules.items():
-        set_module(model, n, m)
-    try:
-        yield model
-    finally:
-        for n, m in own.items():
-            set_module(model, n, m)
