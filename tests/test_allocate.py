@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
-from test_pipeline import logits, run
+from helpers import logits, run, tiny_llama
 
 import compress
 from compress import checkpoint

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from test_kernels import layer
+from helpers import layer, pbllm_layer
 from torch.utils import cpp_extension
 
 from compress import format as fmt
@@ -198,8 +198,6 @@ def test_a_failed_build_falls_back_to_tinygemm(monkeypatch: pytest.MonkeyPatch, 
 @pytest.mark.parametrize(("salient", "group_size"), [(0.0, -1), (0.05, 128), (0.2, 64), (0.1, 48)],
                          ids=["plain-row", "csr-g128", "bitmask-g64", "g48-portable"])
 def test_binary_layers_take_the_gemv_plus_the_salient_correction(ext, salient: float, group_size: int) -> None:
-    from test_kernels import pbllm_layer
-
     m = pbllm_layer(salient, N=N, K=576, group_size=group_size)
     assert cpu.unsupported(m) is None
     W = m.dequantize()

@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
-from test_pipeline import IDS, run
+from helpers import IDS, layer, pbllm_layer, run, tiny_llama
 
 from compress import kernels
 from compress.errors import CompressError
 from compress.kernels import cpu, reference
-from compress.nn import CompressedLinear
-from compress.plan import LayerSpec, LayerWeight
-from compress.round import rtn
-
-
-def layer(spec: LayerSpec, N: int = 40, K: int = 576, bias: bool = True, seed: int = 0) -> CompressedLinear:
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(N, K, generator=g) * 0.05
-    lw = rtn.apply(LayerWeight(W, spec), None, rtn.Config())
-    return CompressedLinear.from_weight(lw, torch.randn(N, generator=g) if bias else None)
-
+from compress.plan import LayerSpec
 
 SPECS = [
     LayerSpec(bits=4, group_size=128, symmetric=False),  # K = 576: the last group is 64 wide
@@ -120,16 +109,6 @@ def test_bf16_model_logits_through_the_int4_path_stay_close_to_the_reference(mon
 
 
 # --- the declared ops (kernels/ops.py) ------------------------------------------------------------------
-
-def pbllm_layer(salient: float, N: int = 40, K: int = 200, group_size: int = 64) -> CompressedLinear:
-    from compress.round import pbllm
-
-    g = torch.Generator().manual_seed(3)
-    X = torch.randn(256, K, generator=g)
-    spec = LayerSpec(bits=1, group_size=group_size, symmetric=False, binary=True, salient=salient)
-    lw = pbllm.apply(LayerWeight(torch.randn(N, K, generator=g) * 0.05, spec), X.T @ X / 256, pbllm.Config())
-    return CompressedLinear.from_weight(lw, None)
-
 
 @pytest.mark.parametrize("spec", SPECS[:5], ids=lambda s: f"b{s.bits}-g{s.group_size}")
 def test_wq_matmul_op_is_the_reference_and_traces(spec: LayerSpec) -> None:

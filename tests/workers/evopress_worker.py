@@ -10,9 +10,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import tiny_llama
-from test_evopress import EVO
-from test_pipeline import SMALL
+from helpers import EVO, SMALL, tiny_llama
 
 import compress
 from compress import parallel, recipe
