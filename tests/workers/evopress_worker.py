@@ -1,4 +1,4 @@
-"""Run by tests/test_evopress.py under `torchrun --nproc_per_node N`: an EvoPress search on a tiny llama
+"""Run by tests/allocate/test_evopress.py under `torchrun --nproc_per_node N`: an EvoPress search on a tiny llama
 with its database in argv[2]; rank 0 writes the chosen widths and the fitness history as JSON to argv[1]."""
 
 from __future__ import annotations
