@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -155,13 +156,20 @@ def pbllm_layer(salient: float, N: int = 40, K: int = 200, group_size: int = 64,
 
 # --- several processes --------------------------------------------------------------------------------------
 
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now (the OS's pick), for a launcher's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def launch(n: int, args: list[str], launcher: str = "torchrun") -> None:
     """`torchrun --nproc_per_node n ARGS` or `accelerate launch --multi_gpu --num_processes n ARGS` (which on a
     machine without GPUs starts the same CPU processes; gloo, one thread each), failing with its stderr.
     tests/ goes in front of the caller's PYTHONPATH, so the processes import `helpers` and the same `compress`."""
     path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    port = str(29500 + n + (10 if launcher == "accelerate" else 0))
+    port = str(free_port())  # not a fixed one: other runs on a shared machine may hold it
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", port]
            if launcher == "torchrun" else
            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
