@@ -33,6 +33,7 @@ import ctypes.util
 import functools
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -265,19 +266,34 @@ def binary_linear(layer: object, x: Tensor) -> Tensor:
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
+CpuPath = Literal["gemv", "int4", "binary", "dense"]
+
+
+def path(layer: object, x: Tensor) -> CpuPath:
+    """The kernel `linear(layer, x)` runs: "gemv" (the packed GEMV on the layer's own buffers, no int4 copy),
+    "int4" (PyTorch's int4 matmul on the tinygemm copy, made by `prepare` at the first such call), "binary"
+    (a binary layer's 1-bit GEMV plus the salient correction) or "dense" (a binary layer's prefill: one
+    dequantize for the call). Depends on the layer, the rows of x and COMPRESS_CPU_GEMV (read at the layer's
+    first call); it may build the GEMV extension, as the call would."""
+    decode = x.numel() <= GEMV_ROWS * layer.in_features  # type: ignore[attr-defined]
+    if layer.spec.kind == "binary":  # type: ignore[attr-defined]
+        return "binary" if decode else "dense"
+    if decode and gemv_unsupported(layer) is None:
+        return "gemv"
+    return "gemv" if int4_unsupported(layer) is not None else "int4"
+
+
 def linear(layer: object, x: Tensor) -> Tensor:
     """y = x Ŵᵀ + b: the packed GEMV for at most GEMV_ROWS rows of x, else the int4 matmul (computed with bf16
     activations), returned in x's dtype. Layers the int4 matmul cannot take run every call on the GEMV;
-    binary layers take `binary_linear`."""
-    if layer.spec.kind == "binary":  # type: ignore[attr-defined]
+    binary layers take `binary_linear`. `path` says which."""
+    kind = path(layer, x)
+    if kind in ("binary", "dense"):
         return binary_linear(layer, x)
-    K = layer.in_features  # type: ignore[attr-defined]
-    if x.numel() <= GEMV_ROWS * K and gemv_unsupported(layer) is None:
+    if kind == "gemv":
         return gemv_linear(layer, x)
     p: Prepared | None = getattr(layer, "_cpu_prepared", None)
     if p is None:
-        if int4_unsupported(layer) is not None:
-            return gemv_linear(layer, x)
         p = prepare(layer)
         layer._cpu_prepared = p  # type: ignore[attr-defined]
     shape = x.shape

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
-from test_cli import FAST, cli, one_line_error
+from helpers import FAST, cli, one_line_error, tiny_llama
 from torch import nn
 
 from compress import baselines

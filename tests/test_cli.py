@@ -7,31 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import launch
+from helpers import FAST, cli, launch, one_line_error
 
 import compress
 from compress.cli import main
-
-FAST = ["--set", "calibrate.samples=8", "--set", "calibrate.seqlen=64", "--set", "weights.group_size=32",
-        "--eval-windows", "2"]
-
-
-def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(err: str) -> str:
-    """The error is a single line starting with 'error:' (other lines are progress), and no traceback."""
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, err
-    assert "Traceback" not in err
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama, torchrun
-from test_pipeline import SMALL, logits, run
+from helpers import SMALL, WINDOWS, logits, run, tiny_llama, torchrun
 
 import compress
 from compress import checkpoint, data, distill, recipe, teacher
 from compress import format as fmt
 from compress.nn import CompressedLinear
-
-WINDOWS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
 
 
 def setup(name: str = "rtn-4bit", edits: tuple[str, ...] = ("weights.bits=2",)

@@ -6,25 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_llama, tiny_opt
+from helpers import logits, run, tiny_llama, tiny_opt
 
 import compress
-from compress import checkpoint, recipe
+from compress import checkpoint
 from compress.nn import CompressedLinear
 from compress.sequential import BlockReport
-
-IDS = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(7))
-SMALL = ["calibrate.dataset=random", "calibrate.samples=8", "calibrate.seqlen=32", "calibrate.batch_size=4",
-         "weights.group_size=32"]
-
-
-def run(model: torch.nn.Module, name: str = "gptq-4bit", edits: tuple[str, ...] = (), **kw) -> compress.Result:
-    return compress.compress(model, None, recipe.load(name, [*SMALL, *edits]), **kw)
-
-
-@torch.no_grad()
-def logits(model: torch.nn.Module) -> torch.Tensor:
-    return model(IDS).logits
 
 
 @pytest.mark.parametrize("name", ["rtn-4bit", "gptq-4bit", "gptq-3bit", "gptq-2bit"])

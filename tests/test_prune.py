@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
-from test_distill import WINDOWS
+from helpers import WINDOWS, tiny_llama
 
 from compress import distill, prune, teacher
 from compress.errors import CompressError

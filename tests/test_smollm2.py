@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import requires_smollm2
+from helpers import requires_smollm2
 
 import compress
 from compress import checkpoint, data, evaluate, models, recipe

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
-from test_pipeline import run
+from helpers import run, tiny_llama
 
 from compress import data, evaluate, suite, tasks
 

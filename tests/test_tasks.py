@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 
 from compress import tasks
 

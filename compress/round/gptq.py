@@ -29,7 +29,7 @@ contiguous groups. Per-row grids are likewise fitted once on the original W, as 
 Worked example (1 row, 1-bit min-max grid {0, 1} fitted on w = [1, .6, .6], H couples columns 1 and 2
 with correlation .9): RTN rounds both .6 up, error d = [0, -.4, -.4], loss ½ dᵀHd = .304. GPTQ rounds
 column 1 up, then moves its error into column 2: w₂ ← .6 - .9·.4 = .24, which rounds down:
-d = [0, -.4, .6], loss .044 (tests/test_gptq.py checks these numbers).
+d = [0, -.4, .6], loss .044 (tests/round/test_gptq.py checks these numbers).
 """
 
 from __future__ import annotations

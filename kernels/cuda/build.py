@@ -9,7 +9,7 @@ of `kernels/reference.py::wq_matmul` for x with one row.
 `nvcc_check(arch)` compiles the kernels alone (`wq_gemv_kernels.cuh`, which includes no torch header)
 to a cubin for sm_<arch> with `ptxas -v` and returns the per-kernel registers, spills, stack and shared
 memory. It needs only nvcc, so CPU machines and CI can check that every kernel the extension launches
-compiles for Ampere and Hopper without spilling (tests/test_cuda.py).
+compiles for Ampere and Hopper without spilling (tests/kernels/test_cuda.py).
 """
 
 from __future__ import annotations

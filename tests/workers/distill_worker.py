@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import tiny_llama
+from helpers import tiny_llama
 
 import compress
 from compress import distill, parallel, recipe, teacher

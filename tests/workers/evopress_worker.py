@@ -1,4 +1,4 @@
-"""Run by tests/test_evopress.py under `torchrun --nproc_per_node N`: an EvoPress search on a tiny llama
+"""Run by tests/allocate/test_evopress.py under `torchrun --nproc_per_node N`: an EvoPress search on a tiny llama
 with its database in argv[2]; rank 0 writes the chosen widths and the fitness history as JSON to argv[1]."""
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import tiny_llama
-from test_evopress import EVO
-from test_pipeline import SMALL
+from helpers import EVO, SMALL, tiny_llama
 
 import compress
 from compress import parallel, recipe

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
-from test_pbllm import hessian, weight
-from test_pipeline import logits, run
+from helpers import hessian, logits, run, tiny_llama, weight
 
 import compress
 from compress import checkpoint

@@ -25,10 +25,10 @@ def damped(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
 SETTINGS = [(4, 128, False), (3, 128, False), (2, 64, False), (3, -1, False), (3, 64, True), (4, 32, True)]
 
 
-IDS = [f"w{b}g{g}{'s' if s else 'a'}" for b, g, s in SETTINGS]
+SETTING_IDS = [f"w{b}g{g}{'s' if s else 'a'}" for b, g, s in SETTINGS]
 
 
-@pytest.mark.parametrize(("bits", "group", "sym"), SETTINGS, ids=IDS)
+@pytest.mark.parametrize(("bits", "group", "sym"), SETTINGS, ids=SETTING_IDS)
 @pytest.mark.parametrize("act_order", [False, True], ids=["natural", "act-order"])
 def test_gptq_loss_is_below_rtn_loss_on_the_same_hessian(bits: int, group: int, sym: bool, act_order: bool) -> None:
     K = 320  # 320 = 2.5 x 128: a narrow last group, like SmolLM2's 576

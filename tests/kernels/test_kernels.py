@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
-from test_pipeline import IDS, run
+from helpers import IDS, layer, pbllm_layer, run, tiny_llama
 
 from compress import kernels
 from compress.errors import CompressError
-from compress.kernels import cpu, reference
-from compress.nn import CompressedLinear
-from compress.plan import LayerSpec, LayerWeight
-from compress.round import rtn
-
-
-def layer(spec: LayerSpec, N: int = 40, K: int = 576, bias: bool = True, seed: int = 0) -> CompressedLinear:
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(N, K, generator=g) * 0.05
-    lw = rtn.apply(LayerWeight(W, spec), None, rtn.Config())
-    return CompressedLinear.from_weight(lw, torch.randn(N, generator=g) if bias else None)
-
+from compress.kernels import cpu, ops, reference  # ops: declares torch.ops.compress.*
+from compress.plan import LayerSpec
 
 SPECS = [
     LayerSpec(bits=4, group_size=128, symmetric=False),  # K = 576: the last group is 64 wide
@@ -83,8 +72,22 @@ def test_the_cached_choice_follows_dtype_environment_and_new_codes(monkeypatch: 
     assert kernels.choose(m, x.bfloat16()) == "reference"
     monkeypatch.delenv(kernels.ENV)
     assert kernels.choose(m, x.bfloat16()) == "cpu"
-    m.load_state_dict(layer(SPECS[0]).state_dict())
-    assert "_backend" not in m.__dict__ and "_cpu_prepared" not in m.__dict__  # new codes drop kernel state
+
+
+def test_new_codes_replace_the_kernel_side_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_state_dict() with other codes: the int4 copy made at the first prefill and the cached choice are
+    rebuilt, so every path computes with the new codes (a stale copy would give the old layer's output)."""
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    m, new = layer(SPECS[0]), layer(SPECS[0], seed=1)
+    prefill, decode = torch.randn(cpu.GEMV_ROWS + 4, 576).bfloat16(), torch.randn(1, 576).bfloat16()
+    assert cpu.path(m, prefill) == "int4" and kernels.choose(m, prefill) == "cpu"
+    with torch.no_grad():
+        before = m(prefill), m(decode)  # makes the int4 copy and caches the choice
+        m.load_state_dict(new.state_dict())
+        after, expected = (m(prefill), m(decode)), (new(prefill), new(decode))
+    assert kernels.choose(m, prefill) == "cpu"
+    for b, a, e in zip(before, after, expected, strict=True):
+        assert not torch.equal(a, b) and torch.equal(a, e)
 
 
 def test_forced_backends_are_honoured_or_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -121,20 +124,8 @@ def test_bf16_model_logits_through_the_int4_path_stay_close_to_the_reference(mon
 
 # --- the declared ops (kernels/ops.py) ------------------------------------------------------------------
 
-def pbllm_layer(salient: float, N: int = 40, K: int = 200, group_size: int = 64) -> CompressedLinear:
-    from compress.round import pbllm
-
-    g = torch.Generator().manual_seed(3)
-    X = torch.randn(256, K, generator=g)
-    spec = LayerSpec(bits=1, group_size=group_size, symmetric=False, binary=True, salient=salient)
-    lw = pbllm.apply(LayerWeight(torch.randn(N, K, generator=g) * 0.05, spec), X.T @ X / 256, pbllm.Config())
-    return CompressedLinear.from_weight(lw, None)
-
-
 @pytest.mark.parametrize("spec", SPECS[:5], ids=lambda s: f"b{s.bits}-g{s.group_size}")
 def test_wq_matmul_op_is_the_reference_and_traces(spec: LayerSpec) -> None:
-    from compress.kernels import ops
-
     m = layer(spec)
     gw = spec.group_width(576)
     zero = None if spec.symmetric else m.zero
@@ -162,5 +153,10 @@ def test_binary_operands_and_op_reproduce_the_layer(salient: float) -> None:
     y = torch.ops.compress.binary_matmul(x, *ops.args())
     torch.testing.assert_close(y, x @ m.dequantize().T, rtol=1e-5, atol=1e-6)
     torch.library.opcheck(torch.ops.compress.binary_matmul.default, (x, *ops.args()))
-    m._drop_kernel_state()
-    assert "_binary" not in m.__dict__
+    new = pbllm_layer(salient, seed=4)
+    assert not torch.equal(new.dequantize(), m.dequantize())
+    m.load_state_dict(new.state_dict())  # new codes: the operands are derived again, from them
+    again = kernels.binary_operands(m)
+    assert again is not ops
+    W = reference.binary_dequantize(*again.args()[:4], 200, *again.args()[4:])
+    torch.testing.assert_close(W, new.dequantize(), rtol=0, atol=1e-7)

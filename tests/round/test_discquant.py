@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
-from test_pipeline import SMALL, logits
+from helpers import SMALL, logits, tiny_llama
 
 import compress
 from compress import checkpoint, data, grid, recipe

@@ -8,17 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama, torchrun
-from test_pipeline import SMALL
+from helpers import EVO, SMALL, tiny_llama, torchrun
 
 from compress import data, models, pipeline, recipe
 from compress.allocate import evopress
 from compress.allocate.context import Context
 from compress.errors import CompressError
 from compress.pipeline import make_plan
-
-EVO = ("allocate={method: evopress, target_bits: 3, choices: [2, 3, 4], generations: 3, offspring: 3, "
-       "stages: [[2, 64], [1, 128]], topk: 16}")
 
 
 def test_mutation_keeps_the_budget_exact_over_a_thousand_steps() -> None:

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
-from test_pipeline import logits, run
+from helpers import hessian, logits, run, tiny_llama, weight
 
 import compress
 from compress import checkpoint
@@ -19,17 +18,6 @@ from compress.nn import CompressedLinear
 from compress.plan import LayerSpec, LayerWeight
 from compress.round import gptq, pbllm
 from compress.round.loss import layer_loss
-
-
-def hessian(K: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(1024, K, generator=g) @ (torch.eye(K) + 0.3 * torch.randn(K, K, generator=g) / K**0.5)
-    return 2 * X.T @ X / len(X)
-
-
-def weight(N: int = 48, K: int = 96, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(N, K, generator=g) * 0.02 + 0.01 * torch.randn(N, 1, generator=g)
 
 
 def test_alpha_is_the_least_squares_scale_for_fixed_signs() -> None:

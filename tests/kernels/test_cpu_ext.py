@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from test_kernels import layer
+from helpers import layer, pbllm_layer
 from torch.utils import cpp_extension
 
 from compress import format as fmt
@@ -115,14 +115,33 @@ def test_rows_split_over_threads_give_the_same_bits(ext) -> None:
 MIXED = LayerSpec(bits=(2, 4, 3, 2, 4), group_size=128, symmetric=False)  # K = 576: five groups, three widths
 
 
+def no_int4_copy(layer: object) -> cpu.Prepared:
+    raise AssertionError("cpu.prepare ran: an int4 (tinygemm) copy of the layer was made")
+
+
+def int4_copies(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The layers `cpu.prepare` makes an int4 copy of from now on, in order."""
+    made, real = [], cpu.prepare
+
+    def spy(layer: object) -> cpu.Prepared:
+        made.append(layer)
+        return real(layer)
+
+    monkeypatch.setattr(cpu, "prepare", spy)
+    return made
+
+
 @pytest.mark.parametrize("spec", [MIXED, LayerSpec(bits=3, group_size=64, symmetric=True),
                                   LayerSpec(bits=4, group_size=48, symmetric=False)],
                          ids=["mixed", "b3-g64-sym", "b4-g48"])
 @pytest.mark.parametrize("M", [1, 3])
-def test_cpu_linear_takes_the_gemv_for_few_rows(ext, spec: LayerSpec, M: int) -> None:
+def test_cpu_linear_takes_the_gemv_for_few_rows(ext, spec: LayerSpec, M: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu, "prepare", no_int4_copy)
     m = layer(spec)
     assert cpu.unsupported(m) is None  # g = 48 too: tinygemm cannot, the GEMV can
+    assert cpu.gemv_unsupported(m) is None
     x = torch.randn(2, M, 576)
+    assert cpu.path(m, x) == "gemv" and cpu.path(m, x.bfloat16()) == "gemv"
     exact = x @ m.dequantize().T + m.bias
     y = cpu.linear(m, x)
     assert y.shape == exact.shape and y.dtype == torch.float32
@@ -131,25 +150,28 @@ def test_cpu_linear_takes_the_gemv_for_few_rows(ext, spec: LayerSpec, M: int) ->
     ref_b = x.bfloat16().float() @ m.dequantize().T + m.bias
     assert yb.dtype == torch.bfloat16
     assert ((yb.float() - ref_b).abs() <= 2**-8 * ref_b.abs() + 1e-5 * ref_b.abs().amax()).all()
-    assert m.__dict__["_cpu_gemv"] is None
-    assert "_cpu_prepared" not in m.__dict__  # no int4 copy was made
 
 
-def test_prefill_and_uncovered_layers_keep_the_int4_path(ext) -> None:
+def test_prefill_and_uncovered_layers_keep_the_int4_path(ext, monkeypatch: pytest.MonkeyPatch) -> None:
+    made = int4_copies(monkeypatch)
     m = layer(MIXED)
     x = torch.randn(cpu.GEMV_ROWS + 4, 576)
+    assert cpu.path(m, x.bfloat16()) == "int4"  # prefill: tinygemm
     y = cpu.linear(m, x.bfloat16()).float()
-    assert "_cpu_prepared" in m.__dict__  # prefill: tinygemm
+    assert made == [m]  # its int4 copy, made once
     exact = x.bfloat16().float() @ m.dequantize().T + m.bias
     assert (y - exact).norm() / exact.norm() < 1e-2
     odd = layer(LayerSpec(bits=4, group_size=48, symmetric=False))
-    y = cpu.linear(odd, x)  # tinygemm cannot take g = 48: even prefill runs the GEMV
-    assert "_cpu_prepared" not in odd.__dict__
+    assert cpu.path(odd, x) == "gemv"  # tinygemm cannot take g = 48: even prefill runs the GEMV
+    y = cpu.linear(odd, x)
     exact = x @ odd.dequantize().T + odd.bias
     assert (y - exact).norm() <= 1e-5 * exact.norm()
     one_bit = layer(LayerSpec(bits=1, group_size=128, symmetric=False))
-    cpu.linear(one_bit, x[:1].bfloat16())
-    assert one_bit.__dict__["_cpu_gemv"] is None and "_cpu_prepared" not in one_bit.__dict__  # 1 bit: the GEMV
+    assert cpu.gemv_unsupported(one_bit) is None and cpu.path(one_bit, x[:1].bfloat16()) == "gemv"  # 1 bit: the GEMV
+    y = cpu.linear(one_bit, x[:1].bfloat16()).float()
+    exact = x[:1].bfloat16().float() @ one_bit.dequantize().T + one_bit.bias
+    assert ((y - exact).abs() <= 2**-8 * exact.abs() + 1e-5 * exact.abs().amax()).all()
+    assert made == [m]  # neither odd nor one_bit made an int4 copy
 
 
 def test_autograd_gets_the_bias_gradient_and_a_loud_input_gradient(ext) -> None:
@@ -183,8 +205,8 @@ def test_a_failed_build_falls_back_to_tinygemm(monkeypatch: pytest.MonkeyPatch, 
         m = layer(MIXED)
         x = torch.randn(1, 576)
         assert cpu.unsupported(m) is None  # tinygemm still takes it
+        assert "unavailable" in cpu.gemv_unsupported(m) and cpu.path(m, x.bfloat16()) == "int4"
         y = cpu.linear(m, x.bfloat16()).float()
-        assert "unavailable" in m.__dict__["_cpu_gemv"] and "_cpu_prepared" in m.__dict__
         exact = x.bfloat16().float() @ m.dequantize().T + m.bias
         assert (y - exact).norm() / exact.norm() < 1e-2
         odd = layer(LayerSpec(bits=4, group_size=48, symmetric=False))
@@ -198,8 +220,6 @@ def test_a_failed_build_falls_back_to_tinygemm(monkeypatch: pytest.MonkeyPatch, 
 @pytest.mark.parametrize(("salient", "group_size"), [(0.0, -1), (0.05, 128), (0.2, 64), (0.1, 48)],
                          ids=["plain-row", "csr-g128", "bitmask-g64", "g48-portable"])
 def test_binary_layers_take_the_gemv_plus_the_salient_correction(ext, salient: float, group_size: int) -> None:
-    from test_kernels import pbllm_layer
-
     m = pbllm_layer(salient, N=N, K=576, group_size=group_size)
     assert cpu.unsupported(m) is None
     W = m.dequantize()
