@@ -104,7 +104,7 @@ def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | 
     windows = calibrate(model, tokenizer, recipe)
     ids = None if windows is None else windows.ids
     kd = learn_from(model, ids, recipe, device, workdir, say)
-    distilled = {}
+    distilled: dict[str, Any] = {}
     if kd is not None and recipe.distill.train == "weights":  # pruned training (ISS-P): prune first, then round
         distilled, kd = run_distill(model, kd, recipe.distill, workdir, device, say), None
     allocation = allocate(context(model, arch, base, ids, recipe, device, workdir, progress, say), workdir)
