@@ -88,10 +88,14 @@ class WorkDir:
 
 
 def save(model: nn.Module, tokenizer: Any, plan: Any, recipe: Any, out_dir: Path, *, card: str,
-         extra: dict[str, Any] | None = None, max_shard_size: str = "4GB") -> None:
-    """Write the compressed model as a Hugging Face checkpoint (see the module docstring)."""
+         extra: dict[str, Any] | None = None, max_shard_size: str = "4GB", dtype: torch.dtype | None = None) -> None:
+    """Write the compressed model as a Hugging Face checkpoint (see the module docstring). `dtype` casts the
+    dense parts (embeddings, lm_head, norms, biases) first, in place; packed codes and scales keep their
+    storage dtypes."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if dtype is not None:
+        model.to(dtype)
     qc = CompressConfig(plan=plan.to_json(), recipe=recipe.name, **(extra or {}))
     model.config.quantization_config = qc.to_dict()
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)

@@ -72,7 +72,7 @@ def _dtype(name: str) -> Any:
 
     table = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in table:
-        raise CompressError(f"--dtype {name!r} is invalid; choose one of {', '.join(table)}")
+        raise CompressError(f"dtype {name!r} is invalid; choose one of {', '.join(table)}")
     return table[name]
 
 
@@ -160,6 +160,9 @@ def compress_cmd(
     calib: Annotated[str | None, typer.Option("--calib", help="calibration data: pydoc|wikitext2|c4|ptb|file")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda (one block on the GPU at a time)")] = "cpu",
     dtype: Annotated[str, typer.Option("--dtype", help="load dtype: auto|float32|bfloat16|float16")] = "auto",
+    save_dtype: Annotated[str, typer.Option(
+        "--save-dtype", help="dtype of the dense parts on disk: auto (the source's own; bfloat16 for a GGUF) |"
+                             " float32|bfloat16|float16")] = "auto",
     eval_windows: Annotated[int, typer.Option("--eval-windows", help="quick check windows (0: none)")] = 4,
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -172,6 +175,7 @@ def compress_cmd(
     device = str(parallel.init(_check_device(device)))  # under torchrun / accelerate launch: this rank's device
     edits = list(set_ or []) + ([f"calibrate.dataset={calib}"] if calib else [])
     rec = recipes.load(recipe, edits)
+    _dtype(save_dtype)
     ref = models.resolve(model)
     out = out or _default_out(model, rec.name)
     console.print(f"[bold]compress[/] {ref.display} · recipe [cyan]{rec.name}[/]: {rec.description}")
@@ -210,8 +214,9 @@ def compress_cmd(
                     uniform = evaluate.compare_to(quick, m.to(device), name="uniform")
             m.to("cpu")
     with console.status(f"writing {out}"):
+        keep = models.stored_dtype(ref) if save_dtype == "auto" else _dtype(save_dtype)
         checkpoint.save(m, tok, result.plan, rec, out, card=card.model_card(ref, result, quick, checked, uniform),
-                        extra=card.summary(result))
+                        extra=card.summary(result), dtype=keep)
         work.remove()
     code, total = result.avg_bits()
     alloc = allocation_table(result.plan, result.shapes, arch.blocks)

@@ -183,6 +183,28 @@ def load(ref: ModelRef, dtype: torch.dtype | str = "auto") -> tuple[nn.Module, A
     return model, tokenizer
 
 
+def stored_dtype(ref: ModelRef) -> torch.dtype:
+    """The dtype the original keeps its dense weights in: bfloat16 for a GGUF file (its float tensors are
+    quantized or F32 norms; bf16 keeps the dense parts at the source's size), else config.json's dtype
+    (float32 when it says nothing)."""
+    import json
+
+    if ref.gguf_file:
+        return torch.bfloat16
+    cfg = Path(ref.source) / "config.json"
+    if not cfg.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(ref.source, "config.json")
+        cfg = Path(cached) if isinstance(cached, str) else cfg
+    try:
+        d = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return torch.float32
+    name = d.get("dtype") or d.get("torch_dtype") or "float32"
+    return getattr(torch, name, torch.float32) if isinstance(name, str) else torch.float32
+
+
 def disk_bytes(ref: ModelRef) -> int | None:
     """Bytes of the original's weight files when they are on local disk (GGUF file or local directory)."""
     folder = Path(ref.source)

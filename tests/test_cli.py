@@ -33,6 +33,25 @@ def test_main_job_writes_a_complete_checkpoint(compressed_dir: Path) -> None:
     assert "bits per weight" in card and "top-1 agreement" in card
 
 
+def test_save_dtype_casts_only_the_dense_parts(tiny_llama_dir: Path, compressed_dir: Path, tmp_path: Path) -> None:
+    """--save-dtype bfloat16: every dense tensor on disk is the default (source-dtype, here fp32) checkpoint's
+    cast to bf16; codes and fp16 scales are bit-identical; the file is smaller and loads."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "bf16"
+    main([str(tiny_llama_dir), "--recipe", "gptq-4bit", "--out", str(out), "--save-dtype", "bfloat16", *FAST])
+    small, full = load_file(out / "model.safetensors"), load_file(compressed_dir / "model.safetensors")
+    assert small.keys() == full.keys()
+    assert full["model.embed_tokens.weight"].dtype == torch.float32  # auto: the source's own dtype
+    for k, t in small.items():
+        f = full[k]
+        want = f.to(torch.bfloat16) if f.dtype == torch.float32 else f  # packed codes / fp16 scales: untouched
+        assert t.dtype == want.dtype and torch.equal(t, want), k
+    assert small["model.layers.0.self_attn.q_proj.scale"].dtype == torch.float16
+    assert (out / "model.safetensors").stat().st_size < (compressed_dir / "model.safetensors").stat().st_size
+    assert compress.load(out).model.embed_tokens.weight.dtype == torch.bfloat16
+
+
 def test_eval_prints_both_models_and_writes_json(tiny_llama_dir: Path, compressed_dir: Path,
                                                  capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
