@@ -175,7 +175,8 @@ def _allocator_problems(plan: Plan, method: str, cfg: Any, free: set[str]) -> li
             return ["allocate: baq granularity=column gives every column its own level count, which GPTQ has no "
                     "form for; fix: allocate.granularity=layer, or allocate.method=evopress"]
         if cfg.granularity == "group" and len(choices) > 1:
-            out.append(f"allocate: baq granularity=group gives every group of columns its own width; {MIXED}")
+            out.append("allocate: baq granularity=group gives every group of columns its own width, and GPTQ has one "
+                       "width per Linear; fix: allocate.granularity=layer, or allocate.method=evopress")
         if bad:
             out.append(f"allocate: baq choices={choices} include {bad}, and GPTQ holds 2, 3, 4 or 8 bits; fix: "
                        "allocate.choices=[2, 3, 4, 8]")
@@ -580,7 +581,7 @@ groups (`desc_act: false`, `g_idx[k] = k // group_size`); zero points stored min
 {rows}
 
 Top level: {_describe(base)}.{' Linears that differ are listed in `dynamic` (GPTQModel per-module regex map).'
-                                if mixed else ''}{f' {len(dense)} block Linears stay dense (`-:` in `dynamic`).'
+                                if mixed else ''}{f' Dense block Linears (`-:` in `dynamic`): {len(dense)}.'
                                                    if dense else ''}
 Scales: {scales}.
 
