@@ -36,6 +36,8 @@ USAGE = """Make a language model small and compare it with the original.
 
   compress eval ORIGINAL COMPRESSED [--dataset pydoc] [--seqlen 512] [--windows 40]
 
+  compress export CHECKPOINT --format compressed-tensors|gptq [--out DIR]
+
   compress recipes
 
 Run `compress compress --help` or `compress eval --help` for every option."""
@@ -163,6 +165,9 @@ def compress_cmd(
     save_dtype: Annotated[str, typer.Option(
         "--save-dtype", help="dtype of the dense parts on disk: auto (the source's own; bfloat16 for a GGUF) |"
                              " float32|bfloat16|float16")] = "auto",
+    format_: Annotated[str | None, typer.Option(
+        "--format", help="also write OUT-FORMAT for another runtime: compressed-tensors|gptq (checked before any "
+                         "calibration)")] = None,
     eval_windows: Annotated[int, typer.Option("--eval-windows", help="quick check windows (0: none)")] = 4,
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -176,6 +181,10 @@ def compress_cmd(
     edits = list(set_ or []) + ([f"calibrate.dataset={calib}"] if calib else [])
     rec = recipes.load(recipe, edits)
     _dtype(save_dtype)
+    if format_ is not None:
+        from compress import export
+
+        export.format_module(format_)
     ref = models.resolve(model)
     out = out or _default_out(model, rec.name)
     console.print(f"[bold]compress[/] {ref.display} · recipe [cyan]{rec.name}[/]: {rec.description}")
@@ -186,6 +195,11 @@ def compress_cmd(
             ev = data.evaluation(tok, "pydoc", rec.calibrate.seqlen, eval_windows, vocab_size=m.config.vocab_size)
             quick = evaluate.reference(m.to(device), ev.ids)
             m.to("cpu")
+    if format_ is not None:  # what the target format cannot hold is refused now, before any calibration
+        from compress.pipeline import make_plan
+
+        base = make_plan(m, models.arch_of(m), rec)
+        export.check(format_, base, {n: tuple(m.get_submodule(n).weight.shape) for n in base}, rec)
     # the work directory exists only once there is a model to work on (a failed load leaves nothing behind)
     work = checkpoint.WorkDir(out, {"model": ref.source, "gguf": ref.gguf_file, "recipe": rec.to_dict(),
                                     "dtype": dtype})
@@ -229,6 +243,10 @@ def compress_cmd(
                       + (f"; modelled layer-loss ratio vs uniform {ratio:.3f}" if ratio is not None else "")
                       + (f", measured KL ratio {checked.kl_mean / uniform.kl_mean:.3f} (quick check)"
                          if checked is not None and uniform is not None and uniform.kl_mean else ""))
+    if format_ is not None:
+        with console.status(f"writing {format_}"):
+            exported = export.export(out, format_, out.with_name(f"{out.name}-{format_}"))
+        console.print(f"{format_}: {exported} ({_human_bytes(checkpoint.disk_bytes(exported))})", highlight=False)
     size = checkpoint.disk_bytes(out)
     summary = (f"[green]done[/] in {result.seconds:.0f}s · peak RSS {result.peak_rss_mb:.0f} MB · "
                f"{code:.3f} bits/weight (codes), {total:.3f} with scales/zeros · {_human_bytes(size)} on disk")
@@ -386,6 +404,26 @@ def _report_table(report: Any) -> Table:
     return t
 
 
+@app.command(name="export", help="Write a compress CHECKPOINT in another runtime's format.")
+def export_cmd(
+    path: Annotated[Path, typer.Argument(help="a checkpoint directory written by `compress`")],
+    format_: Annotated[str, typer.Option("--format", help="compressed-tensors | gptq")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="output directory (default: CHECKPOINT-FORMAT)")]
+    = None,
+    save_dtype: Annotated[str, typer.Option("--save-dtype", help="dense parts: auto (the checkpoint's) | float32 | "
+                                                                  "bfloat16 | float16")] = "auto",
+) -> None:
+    from compress import checkpoint, export
+
+    export.format_module(format_)
+    dtype = None if save_dtype == "auto" else _dtype(save_dtype)
+    out = out or path.with_name(f"{path.name}-{format_}")
+    with console.status(f"writing {format_} to {out}"):
+        export.export(path, format_, out, dtype=dtype)
+    console.print(f"[green]done[/] · {format_} · {_human_bytes(checkpoint.disk_bytes(out))} on disk", highlight=False)
+    out_console.print(str(out))
+
+
 @app.command(name="recipes", help="List the named recipes.")
 def recipes_cmd() -> None:
     from compress import recipe as recipes
@@ -401,7 +439,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "eval":
         target, args = eval_app, argv[1:]
-    elif argv and argv[0] in ("recipes", "compress"):
+    elif argv and argv[0] in ("recipes", "compress", "export"):
         target, args = app, argv
     else:
         target, args = app, ["compress", *argv] if argv and argv[0] not in ("--help", "-h") else argv

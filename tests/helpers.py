@@ -166,9 +166,10 @@ def free_port() -> int:
 def launch(n: int, args: list[str], launcher: str = "torchrun") -> None:
     """`torchrun --nproc_per_node n ARGS` or `accelerate launch --multi_gpu --num_processes n ARGS` (which on a
     machine without GPUs starts the same CPU processes; gloo, one thread each), failing with its stderr.
-    tests/ and the checkout under test go in front of the caller's PYTHONPATH, so the processes import `helpers`
-    and this checkout's `compress` (not whichever one is pip-installed)."""
-    path = os.pathsep.join(p for p in (str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")) if p)
+    tests/ goes in front of the caller's PYTHONPATH, so the processes import `helpers` and the same `compress`.
+    (Never the repository root: it would offer our kernels/ as a top-level `kernels`, the name transformers
+    probes for Hugging Face's hub-kernels package.)"""
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     port = str(free_port())  # not a fixed one: other runs on a shared machine may hold it
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", port]

@@ -221,3 +221,35 @@ def test_a_killed_distillation_resumes_to_the_uninterrupted_checkpoint(tiny_llam
         a = compress.load(tmp_path / "straight")(ids).logits
         b = compress.load(tmp_path / "killed")(ids).logits
     assert torch.equal(a, b)
+
+
+def test_format_at_compression_time_writes_a_servable_sibling(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    main([str(tiny_llama_dir), "--recipe", "gptq-4bit", "--out", str(out), "--format", "compressed-tensors",
+          "--eval-windows", "0", *FAST])
+    qc = json.loads((tmp_path / "out-compressed-tensors" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "compress"
+
+
+def test_what_the_format_cannot_hold_is_refused_before_calibration(tiny_llama_dir: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    code, _, err = cli([str(tiny_llama_dir), "--recipe", "gptq-4bit", "--out", str(out), "--format", "gptq",
+                        *FAST, "--set", "weights.group_size=48"], capsys)  # K = 64 = 48 + a narrower 16
+    assert code == 2 and "group_size" in one_line_error(err)
+    assert not out.exists()  # nothing was calibrated or written
+    code, _, err = cli([str(tiny_llama_dir), "--recipe", "pbllm-10", "--out", str(out), "--format",
+                        "compressed-tensors", *FAST], capsys)
+    assert code == 2 and "binary" in one_line_error(err) and not out.exists()
+
+
+def test_export_command_writes_each_format(compressed_dir: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    for fmt, method in (("gptq", "gptq"), ("compressed-tensors", "compressed-tensors")):
+        code, stdout, _ = cli(["export", str(compressed_dir), "--format", fmt, "--out", str(tmp_path / fmt)], capsys)
+        assert code == 0 and stdout.strip().endswith(fmt)
+        assert json.loads((tmp_path / fmt / "config.json").read_text())["quantization_config"]["quant_method"] == method
+        assert (tmp_path / fmt / "tokenizer.json").is_file()
+    code, _, err = cli(["export", str(compressed_dir), "--format", "gguf"], capsys)
+    assert code == 2 and "compressed-tensors" in one_line_error(err)
