@@ -181,10 +181,12 @@ def compress_cmd(
     edits = list(set_ or []) + ([f"calibrate.dataset={calib}"] if calib else [])
     rec = recipes.load(recipe, edits)
     _dtype(save_dtype)
-    if format_ is not None:
+    targets = list(dict.fromkeys([*([format_] if format_ else []), *rec.serves]))  # formats to satisfy
+    if targets:
         from compress import export
 
-        export.format_module(format_)
+        for f in targets:
+            export.format_module(f)
     ref = models.resolve(model)
     out = out or _default_out(model, rec.name)
     console.print(f"[bold]compress[/] {ref.display} · recipe [cyan]{rec.name}[/]: {rec.description}")
@@ -195,11 +197,18 @@ def compress_cmd(
             ev = data.evaluation(tok, "pydoc", rec.calibrate.seqlen, eval_windows, vocab_size=m.config.vocab_size)
             quick = evaluate.reference(m.to(device), ev.ids)
             m.to("cpu")
-    if format_ is not None:  # what the target format cannot hold is refused now, before any calibration
+    if targets:  # what a target format cannot hold is refused now, before any calibration
         from compress.pipeline import make_plan
 
         base = make_plan(m, models.arch_of(m), rec)
-        export.check(format_, base, {n: tuple(m.get_submodule(n).weight.shape) for n in base}, rec)
+        shapes = {n: tuple(m.get_submodule(n).weight.shape) for n in base}
+        for f in targets:
+            try:
+                export.check(f, base, shapes, rec)
+            except CompressError as e:
+                if f == format_:
+                    raise
+                raise CompressError(f"recipe {rec.name} is made to serve as {f}, but on {ref.display} {e}") from None
     # the work directory exists only once there is a model to work on (a failed load leaves nothing behind)
     work = checkpoint.WorkDir(out, {"model": ref.source, "gguf": ref.gguf_file, "recipe": rec.to_dict(),
                                     "dtype": dtype})
@@ -428,9 +437,10 @@ def export_cmd(
 def recipes_cmd() -> None:
     from compress import recipe as recipes
 
-    t = Table("name", "description")
+    t = Table("name", "serves as", "description")
     for name in recipes.available():
-        t.add_row(name, recipes.load(name).description)
+        r = recipes.load(name)
+        t.add_row(name, ", ".join(r.serves) or "-", r.description)
     out_console.print(t)
 
 

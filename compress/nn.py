@@ -92,7 +92,8 @@ class CompressedLinear(nn.Module):
 
     def _drop_kernel_state(self) -> None:
         """Forget kernel-side copies and the cached backend choice (new codes, or a new device)."""
-        for k in ("_cpu_prepared", "_cpu_gemv", "_cpu_binary", "_parts", "_backend", "_decoded", "_binary"):
+        for k in ("_cpu_prepared", "_cpu_gemv", "_cpu_binary", "_parts", "_backend", "_decoded", "_binary",
+                  "_dense"):
             self.__dict__.pop(k, None)
 
     def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:

@@ -87,6 +87,7 @@ class Recipe:
     round: Round = field(default_factory=Round)
     distill: Any = None  # compress.distill.Config (steps: 0 = no distillation stage), set by from_dict
     overrides: tuple[Override, ...] = ()
+    serves: tuple[str, ...] = ()  # export formats the recipe is made for: checked on the model before calibrating
 
     def pinned(self, name: str) -> bool:
         """Does an override fix this Linear's bits (so that allocators must leave it alone)?"""

@@ -1,7 +1,8 @@
 """Serving benchmark: SmolLM2-135M compressed by us, exported, and loaded by other runtimes *without* compress.
 
-Each row compresses SmolLM2 with GPTQ (act-order, symmetric, g64: K = 576 is not a multiple of 128) at one
-setting, exports it (`compress ... --format compressed-tensors`, `compress export ... --format gptq`) and starts
+Each row compresses SmolLM2 with a served recipe (GPTQ act-order, symmetric, g64: K = 576 is not a multiple of
+128; gptq-4bit-serve, gptq-3bit-serve, gptq-2bit made symmetric, baq-3bit-serve), exports it
+(`compress ... --format compressed-tensors`, `compress export ... --format gptq`) and starts
 each client the way its users do, in its own virtual environment where `compress` is not installed:
 
     transformers  AutoModelForCausalLM.from_pretrained(export) with compressed-tensors (or optimum + gptqmodel)
@@ -12,7 +13,7 @@ error against `compress.load` of the same checkpoint on one 128-token pydoc wind
 first 32 generated tokens equal transformers' greedy decode of the same export), and decode tokens/s.
 
     python evals/serve.py                          # every row and client (venvs are built once, minutes)
-    python evals/serve.py --rows w4 --clients vllm
+    python evals/serve.py --rows w4 --clients vllm   # rows: w4 w3 w2 baq
     python evals/serve.py --render
 
 The virtual environments live in evals/.cache/venvs/{ct,gptq,vllm} and are built on first use from PyPI:
@@ -37,15 +38,12 @@ HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache" / "serve"
 VENVS = HERE / ".cache" / "venvs"
 RESULTS = HERE / "results" / "serve"
-BASE = ["--set", "round.act_order=true", "--set", "weights.symmetric=true", "--set", "weights.group_size=64",
-        "--set", "calibrate.samples=32", "--eval-windows", "0"]
-ROWS = {
-    "w4": ["--set", "weights.bits=4"],
-    "w3": ["--set", "weights.bits=3"],
-    "w2": ["--set", "weights.bits=2"],
-    "mixed": ["--set", "weights.bits=4", "--set",
-              "overrides=[{match: '*.mlp.down_proj', bits: 8}, {match: '*.self_attn.o_proj', bits: 3}, "
-              "{match: 'model.layers.1?.mlp.*_proj', bits: 3}]"],
+BASE = ["--set", "calibrate.samples=32", "--eval-windows", "0"]
+ROWS = {  # row -> (recipe, edits): the served recipes (symmetric, g64, act-order; `serves:` checked up front)
+    "w4": ("gptq-4bit-serve", []),
+    "w3": ("gptq-3bit-serve", []),
+    "w2": ("gptq-2bit", ["--set", "weights.symmetric=true"]),
+    "baq": ("baq-3bit-serve", []),  # BAQ over whole Linears from {2, 3, 4, 8}, q/k/v and gate/up tied
 }
 FORMATS = ("compressed-tensors", "gptq")
 VENV_PACKAGES = {
@@ -126,8 +124,9 @@ def compress_row(row: str) -> tuple[Path, dict[str, Path]]:
     ck = CACHE / row
     exports = {f: CACHE / f"{row}-{f}" for f in FORMATS}
     if not (ck / "config.json").is_file() or not (exports["compressed-tensors"] / "config.json").is_file():
-        p = sh([sys.executable, "-m", "compress", "smollm2-135m", "--recipe", "gptq-4bit", "--out", str(ck),
-                "--format", "compressed-tensors", *BASE, *ROWS[row]])
+        name, edits = ROWS[row]
+        p = sh([sys.executable, "-m", "compress", "smollm2-135m", "--recipe", name, "--out", str(ck),
+                "--format", "compressed-tensors", *BASE, *edits])
         if p.returncode:
             raise SystemExit(f"compressing {row} failed:\n{p.stderr[-3000:]}")
     if not (exports["gptq"] / "config.json").is_file():
@@ -247,7 +246,8 @@ def main() -> None:
     print(md)
     RESULTS.with_suffix(".md").write_text(
         "# Serving benchmark: exports of SmolLM2-135M loaded without compress\n\n"
-        "Command: `python evals/serve.py`. GPTQ act-order, symmetric, g64, 32 calibration windows; logits on one "
+        "Command: `python evals/serve.py`. Served recipes (GPTQ act-order, symmetric, g64; BAQ tied), "
+        "32 calibration windows; logits on one "
         "128-token pydoc window in float32 (vLLM runs bfloat16: greedy agreement only). Clients run in their own "
         "virtual environments (evals/.cache/venvs), none with compress installed.\n\n" + md + "\n")
 

@@ -7,10 +7,12 @@ backend is a pair of functions in `BACKENDS`: `unsupported(layer, x) -> reason |
 `linear(layer, x) -> y`. The first backend of the default order that supports the call runs it:
 
     x on a GPU:  cuda (batch-1 GEMV: widths 2-4 and binary + salient) → triton (widths 1-8, binary) → reference
-    x on a CPU:  cpu (packed C++ GEMV for <= 8 rows, int4 lowering for more; bf16 activations) → reference
+    x on a CPU:  cpu (fp32, bf16, fp16: packed C++ GEMV for <= 8 rows; for more, the int4 matmul for bf16 and
+                 a tiled C++ decode + fp32 matmul otherwise; a dense copy decoded once for kinds no kernel
+                 covers) → reference (float64 inputs)
 
-fp32 inputs on a CPU keep the exact reference unless forced: prefill's int4 kernel computes in bf16 (the
-GEMV that decode-sized fp32 inputs would take accumulates in fp32). Set
+A default load never decodes a layer per call (the reference path) unless forced: fp32 prefills get the
+reference's own Ŵ through the C++ decoder, fp32 decode steps the GEMV's fp32 accumulation. Set
 COMPRESS_KERNEL=reference|cpu|triton|cuda to force one backend; a forced backend that cannot run a
 call is an error naming why, never a silent fallback.
 """
@@ -135,7 +137,9 @@ def _ref_linear(layer: Any, x: Tensor) -> Tensor:
 def _cpu_unsupported(layer: Any, x: Tensor) -> str | None:
     if x.device.type != "cpu":
         return f"the input is on {x.device}, not the CPU"
-    return cpu.unsupported(layer)
+    if x.dtype not in cpu.DTYPES:
+        return f"the input is {x.dtype}; the CPU kernels take float32, bfloat16 and float16"
+    return None  # every layer kind has a CPU path (cpu.path says which)
 
 
 def _triton_unsupported(layer: Any, x: Tensor) -> str | None:
@@ -216,10 +220,7 @@ def choose(layer: Any, x: Tensor) -> str:
             raise CompressError(f"{ENV}={forced} cannot run this layer: {why}; unset {ENV} to let compress choose")
         name = forced
     else:
-        if x.is_cuda:
-            order = ("cuda", "triton", "reference")
-        else:
-            order = ("cpu", "reference") if x.dtype == torch.bfloat16 else ("reference",)
+        order = ("cuda", "triton", "reference") if x.is_cuda else ("cpu", "reference")
         name = next(b for b in order if BACKENDS[b][0](layer, x) is None)
     layer.__dict__["_backend"] = (key, name)
     return name

@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import logging
 import os
 from dataclasses import dataclass
 from typing import Literal
@@ -40,6 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from compress.kernels import cpu_ext
+
+log = logging.getLogger(__name__)
 
 GROUPS = (256, 128, 64, 32)
 GEMV_ROWS = 8  # rows of x up to which linear() takes the packed GEMV (decode); more take the int4 matmul
@@ -57,20 +60,19 @@ class Prepared:
 
 
 def unsupported(layer: object) -> str | None:
-    """Why this layer cannot take the CPU path (neither the int4 matmul nor the GEMV), or None when it can."""
+    """Why no packed CPU kernel covers this layer (it then runs on a dense copy decoded once, see `path`), or
+    None when the GEMV or the int4 matmul does."""
     spec = layer.spec  # type: ignore[attr-defined]
     if spec.kind == "levels":
         return "per-column level grids (BAQ faithful mode) are not group-wise"
     if spec.kind == "binary":
         return binary_unsupported(layer)
     K = layer.in_features  # type: ignore[attr-defined]
-    if max(spec.group_bits(K)) > 4:
-        return "codes wider than 4 bits do not fit int4"
-    why = int4_unsupported(layer)
-    if why is None:
-        return None
+    int4 = "codes wider than 4 bits do not fit int4" if max(spec.group_bits(K)) > 4 else int4_unsupported(layer)
+    if spec.kind == "pruned" or int4 is None:
+        return int4
     gemv = gemv_unsupported(layer)  # may build the extension (once per process)
-    return None if gemv is None else f"{why}, and {gemv}"
+    return None if gemv is None else f"{int4}, and {gemv}"
 
 
 def int4_unsupported(layer: object) -> str | None:
@@ -190,7 +192,7 @@ def gemv_linear(layer: object, x: Tensor) -> Tensor:
 # run as alpha = 1e-30: s'·(s − z') = mu + 1e-30·(2s − 1)). The salient weights are the CSR correction of
 # kernels.binary_operands, added in fp32 before the one rounding: y[:, n] += Σ_j x[:, col_j]·delta_j
 # (cpu_ext.csr_add_, 16-bit columns).
-# Decode only (at most GEMV_ROWS rows of x); longer inputs dequantize the layer for that call.
+# Decode-sized inputs; longer ones decode the 1-bit grid in tiles for one matmul (binary_tiles_linear).
 
 
 @dataclass
@@ -244,16 +246,18 @@ def prepare_binary(layer: object) -> BinaryPrepared:
     return bp
 
 
+def _binary_prepared(layer: object) -> BinaryPrepared:
+    bp: BinaryPrepared | None = layer.__dict__.get("_cpu_binary")
+    if bp is None:
+        bp = layer.__dict__["_cpu_binary"] = prepare_binary(layer)
+    return bp
+
+
 def binary_linear(layer: object, x: Tensor) -> Tensor:
     """y = x Ŵᵀ + b for a binary layer: the 1-bit GEMV plus the salient CSR correction, in x's dtype."""
     K, N = layer.in_features, layer.out_features  # type: ignore[attr-defined]
     bias = layer.bias  # type: ignore[attr-defined]
-    if x.numel() > GEMV_ROWS * K:  # prefill: one dense decode of the layer for this call
-        W = layer.dequantize()  # type: ignore[attr-defined]
-        return F.linear(x, W.to(x.dtype), None if bias is None else bias.to(x.dtype))
-    bp: BinaryPrepared | None = layer.__dict__.get("_cpu_binary")
-    if bp is None:
-        bp = layer.__dict__["_cpu_binary"] = prepare_binary(layer)
+    bp = _binary_prepared(layer)
     with torch.no_grad():
         xf = x.reshape(-1, K).float().contiguous()
         y = cpu_ext.wq_gemv(xf, bp.signs, bp.scale, bp.zero, 1, bp.group_size, None)  # fp32 [M, N]
@@ -266,32 +270,146 @@ def binary_linear(layer: object, x: Tensor) -> Tensor:
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
-CpuPath = Literal["gemv", "int4", "binary", "dense"]
+CpuPath = Literal["gemv", "int4", "tiles", "binary", "binary-tiles", "decoded", "autograd"]
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TILE = 1 << 23  # weights decoded at a time by the tiles path (32 MB of fp32); a smaller layer is one tile
+_told: set[str] = set()  # kinds already reported as running on a decoded copy
+
+
+def _decode_rows(x: Tensor, layer: object) -> bool:
+    """Whether this call is decode-sized (<= GEMV_ROWS rows of x) and may take a GEMV (which has no backward)."""
+    grad = torch.is_grad_enabled() and x.requires_grad
+    return not grad and x.numel() <= GEMV_ROWS * layer.in_features  # type: ignore[attr-defined]
 
 
 def path(layer: object, x: Tensor) -> CpuPath:
-    """The kernel `linear(layer, x)` runs: "gemv" (the packed GEMV on the layer's own buffers, no int4 copy),
-    "int4" (PyTorch's int4 matmul on the tinygemm copy, made by `prepare` at the first such call), "binary"
-    (a binary layer's 1-bit GEMV plus the salient correction) or "dense" (a binary layer's prefill: one
-    dequantize for the call). Depends on the layer, the rows of x and COMPRESS_CPU_GEMV (read at the layer's
-    first call); it may build the GEMV extension, as the call would."""
-    decode = x.numel() <= GEMV_ROWS * layer.in_features  # type: ignore[attr-defined]
-    if layer.spec.kind == "binary":  # type: ignore[attr-defined]
-        return "binary" if decode else "dense"
-    if decode and gemv_unsupported(layer) is None:
+    """The kernel `linear(layer, x)` runs, from the layer's kind, the rows and dtype of x, and what this
+    machine built. Never the per-call reference decode:
+
+      gemv          decode-sized x, group-wise codes: the packed GEMV on the layer's own buffers (widths 1-8)
+      int4          bf16 prefill of widths <= 4: PyTorch's int4 matmul on the tinygemm copy (`prepare`, made once)
+      tiles         other prefills of group-wise codes (fp32 / fp16 x, widths 5-8): the layer decoded by the C++
+                    decoder (`cpu_ext.wq_dequant`, the reference's arithmetic bit for bit) in tiles of TILE
+                    weights, each one fp32 matmul; for fp32 x exactly the reference's result
+      binary        a binary layer, decode-sized x: the 1-bit GEMV plus the salient CSR correction
+      binary-tiles  a binary layer's prefill: its 1-bit grid decoded by tiles, one matmul, the CSR correction
+      decoded       what no kernel covers here (per-column level grids; pruned layers outside the int4 path; no
+                    C++ extension): the layer decoded once to a dense copy in x's dtype, kept (logged once a kind)
+      autograd      a layer whose own tensors are being trained (scale distillation): the reference decode, the
+                    only path that carries gradients to them
+
+    It may build the GEMV extension (once per process), as the call would. COMPRESS_CPU_GEMV=0 keeps group-wise
+    layers off the GEMV (tests of the int4 path)."""
+    kind = layer.spec.kind  # type: ignore[attr-defined]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in layer.packed().values()):  # type: ignore[attr-defined]
+        return "autograd"
+    decode = _decode_rows(x, layer)
+    if kind == "binary":
+        if binary_unsupported(layer) is not None:
+            return "decoded"
+        return "binary" if decode else "binary-tiles"
+    if kind == "levels":
+        return "decoded"
+    narrow = max(layer.spec.group_bits(layer.in_features)) <= 4  # type: ignore[attr-defined]
+    int4 = narrow and int4_unsupported(layer) is None
+    if kind == "pruned":
+        return "int4" if int4 and x.dtype == torch.bfloat16 else "decoded"
+    gemv = gemv_unsupported(layer) is None
+    if decode and gemv:
         return "gemv"
-    return "gemv" if int4_unsupported(layer) is not None else "int4"
+    if int4 and (x.dtype == torch.bfloat16 or not gemv):
+        return "int4"
+    return "tiles" if gemv else "decoded"
 
 
-def linear(layer: object, x: Tensor) -> Tensor:
-    """y = x Ŵᵀ + b: the packed GEMV for at most GEMV_ROWS rows of x, else the int4 matmul (computed with bf16
-    activations), returned in x's dtype. Layers the int4 matmul cannot take run every call on the GEMV;
-    binary layers take `binary_linear`. `path` says which."""
-    kind = path(layer, x)
-    if kind in ("binary", "dense"):
-        return binary_linear(layer, x)
-    if kind == "gemv":
-        return gemv_linear(layer, x)
+def _tiles(layer: object, xf: Tensor) -> Tensor:
+    """xf [M, K] fp32 @ Ŵᵀ -> fp32 [M, N], Ŵ decoded by cpu_ext.wq_dequant TILE weights at a time."""
+    from compress.kernels import parts  # the dispatcher imports this module
+
+    N, K = layer.out_features, layer.in_features  # type: ignore[attr-defined]
+    ps = parts(layer)
+    rows = max(1, min(N, TILE // max(K, 1)))
+
+    def decode(n0: int, n1: int) -> Tensor:
+        if len(ps) == 1:
+            p = ps[0]
+            return cpu_ext.wq_dequant(p.qweight[n0:n1], p.scale[n0:n1], None if p.zero is None else p.zero[n0:n1],
+                                      p.bits, p.group_size, K)
+        W = torch.empty(n1 - n0, K)
+        for p in ps:  # a mixed layer: each width decodes its own columns
+            W[:, p.cols] = cpu_ext.wq_dequant(p.qweight[n0:n1], p.scale[n0:n1],
+                                              None if p.zero is None else p.zero[n0:n1], p.bits, p.group_size,
+                                              len(p.cols))
+        return W
+
+    if rows >= N:
+        return F.linear(xf, decode(0, N))
+    y = torch.empty(xf.shape[0], N)
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        y[:, n0:n1] = F.linear(xf, decode(n0, n1))
+    return y
+
+
+def tiles_linear(layer: object, x: Tensor) -> Tensor:
+    """y = x Ŵᵀ + b for a group-wise layer through `_tiles`, in x's dtype (fp32 x: F.linear on the reference's Ŵ,
+    the reference's own result whenever the layer is one tile). Gradients flow to x, as through the reference."""
+    bias = layer.bias  # type: ignore[attr-defined]
+    K, N = layer.in_features, layer.out_features  # type: ignore[attr-defined]
+    if x.dtype == torch.float32:
+        from compress.kernels import parts
+
+        ps = parts(layer)
+        if len(ps) == 1 and N * K <= TILE:  # the reference's exact operations
+            p = ps[0]
+            W = cpu_ext.wq_dequant(p.qweight, p.scale, p.zero, p.bits, p.group_size, K)
+            return F.linear(x, W, bias)
+    y = _tiles(layer, x.reshape(-1, K).float())
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+def binary_tiles_linear(layer: object, x: Tensor) -> Tensor:
+    """A binary layer's prefill: the 1-bit grid decoded in tiles, one fp32 matmul, plus the salient correction."""
+    K, N = layer.in_features, layer.out_features  # type: ignore[attr-defined]
+    bias = layer.bias  # type: ignore[attr-defined]
+    bp = _binary_prepared(layer)
+    xf = x.reshape(-1, K).float().contiguous()
+    rows = max(1, min(N, TILE // max(K, 1)))
+    y = torch.empty(xf.shape[0], N)
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        W = cpu_ext.wq_dequant(bp.signs[n0:n1], bp.scale[n0:n1], bp.zero[n0:n1], 1, bp.group_size, K)
+        y[:, n0:n1] = F.linear(xf, W)
+    with torch.no_grad():
+        cpu_ext.csr_add_(y, xf, bp.rowptr, bp.col, bp.delta)  # the correction has no gradient path: see below
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        raise RuntimeError("the packed CPU path of binary layers has no backward; set COMPRESS_KERNEL=reference "
+                           "for gradients through packed layers")
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+def decoded_linear(layer: object, x: Tensor) -> Tensor:
+    """y = x Ŵᵀ + b on a dense copy of Ŵ in x's dtype, decoded once and kept on the layer (dropped when its
+    buffers change). Costs the dense layer's memory: for kinds no kernel covers here."""
+    kind = layer.spec.kind  # type: ignore[attr-defined]
+    W = layer.__dict__.get("_dense")
+    if W is None or W.dtype != x.dtype:
+        if kind not in _told:
+            _told.add(kind)
+            log.info("%s layers have no packed CPU kernel here: each is decoded once to a dense %s copy "
+                     "(COMPRESS_KERNEL=reference decodes per call instead)", kind, x.dtype)
+        with torch.no_grad():
+            W = layer.__dict__["_dense"] = layer.dequantize().to(x.dtype)  # type: ignore[attr-defined]
+    bias = layer.bias  # type: ignore[attr-defined]
+    return F.linear(x, W, None if bias is None else bias.to(x.dtype))
+
+
+def int4_linear(layer: object, x: Tensor) -> Tensor:
+    """y = x Ŵᵀ + b through PyTorch's int4 matmul (bf16 activations), returned in x's dtype."""
     p: Prepared | None = getattr(layer, "_cpu_prepared", None)
     if p is None:
         p = prepare(layer)
@@ -310,3 +428,25 @@ def linear(layer: object, x: Tensor) -> Tensor:
     y = y.reshape(*shape[:-1], p.N)
     bias = layer.bias  # type: ignore[attr-defined]
     return y if bias is None else y + bias.to(x.dtype)
+
+
+def gemv_or_cast(layer: object, x: Tensor) -> Tensor:
+    """The GEMV for any float dtype of x (fp16 goes through fp32, which the GEMV takes)."""
+    if x.dtype == torch.float16:
+        return gemv_linear(layer, x.float()).to(torch.float16)
+    return gemv_linear(layer, x)
+
+
+def autograd_linear(layer: object, x: Tensor) -> Tensor:
+    """The reference: Ŵ decoded from the layer's tensors on every call, so gradients reach them."""
+    bias = layer.bias  # type: ignore[attr-defined]
+    return F.linear(x, layer.dequantize().to(x.dtype), None if bias is None else bias.to(x.dtype))  # type: ignore[attr-defined]
+
+
+LINEARS = {"autograd": autograd_linear, "gemv": gemv_or_cast, "int4": int4_linear, "tiles": tiles_linear,
+           "binary": binary_linear, "binary-tiles": binary_tiles_linear, "decoded": decoded_linear}
+
+
+def linear(layer: object, x: Tensor) -> Tensor:
+    """y = x Ŵᵀ + b in x's dtype through the path `path` names."""
+    return LINEARS[path(layer, x)](layer, x)

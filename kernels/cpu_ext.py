@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "cpu_gemv.cpp"
 CACHE_ENV = "COMPRESS_CPU_CACHE"  # where JIT builds go; default ~/.cache/compress/cpu
-BITS = (1, 2, 3, 4)
+BITS = (1, 2, 3, 4, 5, 6, 7, 8)  # widths 1-4 take the AVX2 path, 5-8 the portable one
 
 _reason: str | None = None
 _ext: ModuleType | None = None  # set by a successful load(): the per-call path skips the cache lookup
@@ -128,10 +128,16 @@ def _require() -> ModuleType:
 def wq_gemv(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int,
             bias: Tensor | None = None) -> Tensor:
     """y [..., N] = x [..., K] @ W_hatᵀ (+ bias) on the CPU, fp32 accumulation, in x's dtype
-    (reference.wq_matmul for x fp32/bf16, bits 1-4, zero None = symmetric). Meant for few rows of x: every
+    (reference.wq_matmul for x fp32/bf16, bits 1-8, zero None = symmetric). Meant for few rows of x: every
     4 rows decode W again."""
     return _require().wq_gemv(x, qweight, scale, _NO_ZERO if zero is None else zero, bits, group_size, bias)
 
+
+
+def wq_dequant(qweight: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int, K: int,
+               dtype: torch.dtype = torch.float32) -> Tensor:
+    """Ŵ [N, K] in `dtype`: the reference decode s·(code − z) in fp32, bit for bit, rounded once to `dtype`."""
+    return _require().wq_dequant(qweight, scale, _NO_ZERO if zero is None else zero, bits, group_size, K, dtype)
 
 
 def csr_add_(y: Tensor, x: Tensor, rowptr: Tensor, col: Tensor, delta: Tensor) -> Tensor:
@@ -141,4 +147,5 @@ def csr_add_(y: Tensor, x: Tensor, rowptr: Tensor, col: Tensor, delta: Tensor) -
     return y
 
 
-__all__ = ["BITS", "CACHE_ENV", "cflags", "csr_add_", "has_avx2", "load", "unavailable_reason", "wq_gemv"]
+__all__ = ["BITS", "CACHE_ENV", "cflags", "csr_add_", "has_avx2", "load", "unavailable_reason", "wq_dequant",
+           "wq_gemv"]

@@ -28,7 +28,7 @@
 // Zero points are uint8, or fp32 for a binary layer (PB-LLM) run as a 1-bit grid: mu + alpha (2 s - 1) =
 // s' (s - z') with s' = 2 alpha and z' = (alpha - mu) / (2 alpha) (kernels/cpu.py makes them).
 //
-// Portable path (no AVX2 at build time, or a group size that is not a multiple of 32): scalar decode of
+// Portable path (no AVX2 at build time, widths 5-8, or a group size that is not a multiple of 32): scalar decode of
 // 32 codes at a time, any group size >= 1. Both paths split rows of W over threads with at::parallel_for.
 #include <torch/extension.h>
 
@@ -427,7 +427,7 @@ void rows_avx2(const Problem& p, int64_t n0, int64_t n1) {
 torch::Tensor wq_gemv(const torch::Tensor& x_in, const torch::Tensor& qweight_in, const torch::Tensor& scale_in,
                       const torch::Tensor& zero_in, int64_t bits, int64_t group_size,
                       const c10::optional<torch::Tensor>& bias_in) {
-  TORCH_CHECK(bits >= 1 && bits <= 4, "cpu wq_gemv: widths 1 to 4 only, got ", bits);
+  TORCH_CHECK(bits >= 1 && bits <= 8, "cpu wq_gemv: widths 1 to 8 only, got ", bits);
   TORCH_CHECK(x_in.device().is_cpu() && qweight_in.device().is_cpu() && scale_in.device().is_cpu() &&
                   zero_in.device().is_cpu(),
               "cpu wq_gemv: tensors must be on the CPU");
@@ -473,7 +473,7 @@ torch::Tensor wq_gemv(const torch::Tensor& x_in, const torch::Tensor& qweight_in
   if (K == 0) return bias.defined() ? y.copy_(bias.expand_as(y)) : y.zero_();
 
 #ifdef __AVX2__
-  const bool fast = group_size % 32 == 0 || group_size >= K;
+  const bool fast = bits <= 4 && (group_size % 32 == 0 || group_size >= K);  // widths 5-8: the portable path
 #else
   const bool fast = false;
 #endif
@@ -558,6 +558,84 @@ torch::Tensor wq_gemv(const torch::Tensor& x_in, const torch::Tensor& qweight_in
     rows_portable(p, n0, n1);
   });
   return y;
+}
+
+// W_hat [N, K] = s[n, g] · (code[n, k] − z[n, g]) in fp32 (the reference's operations, bit for bit), stored in
+// `dtype` (float32, bfloat16 or float16: one rounding of the fp32 value). Any width 1..8 and group size; zero
+// uint8, fp32 or empty (symmetric). Rows split over threads. The prefill path of kernels/cpu.py decodes a layer
+// with it for one matmul instead of the reference's tensor-by-tensor decode.
+torch::Tensor wq_dequant(const torch::Tensor& qweight_in, const torch::Tensor& scale_in, const torch::Tensor& zero_in,
+                         int64_t bits, int64_t group_size, int64_t K, at::ScalarType dtype) {
+  TORCH_CHECK(bits >= 1 && bits <= 8, "cpu wq_dequant: widths 1 to 8 only, got ", bits);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "cpu wq_dequant: dtype must be float32, bfloat16 or float16");
+  TORCH_CHECK(qweight_in.device().is_cpu() && scale_in.device().is_cpu() && zero_in.device().is_cpu(),
+              "cpu wq_dequant: tensors must be on the CPU");
+  TORCH_CHECK(qweight_in.scalar_type() == at::kInt && qweight_in.dim() == 2, "cpu wq_dequant: qweight must be int32 [N, W]");
+  TORCH_CHECK(group_size >= 1 && K >= 0, "cpu wq_dequant: group_size >= 1 and K >= 0");
+  const int64_t N = qweight_in.size(0), KB = (K + 31) / 32, G = (K + group_size - 1) / group_size;
+  TORCH_CHECK(qweight_in.size(1) == KB * bits, "cpu wq_dequant: qweight has ", qweight_in.size(1),
+              " words per row; K = ", K, " at ", bits, " bits needs ", KB * bits);
+  const auto sdt = scale_in.scalar_type();
+  TORCH_CHECK((sdt == at::kFloat || sdt == at::kHalf || sdt == at::kBFloat16) && scale_in.dim() == 2 &&
+                  scale_in.size(0) == N && scale_in.size(1) == G,
+              "cpu wq_dequant: scale must be float16, bfloat16 or float32 [", N, ", ", G, "]");
+  const bool asym = zero_in.numel() > 0, zfloat = asym && zero_in.scalar_type() == at::kFloat;
+  if (asym)
+    TORCH_CHECK((zfloat || zero_in.scalar_type() == at::kByte) && zero_in.dim() == 2 && zero_in.size(0) == N &&
+                    zero_in.size(1) == G,
+                "cpu wq_dequant: zero must be uint8 or float32 [", N, ", ", G, "] or empty (symmetric)");
+  const torch::Tensor qweight = qweight_in.stride(1) == 1 ? qweight_in : qweight_in.contiguous();
+  const torch::Tensor scale = scale_in.stride(1) == 1 ? scale_in : scale_in.contiguous();
+  const torch::Tensor zero = !asym || zero_in.stride(1) == 1 ? zero_in : zero_in.contiguous();
+  torch::Tensor W = torch::empty({N, K}, qweight.options().dtype(dtype));
+  if (N == 0 || K == 0) return W;
+  Problem p{};
+  p.qw = qweight.data_ptr<int32_t>();
+  p.qstride = qweight.stride(0);
+  p.scale = scale.data_ptr();
+  p.sstride = scale.stride(0);
+  p.sdtype = sdt;
+  p.zero = asym && !zfloat ? zero.data_ptr<uint8_t>() : nullptr;
+  p.zerof = zfloat ? zero.data_ptr<float>() : nullptr;
+  p.zstride = asym ? zero.stride(0) : 0;
+  p.zsym = static_cast<float>(1 << (bits - 1));
+  p.N = N, p.K = K, p.KB = KB, p.G = G, p.gsize = group_size, p.bits = static_cast<int>(bits);
+  const int64_t grain = std::max<int64_t>(1, 65536 / K);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    std::vector<float> sf(CHUNK * G), zf(CHUNK * G), row(KB * 32);
+    uint32_t c[32];
+    for (int64_t c0 = n0; c0 < n1; c0 += CHUNK) {
+      const int64_t c1 = std::min(n1, c0 + CHUNK);
+      row_params(p, c0, c1, sf.data(), zf.data());
+      for (int64_t n = c0; n < c1; ++n) {
+        const float* s = sf.data() + (n - c0) * G;
+        const float* z = zf.data() + (n - c0) * G;
+        const uint32_t* q = reinterpret_cast<const uint32_t*>(p.qw + n * p.qstride);
+        for (int64_t blk = 0; blk < KB; ++blk) {
+          decode_block(q, KB, p.bits, blk, c);
+          for (int i = 0; i < 32; ++i) row[blk * 32 + i] = static_cast<float>(c[i]);
+        }
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t g = k / group_size;
+          row[k] = s[g] * (row[k] - z[g]);
+        }
+        switch (dtype) {
+          case at::kFloat: std::copy(row.begin(), row.begin() + K, W.data_ptr<float>() + n * K); break;
+          case at::kBFloat16: {
+            c10::BFloat16* dst = W.data_ptr<c10::BFloat16>() + n * K;
+            for (int64_t k = 0; k < K; ++k) dst[k] = c10::BFloat16(row[k]);
+            break;
+          }
+          default: {
+            c10::Half* dst = W.data_ptr<c10::Half>() + n * K;
+            for (int64_t k = 0; k < K; ++k) dst[k] = c10::Half(row[k]);
+          }
+        }
+      }
+    }
+  });
+  return W;
 }
 
 // The salient correction of a binary (PB-LLM) layer, y [M, N] += x [M, K] · Dᵀ for a CSR matrix D
@@ -650,11 +728,14 @@ bool has_avx2() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wq_gemv", &wq_gemv,
-        "y [..., N] = x [..., K] @ W_hat^T (+ bias) for packed 1-4-bit group-wise codes, fp32 accumulation, "
+        "y [..., N] = x [..., K] @ W_hat^T (+ bias) for packed 1-8-bit group-wise codes, fp32 accumulation, "
         "in x's dtype",
         py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("zero"), py::arg("bits"), py::arg("group_size"),
         py::arg("bias") = py::none());
   m.def("csr_add_", &csr_add_, "y [M, N] += x [M, K] @ D^T for a CSR D (rowptr int32, col int16/int32, delta fp32)",
         py::arg("y"), py::arg("x"), py::arg("rowptr"), py::arg("col"), py::arg("delta"));
+  m.def("wq_dequant", &wq_dequant, "W_hat [N, K] in dtype for packed 1-8-bit group-wise codes (the reference decode)",
+        py::arg("qweight"), py::arg("scale"), py::arg("zero"), py::arg("bits"), py::arg("group_size"), py::arg("K"),
+        py::arg("dtype"));
   m.def("has_avx2", &has_avx2, "whether the extension was built with the AVX2/FMA path");
 }

@@ -12,7 +12,9 @@ Granularity (kernel-friendly modes; both land on integer widths from `choices` w
             then what its groups could not take (SmolLM2: K = 576 is 4.5 groups of 128, so 2.5 bits per
             Linear is out of reach) is spent across Linears on the loss relative to each group's Linear,
             so the model's average is exact to one group; widths differ along K (format v2 parts)
-    layer   units = whole Linears; one budget over the model, numel-weighted
+    layer   units = whole Linears; one budget over the model, numel-weighted; with `tie` the sets a server
+            fuses (q/k/v, gate/up) are one unit, summing their losses, and share a width (vLLM refuses
+            fused shards of different widths)
 and the faithful mode of the reference code:
     column  per-row grids (group_size -1); column j gets M_j = round(max(1, 2^R·(L_j / geomean L)^(1/θ)))
             levels (any count, not just powers of two; capped at 256), M_j = 1 zeroes the column; the
@@ -45,6 +47,7 @@ class Config:
     choices: tuple[int, ...] = (2, 3, 4, 8)  # widths a unit may get
     theta: float = 1.95  # slope of log2-loss per bit; the reference's fitted value (2 = the 6 dB/bit rule)
     reference_bits: int = 0  # width of pass 1; 0 = the target rounded half up
+    tie: bool = False  # granularity=layer: q/k/v and gate/up share a width (what vLLM-style servers fuse)
     needs_calibration: ClassVar[bool] = True  # a fact of the allocator, not a recipe knob
 
     def __post_init__(self) -> None:
@@ -57,6 +60,9 @@ class Config:
                                 f"of choices={list(self.choices)}")
         if self.theta <= 0:
             raise CompressError(f"baq theta={self.theta} must be positive (1.95 in the paper)")
+        if self.tie and self.granularity != "layer":
+            raise CompressError(f"baq tie=true gives fused Linears one width, which needs granularity=layer "
+                                f"(got {self.granularity}); set allocate.granularity=layer or drop tie")
 
     @property
     def ref_bits(self) -> int:
@@ -112,11 +118,15 @@ def allocate(ctx: Context, cfg: Config) -> Allocation:
         return Allocation(Plan(layers), summary=summary, reference=uniform)
     if cfg.granularity == "layer":
         ctx.log(f"BAQ granularity=layer {budget.CROSS_LINEAR_CAVEAT} Prefer granularity=group.")
-        L = torch.tensor([losses[n].loss for n in names], dtype=torch.float64)
-        n = torch.tensor([losses[n].numel for n in names], dtype=torch.float64)
+        shapes = {m: (losses[m].numel, 1) for m in names}
+        units = budget.make_units(ctx.base, shapes, ctx.arch.blocks, cfg.tie, set(ctx.pinned))
+        L = torch.tensor([sum(losses[m].loss for m in u.layers) for u in units], dtype=torch.float64)
+        n = torch.tensor([u.numel for u in units], dtype=torch.float64)
         bits = budget.discrete(L, n, cfg.target_bits, cfg.theta, cfg.ref_bits, cfg.choices)
-        for name, b in zip(names, bits.tolist(), strict=True):
-            layers[name] = replace(layers[name], bits=int(b))
+        for u, b in zip(units, bits.tolist(), strict=True):
+            for name in u.layers:
+                layers[name] = replace(layers[name], bits=int(b))
+        summary["tie"] = cfg.tie
         before = float(budget.modelled_loss(L, torch.full_like(L, cfg.target_bits), cfg.ref_bits, cfg.theta).sum())
         after = float(budget.modelled_loss(L, bits, cfg.ref_bits, cfg.theta).sum())
     else:  # BAQ within each Linear, then the remainder its groups could not take spent across Linears

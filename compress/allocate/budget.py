@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from compress.plan import Plan
 
 # Measured on SmolLM2-135M (evals/results/allocate.md, baq-evopress-3bit): why cross-Linear allocation on
 # layer-local losses is a poor start.
@@ -106,3 +109,33 @@ def fill(loss: Tensor, numel: Tensor, bits: Tensor, target: float, theta: float,
         gain = (saved / ((c[upper] - c[idx]) * n)).where(fits, torch.full((len(idx),), -math.inf, dtype=torch.float64))
         idx[int(torch.argmax(gain))] += 1
     return c[idx].to(torch.int64)
+
+
+# --- units: what one width is given to ---------------------------------------------------------------------
+
+TIED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
+@dataclass(frozen=True)
+class Unit:
+    layers: tuple[str, ...]
+    numel: int
+
+
+def make_units(plan: Plan, shapes: dict[str, tuple[int, int]], blocks: str, tie: bool,
+               exclude: set[str]) -> list[Unit]:
+    """One unit per Linear, or per fused set (q/k/v, gate/up) when tie is on."""
+    names = [n for n in plan if n not in exclude]
+    units, taken = [], set()
+    for n in names:
+        if n in taken:
+            continue
+        members = (n,)
+        if tie:
+            block, rel = n[len(blocks) + 1 :].split(".", 1)
+            for fused in TIED:
+                if rel in fused:
+                    members = tuple(f"{blocks}.{block}.{r}" for r in fused if f"{blocks}.{block}.{r}" in names)
+        taken.update(members)
+        units.append(Unit(members, sum(shapes[m][0] * shapes[m][1] for m in members)))
+    return units

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from compress import format as fmt
 from compress import parallel
 from compress.allocate import budget
+from compress.allocate.budget import Unit, make_units
 from compress.allocate.context import Allocation, Context
 from compress.errors import CompressError
 from compress.nn import CompressedLinear
@@ -58,8 +59,6 @@ from compress.plan import LayerSpec, LayerWeight, Plan
 from compress.reports import LayerReport
 from compress.teacher import Teacher, cached
 from compress.util import atomic_write
-
-TIED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
 
 
 @dataclass(frozen=True)
@@ -107,31 +106,6 @@ class Config:
 
 
 # --- units and mutations (pure) --------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Unit:
-    layers: tuple[str, ...]
-    numel: int
-
-
-def make_units(plan: Plan, shapes: dict[str, tuple[int, int]], blocks: str, tie: bool,
-               exclude: set[str]) -> list[Unit]:
-    """One unit per Linear, or per fused set (q/k/v, gate/up) when tie is on."""
-    names = [n for n in plan if n not in exclude]
-    units, taken = [], set()
-    for n in names:
-        if n in taken:
-            continue
-        members = (n,)
-        if tie:
-            block, rel = n[len(blocks) + 1 :].split(".", 1)
-            for fused in TIED:
-                if rel in fused:
-                    members = tuple(f"{blocks}.{block}.{r}" for r in fused if f"{blocks}.{block}.{r}" in names)
-        taken.update(members)
-        units.append(Unit(members, sum(shapes[m][0] * shapes[m][1] for m in members)))
-    return units
-
 
 def size_groups(units: Sequence[Unit]) -> list[list[int]]:
     """Indices of units with equal numel: a bit may only move inside one of these."""

@@ -79,12 +79,12 @@ KIND = {
     "binary": ("compressed-tensors cannot hold binary (PB-LLM) layers (signs + salient part)",
                "use a quantized recipe (e.g. gptq-2bit) or an override {binary: false, bits: 2}"),
     "levels": ("compressed-tensors cannot hold per-column level counts (BAQ granularity=column)",
-               "use allocate granularity=layer or evopress (with tie: true)"),
+               "use allocate granularity=layer with tie: true, or evopress with tie: true"),
     "pruned": ("compressed-tensors cannot hold pruned layers (its sparse formats were removed in 0.15 and "
                "vLLM refuses sparsity)", "use weights.sparsity=0 (and pattern: unstructured)"),
 }
 MIXED = ("widths differ between the groups of one Linear (BAQ granularity=group); compressed-tensors has one "
-         "width per Linear", "use allocate granularity=layer or evopress (with tie: true)")
+         "width per Linear", "use allocate granularity=layer with tie: true, or evopress with tie: true")
 
 
 def scheme(spec: LayerSpec, K: int) -> Scheme:
@@ -174,10 +174,10 @@ def problems(plan: Plan, shapes: Mapping[str, tuple[int, int]], recipe: Recipe |
         elif method == "baq" and cfg.granularity == "group" and len(set(cfg.choices)) > 1:
             add(where, f"allocate baq granularity=group gives the groups of one Linear different widths "
                        f"({'/'.join(map(str, cfg.choices))}); compressed-tensors has one width per Linear",
-                "use allocate granularity=layer or evopress (with tie: true)")
-        elif method == "baq" and cfg.granularity == "layer" and len(set(cfg.choices)) > 1:
+                "use allocate granularity=layer with tie: true, or evopress with tie: true")
+        elif method == "baq" and cfg.granularity == "layer" and len(set(cfg.choices)) > 1 and not cfg.tie:
             add(where, "allocate baq granularity=layer gives q/k/v and gate/up their own widths, which vLLM refuses "
-                       "on the shards it fuses", "use allocate evopress with tie: true")
+                       "on the shards it fuses", "set allocate.tie=true")
         elif method == "evopress" and not cfg.tie:
             add(where, "allocate evopress with tie: false gives q/k/v and gate/up their own widths, which vLLM "
                        "refuses on the shards it fuses", "set allocate.tie=true")

@@ -180,12 +180,10 @@ def _allocator_problems(plan: Plan, method: str, cfg: Any, free: set[str]) -> li
         if bad:
             out.append(f"allocate: baq choices={choices} include {bad}, and GPTQ holds 2, 3, 4 or 8 bits; fix: "
                        "allocate.choices=[2, 3, 4, 8]")
-        if cfg.granularity == "layer" and fused_free:
+        if cfg.granularity == "layer" and fused_free and not cfg.tie:
             out.append("allocate: baq granularity=layer gives q_proj/k_proj/v_proj and gate_proj/up_proj widths of "
                        "their own, and vLLM fuses each set into one Linear (qkv_proj, gate_up_proj) with one "
-                       "setting; fix: allocate.method=evopress with tie: true, or pin them with overrides (e.g. "
-                       "{match: '*.self_attn.[qkv]_proj', bits: 4}, {match: '*.mlp.gate_proj', bits: 4}, {match: "
-                       "'*.mlp.up_proj', bits: 4})")
+                       "setting; fix: allocate.tie=true")
     else:  # evopress
         if bad:
             out.append(f"allocate: evopress choices={choices} include {bad}, and GPTQ holds 2, 3, 4 or 8 bits; fix: "

@@ -94,3 +94,18 @@ def test_group_budget_is_exact_over_the_model_even_when_no_single_linear_can_hit
     # budget as far as its groups allow (40·2 + 24·3 = 152 of 160 bits per row here, 2.375), then the rest
     per_linear = [float(res.plan[n].column_bits(res.shapes[n][1]).double().mean()) for n in numel]
     assert min(per_linear) >= 2.375 - 1e-9 and max(per_linear) <= 2.5 + 40 / 64
+
+
+def test_tied_baq_gives_every_fused_set_one_width_and_keeps_the_budget() -> None:
+    m = uneven_llama()
+    res = run(m, "gptq-3bit", ("allocate={method: baq, target_bits: 3, granularity: layer, tie: true}",
+                               "calibrate.samples=16"))
+    for block in range(2):
+        for fused in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            part = "self_attn" if fused[0] == "q_proj" else "mlp"
+            widths = {res.plan[f"model.layers.{block}.{part}.{f}"].bits for f in fused}
+            assert len(widths) == 1, (block, fused, widths)
+    code, _ = res.avg_bits()
+    assert code <= 3.0 + 1e-12 and res.allocation["tie"] is True
+    widths = {s.bits for s in res.plan.layers.values()}
+    assert len(widths) > 1, "tied BAQ still mixes widths across sets"

@@ -276,9 +276,9 @@ def test_kinds_compressed_tensors_cannot_hold() -> None:
                  "d.x": LayerSpec(bits=(2, 3, 4), group_size=32)})
     lines = ct.problems(plan, shapes)
     assert "use a quantized recipe" in one(lines, "a.q_proj:", "binary")
-    assert "granularity=layer or evopress" in one(lines, "b.x:", "per-column level counts")
+    assert "granularity=layer with tie: true" in one(lines, "b.x:", "per-column level counts")
     assert "weights.sparsity=0" in one(lines, "c.x:", "pruned")
-    assert "granularity=layer or evopress" in one(lines, "d.x:", "widths differ between the groups")
+    assert "granularity=layer with tie: true" in one(lines, "d.x:", "widths differ between the groups")
 
 
 def test_fused_shards_with_different_schemes() -> None:
@@ -295,9 +295,9 @@ def test_fused_shards_with_different_schemes() -> None:
 
 
 @pytest.mark.parametrize(("name", "edits", "needles", "fix"), [
-    ("baq-3bit", [], ["granularity=group", "one width per Linear"], "granularity=layer or evopress"),
-    ("baq-3bit-faithful", [], ["granularity=column"], "granularity=layer or evopress"),
-    ("baq-3bit", ["allocate.granularity=layer"], ["granularity=layer", "fuses"], "evopress with tie: true"),
+    ("baq-3bit", [], ["granularity=group", "one width per Linear"], "granularity=layer with tie: true"),
+    ("baq-3bit-faithful", [], ["granularity=column"], "granularity=layer with tie: true"),
+    ("baq-3bit", ["allocate.granularity=layer"], ["granularity=layer", "fuses"], "allocate.tie=true"),
     ("evopress-3bit", [], ["evopress with tie: false"], "allocate.tie=true"),
     ("pbllm-10", ["weights.group_size=64"], ["binary"], "use a quantized recipe"),
     ("iss-p-50-w4", ["weights.group_size=64"], ["pruned"], "weights.sparsity=0"),

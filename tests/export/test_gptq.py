@@ -366,7 +366,9 @@ def test_recipe_problems_name_the_fix() -> None:
     one_problem(recipe_problems("baq-3bit", "weights.group_size=32"), "baq granularity=group",
                 "allocate.granularity=layer", "allocate.method=evopress")
     one_problem(recipe_problems("baq-3bit", "weights.group_size=32", "allocate.granularity=layer"),
-                "baq granularity=layer", "q_proj/k_proj/v_proj", "evopress with tie: true")
+                "baq granularity=layer", "q_proj/k_proj/v_proj", "allocate.tie=true")
+    assert recipe_problems("baq-3bit", "weights.group_size=32", "allocate.granularity=layer",
+                           "allocate.tie=true") == []  # tied BAQ is servable
     one_problem(recipe_problems("baq-3bit-faithful"), "granularity=column", "allocate.granularity=layer")
     one_problem(recipe_problems("baq-3bit", "weights.group_size=32", "allocate.granularity=layer",
                                 "allocate.choices=[2, 3, 4, 6]", f"overrides={PIN_FUSED}"),

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import layer, pbllm_layer
 from torch.utils import cpp_extension
 
@@ -53,7 +54,7 @@ def magnitude(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: t
 
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize(("K", "g"), GROUPS, ids=[f"K{k}-g{g or 'row'}" for k, g in GROUPS])
-@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
 def test_gemv_matches_the_reference(ext, bits: int, K: int, g: int | None, sym: bool) -> None:
     g = g or K
     for sdt, xdt, M in itertools.product(SCALES, (torch.float32, torch.bfloat16), (1, 3)):
@@ -73,7 +74,7 @@ def test_gemv_matches_the_reference(ext, bits: int, K: int, g: int | None, sym: 
 
 
 @pytest.mark.parametrize(("K", "g"), GROUPS, ids=[f"K{k}-g{g or 'row'}" for k, g in GROUPS])
-@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
 def test_the_identity_reads_the_weights_back_exactly(ext, bits: int, K: int, g: int | None) -> None:
     g = g or K
     for sym, sdt in itertools.product((True, False), SCALES):
@@ -83,6 +84,20 @@ def test_the_identity_reads_the_weights_back_exactly(ext, bits: int, K: int, g: 
         assert torch.equal(y.T, W), (bits, K, g, sym, sdt)
 
 
+@pytest.mark.parametrize(("K", "g"), GROUPS, ids=[f"K{k}-g{g or 'row'}" for k, g in GROUPS])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_the_cpu_decoder_is_the_reference_decode_bit_for_bit(ext, bits: int, K: int, g: int | None) -> None:
+    g = g or K
+    for sym, sdt in itertools.product((True, False), SCALES):
+        _, qweight, scale, zero = packed(bits, K, g, sym, sdt, seed=2)
+        W = reference.dequantize(qweight, scale, zero, bits, g, K)
+        assert torch.equal(cpu_ext.wq_dequant(qweight, scale, zero, bits, g, K), W), (bits, K, g, sym, sdt)
+        for dt in (torch.bfloat16, torch.float16):  # one rounding of the fp32 value
+            assert torch.equal(cpu_ext.wq_dequant(qweight, scale, zero, bits, g, K, dt), W.to(dt))
+        rows = cpu_ext.wq_dequant(qweight[5:9], scale[5:9], None if zero is None else zero[5:9], bits, g, K)
+        assert torch.equal(rows, W[5:9])  # a tile of rows (strided views)
+
+
 def test_leading_dims_bias_and_bad_widths(ext) -> None:
     _, qweight, scale, zero = packed(4, 576, 128, False, torch.float16)
     x, bias = torch.randn(2, 3, 576), torch.randn(N)
@@ -90,8 +105,8 @@ def test_leading_dims_bias_and_bad_widths(ext) -> None:
     ref = reference.wq_matmul(x.reshape(6, 576), qweight, scale, zero, 4, 128) + bias
     assert y.shape == (2, 3, N)
     assert (y.reshape(6, N) - ref).norm() <= 1e-5 * ref.norm()
-    with pytest.raises(RuntimeError, match="widths 1 to 4 only"):
-        ext.wq_gemv(torch.randn(1, 64), torch.zeros(N, 2 * 5, dtype=torch.int32), scale[:, :1], torch.empty(0), 5, 64)
+    with pytest.raises(RuntimeError, match="widths 1 to 8 only"):
+        ext.wq_gemv(torch.randn(1, 64), torch.zeros(N, 2 * 9, dtype=torch.int32), scale[:, :1], torch.empty(0), 9, 64)
     with pytest.raises(RuntimeError, match="qweight has"):
         ext.wq_gemv(torch.randn(1, 64), qweight, scale, zero, 4, 128)
 
@@ -162,10 +177,10 @@ def test_prefill_and_uncovered_layers_keep_the_int4_path(ext, monkeypatch: pytes
     exact = x.bfloat16().float() @ m.dequantize().T + m.bias
     assert (y - exact).norm() / exact.norm() < 1e-2
     odd = layer(LayerSpec(bits=4, group_size=48, symmetric=False))
-    assert cpu.path(odd, x) == "gemv"  # tinygemm cannot take g = 48: even prefill runs the GEMV
-    y = cpu.linear(odd, x)
-    exact = x @ odd.dequantize().T + odd.bias
-    assert (y - exact).norm() <= 1e-5 * exact.norm()
+    assert cpu.path(odd, x.bfloat16()) == "tiles"  # tinygemm cannot take g = 48: the C++ decoder + one matmul
+    y = cpu.linear(odd, x.bfloat16()).float()
+    exact = x.bfloat16().float() @ odd.dequantize().T + odd.bias
+    assert ((y - exact).abs() <= 2**-8 * exact.abs() + 1e-5 * exact.abs().amax()).all()
     one_bit = layer(LayerSpec(bits=1, group_size=128, symmetric=False))
     assert cpu.gemv_unsupported(one_bit) is None and cpu.path(one_bit, x[:1].bfloat16()) == "gemv"  # 1 bit: the GEMV
     y = cpu.linear(one_bit, x[:1].bfloat16()).float()
@@ -174,7 +189,7 @@ def test_prefill_and_uncovered_layers_keep_the_int4_path(ext, monkeypatch: pytes
     assert made == [m]  # neither odd nor one_bit made an int4 copy
 
 
-def test_autograd_gets_the_bias_gradient_and_a_loud_input_gradient(ext) -> None:
+def test_autograd_gets_the_bias_gradient_and_the_input_gradient(ext) -> None:
     m = layer(LayerSpec(bits=4, group_size=128, symmetric=False))
     x = torch.randn(2, 576)
     with torch.no_grad():
@@ -183,9 +198,12 @@ def test_autograd_gets_the_bias_gradient_and_a_loud_input_gradient(ext) -> None:
     assert torch.equal(y.detach(), fast)
     y.sum().backward()
     assert torch.equal(m.bias.grad, torch.full_like(m.bias, 2.0))
-    xg = x.clone().requires_grad_()
+    xg = x.clone().requires_grad_()  # an input that wants a gradient leaves the GEMV for the decoded matmul
+    assert cpu.path(m, xg) == "tiles"
+    cpu.linear(m, xg).sum().backward()
+    torch.testing.assert_close(xg.grad, m.dequantize().sum(0).expand_as(x))
     with pytest.raises(RuntimeError, match="no backward"):
-        cpu.linear(m, xg).sum().backward()
+        cpu.gemv_linear(m, xg).sum().backward()  # the GEMV itself still says so
 
 
 def test_a_failed_build_falls_back_to_tinygemm(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
@@ -211,6 +229,8 @@ def test_a_failed_build_falls_back_to_tinygemm(monkeypatch: pytest.MonkeyPatch, 
         assert (y - exact).norm() / exact.norm() < 1e-2
         odd = layer(LayerSpec(bits=4, group_size=48, symmetric=False))
         assert "not a multiple of 32" in cpu.unsupported(odd) and "unavailable" in cpu.unsupported(odd)
+        assert cpu.path(odd, x) == "decoded"  # no kernel at all: a dense copy, decoded once
+        assert torch.equal(cpu.linear(odd, x), F.linear(x, odd.dequantize(), odd.bias))
         with pytest.raises(RuntimeError, match="unavailable"):
             cpu_ext.wq_gemv(x, m.qweight, m.scale, None, 4, 128)
     finally:
@@ -257,3 +277,74 @@ def test_csr_add_matches_a_dense_correction(ext, col_dtype: torch.dtype) -> None
         torch.testing.assert_close(y, y0 + x.double().mm(D.double().T).float(), rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="rowptr must run from 0 to nnz"):
         cpu_ext.csr_add_(y0.clone(), x, rowptr - 1, col, D[rows, cols])
+
+
+ROUTES = [  # (spec, x dtype, rows) -> the path a default load takes; never the per-call reference
+    (LayerSpec(bits=4, group_size=64, symmetric=False), torch.float32, 1, "gemv"),
+    (LayerSpec(bits=4, group_size=64, symmetric=False), torch.float32, 20, "tiles"),
+    (LayerSpec(bits=4, group_size=64, symmetric=False), torch.float16, 1, "gemv"),
+    (LayerSpec(bits=4, group_size=64, symmetric=False), torch.float16, 20, "tiles"),
+    (LayerSpec(bits=8, group_size=128, symmetric=False), torch.bfloat16, 1, "gemv"),
+    (LayerSpec(bits=8, group_size=128, symmetric=False), torch.bfloat16, 20, "tiles"),
+    (LayerSpec(bits=6, group_size=64, symmetric=True), torch.float32, 3, "gemv"),
+    (LayerSpec(bits=(8, 3, 4) * 3, group_size=64, symmetric=False), torch.float32, 20, "tiles"),
+    (LayerSpec(bits=(8, 3, 4) * 3, group_size=64, symmetric=False), torch.bfloat16, 1, "gemv"),
+    (LayerSpec(bits=4, group_size=64, symmetric=False, sparsity=0.5), torch.bfloat16, 20, "int4"),
+    (LayerSpec(bits=4, group_size=64, symmetric=False, sparsity=0.5), torch.float32, 20, "decoded"),
+    (LayerSpec(bits=3, group_size=-1, symmetric=False, levels=(4, 8, 16) * 192), torch.float32, 1, "decoded"),
+]
+
+
+@pytest.mark.parametrize(("spec", "dtype", "M", "route"), ROUTES,
+                         ids=[f"{s.kind}-b{s.bits if isinstance(s.bits, int) else 'mix'}-{str(d)[6:]}-M{m}"
+                              for s, d, m, _ in ROUTES])
+def test_every_dtype_and_width_has_a_cpu_kernel_that_matches_the_reference(ext, spec: LayerSpec,
+                                                                           dtype: torch.dtype, M: int,
+                                                                           route: str) -> None:
+    from compress import kernels
+
+    m = layer(spec)
+    x = torch.randn(M, 576).to(dtype)
+    assert kernels.choose(m, x) == "cpu" and cpu.path(m, x) == route
+    with torch.no_grad():
+        y = m(x)
+        ref = F.linear(x.float(), m.dequantize(), m.bias)  # fp32 on the same (rounded) x
+    assert y.dtype == dtype and y.shape == ref.shape
+    if dtype == torch.float32 and route in ("tiles", "decoded") and isinstance(spec.bits, int):
+        assert torch.equal(y, F.linear(x, m.dequantize(), m.bias))  # the reference's own operations
+    if route == "int4":  # bf16 scales and activations inside tinygemm
+        assert (y.float() - ref).norm() / ref.norm() < 1e-2
+        return
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
+    assert ((y.float() - ref).abs() <= tol * ref.abs() + 1e-4 * ref.abs().amax()).all()
+
+
+def test_a_decoded_copy_is_made_once_and_follows_new_codes(ext) -> None:
+    m, new = layer(ROUTES[-1][0]), layer(ROUTES[-1][0], seed=1)
+    x = torch.randn(3, 576)
+    with torch.no_grad():
+        m(x)
+        W = m.__dict__["_dense"]
+        m(x)
+        assert m.__dict__["_dense"] is W  # kept
+        m.load_state_dict(new.state_dict())
+        assert torch.equal(m(x), new(x))
+
+
+def test_fp64_inputs_keep_the_exact_reference() -> None:
+    from compress import kernels
+
+    m = layer(LayerSpec(bits=4, group_size=64, symmetric=False))
+    assert kernels.choose(m, torch.randn(1, 576, dtype=torch.float64)) == "reference"
+
+
+@pytest.mark.parametrize("M", [cpu.GEMV_ROWS + 1, 40])
+def test_binary_prefill_decodes_the_1bit_grid_in_tiles(ext, M: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu, "TILE", 16 * 200)  # several tiles of 16 rows
+    m = pbllm_layer(0.1, N=N, K=200, group_size=64)
+    x = torch.randn(M, 200)
+    assert cpu.path(m, x) == "binary-tiles"
+    with torch.no_grad():
+        y = m(x)
+    ref = x @ m.dequantize().T
+    assert (y - ref).norm() <= 1e-5 * ref.norm()

@@ -53,13 +53,14 @@ def test_cpu_int4_preparation_in_row_chunks_decodes_every_row(N: int) -> None:
     assert ((W - ref).abs() <= ref.abs().amax(dim=1, keepdim=True) * 2**-7).all()  # bf16 output rounding only
 
 
-def test_dispatch_keeps_fp32_exact_and_takes_the_int4_path_for_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dispatch_takes_the_cpu_backend_for_every_float_dtype_and_width(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(kernels.ENV, raising=False)
     m = layer(SPECS[0])
-    assert kernels.choose(m, torch.randn(1, 576)) == "reference"
+    assert kernels.choose(m, torch.randn(1, 576)) == "cpu"
     assert kernels.choose(m, torch.randn(1, 576).bfloat16()) == "cpu"
+    assert kernels.choose(m, torch.randn(1, 576, dtype=torch.float64)) == "reference"  # fp64 stays exact
     wide = layer(LayerSpec(bits=8, group_size=128, symmetric=False))
-    assert kernels.choose(wide, torch.randn(1, 576).bfloat16()) == "reference"  # 8 bits do not fit int4
+    assert kernels.choose(wide, torch.randn(1, 576).bfloat16()) == "cpu"  # 8 bits: the GEMV, not int4
 
 
 def test_the_cached_choice_follows_dtype_environment_and_new_codes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,7 +68,7 @@ def test_the_cached_choice_follows_dtype_environment_and_new_codes(monkeypatch: 
     m = layer(SPECS[0])
     x = torch.randn(1, 576)
     assert kernels.choose(m, x.bfloat16()) == "cpu"
-    assert kernels.choose(m, x) == "reference"  # same layer, other dtype: not the cached answer
+    assert kernels.choose(m, x.double()) == "reference"  # same layer, other dtype: not the cached answer
     monkeypatch.setenv(kernels.ENV, "reference")
     assert kernels.choose(m, x.bfloat16()) == "reference"
     monkeypatch.delenv(kernels.ENV)
@@ -103,8 +104,8 @@ def test_forced_backends_are_honoured_or_refused_in_one_line(monkeypatch: pytest
     with pytest.raises(CompressError, match="not a backend; choose one of cuda, triton, cpu, reference"):
         m(x)
     monkeypatch.setenv(kernels.ENV, "cpu")
-    with pytest.raises(CompressError, match="wider than 4 bits"):
-        layer(LayerSpec(bits=8, group_size=128, symmetric=False))(x)
+    with pytest.raises(CompressError, match=r"COMPRESS_KERNEL=cpu cannot run this layer: the input is torch\.float64"):
+        m(x.double())
 
 
 def test_bf16_model_logits_through_the_int4_path_stay_close_to_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
