@@ -422,6 +422,22 @@ void rows_avx2(const Problem& p, int64_t n0, int64_t n1) {
 
 #endif  // __AVX2__
 
+// The weight side of a Problem: packed rows, scales and zero points (uint8, fp32 or symmetric) and the sizes.
+void set_weights(Problem& p, const torch::Tensor& qweight, const torch::Tensor& scale, const torch::Tensor& zero,
+                 bool asym, bool zfloat, int64_t bits, int64_t group_size, int64_t K) {
+  p.qw = qweight.data_ptr<int32_t>();
+  p.qstride = qweight.stride(0);
+  p.scale = scale.data_ptr();
+  p.sstride = scale.stride(0);
+  p.sdtype = scale.scalar_type();
+  p.zero = asym && !zfloat ? zero.data_ptr<uint8_t>() : nullptr;
+  p.zerof = zfloat ? zero.data_ptr<float>() : nullptr;
+  p.zstride = asym ? zero.stride(0) : 0;
+  p.zsym = static_cast<float>(1 << (bits - 1));
+  p.N = qweight.size(0), p.K = K, p.KB = (K + 31) / 32, p.G = (K + group_size - 1) / group_size;
+  p.gsize = group_size, p.bits = static_cast<int>(bits);
+}
+
 }  // namespace
 
 torch::Tensor wq_gemv(const torch::Tensor& x_in, const torch::Tensor& qweight_in, const torch::Tensor& scale_in,
@@ -523,17 +539,8 @@ torch::Tensor wq_gemv(const torch::Tensor& x_in, const torch::Tensor& qweight_in
   p.xsum = xsum.data();
   p.xl = xl.data();
   p.xlq = xlq;
-  p.qw = qweight.data_ptr<int32_t>();
-  p.qstride = qweight.stride(0);
-  p.scale = scale.data_ptr();
-  p.sstride = scale.stride(0);
-  p.sdtype = sdt;
-  p.zero = asym && !zfloat ? zero.data_ptr<uint8_t>() : nullptr;
-  p.zerof = zfloat ? zero.data_ptr<float>() : nullptr;
-  p.zstride = asym ? zero.stride(0) : 0;
-  p.zsym = static_cast<float>(1 << (bits - 1));
-  p.N = N, p.K = K, p.KB = KB, p.G = G, p.gsize = group_size;
-  p.bits = static_cast<int>(bits), p.M = static_cast<int>(M);
+  set_weights(p, qweight, scale, zero, asym, zfloat, bits, group_size, K);
+  p.M = static_cast<int>(M);
   p.bias = bias.defined() ? bias.data_ptr() : nullptr;
   p.bdtype = bias.defined() ? bias.scalar_type() : at::kFloat;
   p.yf = x.scalar_type() == at::kFloat ? y.data_ptr<float>() : nullptr;
@@ -591,16 +598,7 @@ torch::Tensor wq_dequant(const torch::Tensor& qweight_in, const torch::Tensor& s
   torch::Tensor W = torch::empty({N, K}, qweight.options().dtype(dtype));
   if (N == 0 || K == 0) return W;
   Problem p{};
-  p.qw = qweight.data_ptr<int32_t>();
-  p.qstride = qweight.stride(0);
-  p.scale = scale.data_ptr();
-  p.sstride = scale.stride(0);
-  p.sdtype = sdt;
-  p.zero = asym && !zfloat ? zero.data_ptr<uint8_t>() : nullptr;
-  p.zerof = zfloat ? zero.data_ptr<float>() : nullptr;
-  p.zstride = asym ? zero.stride(0) : 0;
-  p.zsym = static_cast<float>(1 << (bits - 1));
-  p.N = N, p.K = K, p.KB = KB, p.G = G, p.gsize = group_size, p.bits = static_cast<int>(bits);
+  set_weights(p, qweight, scale, zero, asym, zfloat, bits, group_size, K);
   const int64_t grain = std::max<int64_t>(1, 65536 / K);
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     std::vector<float> sf(CHUNK * G), zf(CHUNK * G), row(KB * 32);
