@@ -33,6 +33,7 @@ import ctypes.util
 import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -322,51 +323,44 @@ def path(layer: object, x: Tensor) -> CpuPath:
     return "tiles" if gemv else "decoded"
 
 
-def _tiles(layer: object, xf: Tensor) -> Tensor:
-    """xf [M, K] fp32 @ Ŵᵀ -> fp32 [M, N], Ŵ decoded by cpu_ext.wq_dequant TILE weights at a time."""
-    from compress.kernels import parts  # the dispatcher imports this module
-
-    N, K = layer.out_features, layer.in_features  # type: ignore[attr-defined]
-    ps = parts(layer)
-    rows = max(1, min(N, TILE // max(K, 1)))
-
-    def decode(n0: int, n1: int) -> Tensor:
-        if len(ps) == 1:
-            p = ps[0]
-            return cpu_ext.wq_dequant(p.qweight[n0:n1], p.scale[n0:n1], None if p.zero is None else p.zero[n0:n1],
-                                      p.bits, p.group_size, K)
-        W = torch.empty(n1 - n0, K)
-        for p in ps:  # a mixed layer: each width decodes its own columns
-            W[:, p.cols] = cpu_ext.wq_dequant(p.qweight[n0:n1], p.scale[n0:n1],
-                                              None if p.zero is None else p.zero[n0:n1], p.bits, p.group_size,
-                                              len(p.cols))
-        return W
-
+def _tiled(xf: Tensor, N: int, decode: Callable[[int, int], Tensor], bias: Tensor | None) -> Tensor:
+    """xf [M, K] fp32 @ Ŵᵀ + bias -> fp32 [M, N], with decode(n0, n1) giving rows [n0, n1) of Ŵ (fp32) and at
+    most TILE weights decoded at a time. One tile is one F.linear, the reference's own operation."""
+    rows = max(1, min(N, TILE // max(xf.shape[1], 1)))
     if rows >= N:
-        return F.linear(xf, decode(0, N))
+        return F.linear(xf, decode(0, N), bias)
     y = torch.empty(xf.shape[0], N)
     for n0 in range(0, N, rows):
         n1 = min(N, n0 + rows)
-        y[:, n0:n1] = F.linear(xf, decode(n0, n1))
+        y[:, n0:n1] = F.linear(xf, decode(n0, n1), None if bias is None else bias[n0:n1])
     return y
 
 
 def tiles_linear(layer: object, x: Tensor) -> Tensor:
-    """y = x Ŵᵀ + b for a group-wise layer through `_tiles`, in x's dtype (fp32 x: F.linear on the reference's Ŵ,
-    the reference's own result whenever the layer is one tile). Gradients flow to x, as through the reference."""
-    bias = layer.bias  # type: ignore[attr-defined]
-    K, N = layer.in_features, layer.out_features  # type: ignore[attr-defined]
-    if x.dtype == torch.float32:
-        from compress.kernels import parts
+    """y = x Ŵᵀ + b for a group-wise layer, Ŵ decoded by cpu_ext.wq_dequant in tiles, computed in fp32 and
+    returned in x's dtype (fp32 x of a one-tile layer: exactly the reference's result). Gradients flow to x and
+    the bias, as through the reference."""
+    from compress.kernels import parts  # the dispatcher imports this module
 
-        ps = parts(layer)
-        if len(ps) == 1 and N * K <= TILE:  # the reference's exact operations
-            p = ps[0]
-            W = cpu_ext.wq_dequant(p.qweight, p.scale, p.zero, p.bits, p.group_size, K)
-            return F.linear(x, W, bias)
-    y = _tiles(layer, x.reshape(-1, K).float())
-    if bias is not None:
-        y = y + bias.float()
+    N, K = layer.out_features, layer.in_features  # type: ignore[attr-defined]
+    ps = parts(layer)
+
+    def decode(n0: int, n1: int) -> Tensor:
+        def part(p: object) -> Tensor:
+            zero = None if p.zero is None else p.zero[n0:n1]  # type: ignore[attr-defined]
+            return cpu_ext.wq_dequant(p.qweight[n0:n1], p.scale[n0:n1], zero, p.bits, p.group_size,  # type: ignore[attr-defined]
+                                      K if p.cols is None else len(p.cols))  # type: ignore[attr-defined]
+
+        if len(ps) == 1:
+            return part(ps[0])
+        W = torch.empty(n1 - n0, K)
+        for p in ps:  # a mixed layer: each width decodes its own columns
+            W[:, p.cols] = part(p)
+        return W
+
+    bias = layer.bias  # type: ignore[attr-defined]
+    xf = x.reshape(-1, K).float()
+    y = _tiled(xf, N, decode, None if bias is None else bias.float())
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
@@ -374,21 +368,17 @@ def binary_tiles_linear(layer: object, x: Tensor) -> Tensor:
     """A binary layer's prefill: the 1-bit grid decoded in tiles, one fp32 matmul, plus the salient correction."""
     K, N = layer.in_features, layer.out_features  # type: ignore[attr-defined]
     bias = layer.bias  # type: ignore[attr-defined]
-    bp = _binary_prepared(layer)
-    xf = x.reshape(-1, K).float().contiguous()
-    rows = max(1, min(N, TILE // max(K, 1)))
-    y = torch.empty(xf.shape[0], N)
-    for n0 in range(0, N, rows):
-        n1 = min(N, n0 + rows)
-        W = cpu_ext.wq_dequant(bp.signs[n0:n1], bp.scale[n0:n1], bp.zero[n0:n1], 1, bp.group_size, K)
-        y[:, n0:n1] = F.linear(xf, W)
-    with torch.no_grad():
-        cpu_ext.csr_add_(y, xf, bp.rowptr, bp.col, bp.delta)  # the correction has no gradient path: see below
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         raise RuntimeError("the packed CPU path of binary layers has no backward; set COMPRESS_KERNEL=reference "
                            "for gradients through packed layers")
-    if bias is not None:
-        y += bias.float()
+    bp = _binary_prepared(layer)
+    xf = x.reshape(-1, K).float().contiguous()
+    with torch.no_grad():
+        y = _tiled(xf, N, lambda n0, n1: cpu_ext.wq_dequant(bp.signs[n0:n1], bp.scale[n0:n1], bp.zero[n0:n1], 1,
+                                                            bp.group_size, K), None)
+        cpu_ext.csr_add_(y, xf, bp.rowptr, bp.col, bp.delta)
+        if bias is not None:
+            y += bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
@@ -400,8 +390,8 @@ def decoded_linear(layer: object, x: Tensor) -> Tensor:
     if W is None or W.dtype != x.dtype:
         if kind not in _told:
             _told.add(kind)
-            log.info("%s layers have no packed CPU kernel here: each is decoded once to a dense %s copy "
-                     "(COMPRESS_KERNEL=reference decodes per call instead)", kind, x.dtype)
+            log.info("%s layers have no packed CPU kernel here (%s): each is decoded once to a dense %s copy "
+                     "(COMPRESS_KERNEL=reference decodes per call instead)", kind, unsupported(layer), x.dtype)
         with torch.no_grad():
             W = layer.__dict__["_dense"] = layer.dequantize().to(x.dtype)  # type: ignore[attr-defined]
     bias = layer.bias  # type: ignore[attr-defined]
@@ -438,9 +428,11 @@ def gemv_or_cast(layer: object, x: Tensor) -> Tensor:
 
 
 def autograd_linear(layer: object, x: Tensor) -> Tensor:
-    """The reference: Ŵ decoded from the layer's tensors on every call, so gradients reach them."""
-    bias = layer.bias  # type: ignore[attr-defined]
-    return F.linear(x, layer.dequantize().to(x.dtype), None if bias is None else bias.to(x.dtype))  # type: ignore[attr-defined]
+    """The dispatcher's reference backend: Ŵ decoded from the layer's tensors on every call, so gradients reach
+    them."""
+    from compress.kernels import BACKENDS
+
+    return BACKENDS["reference"][1](layer, x)
 
 
 LINEARS = {"autograd": autograd_linear, "gemv": gemv_or_cast, "int4": int4_linear, "tiles": tiles_linear,

@@ -146,42 +146,49 @@ inline void decode_block(const uint32_t* row, int64_t KB, int bits, int64_t blk,
   }
 }
 
-// Any group size: y[m, n] = Σ_g s (Σ_{k∈g} code x − z X[m, g]), one row at a time.
-void rows_portable(const Problem& p, int64_t n0, int64_t n1) {
-  const int64_t G = p.G;
-  std::vector<float> sf(CHUNK * G), zf(CHUNK * G), acc(p.M), tot(p.M);
-  uint32_t c[32];
+// Rows [n0, n1) of W one at a time, fn(n, s, z, row): the row's fp32 scales and zero points (G each, converted
+// CHUNK rows at a time) and its packed words.
+template <typename Fn>
+void each_row(const Problem& p, int64_t n0, int64_t n1, Fn&& fn) {
+  std::vector<float> sf(CHUNK * p.G), zf(CHUNK * p.G);
   for (int64_t c0 = n0; c0 < n1; c0 += CHUNK) {
     const int64_t c1 = std::min(n1, c0 + CHUNK);
     row_params(p, c0, c1, sf.data(), zf.data());
-    for (int64_t n = c0; n < c1; ++n) {
-      const float* s = sf.data() + (n - c0) * G;
-      const float* z = zf.data() + (n - c0) * G;
-      const uint32_t* row = reinterpret_cast<const uint32_t*>(p.qw + n * p.qstride);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::fill(tot.begin(), tot.end(), 0.f);
-      int64_t g = 0, gend = std::min(p.gsize, p.K);
-      auto flush = [&] {
-        for (int m = 0; m < p.M; ++m) tot[m] += s[g] * (acc[m] - z[g] * p.xsum[m * G + g]), acc[m] = 0.f;
-      };
-      for (int64_t blk = 0; blk < p.KB; ++blk) {
-        decode_block(row, p.KB, p.bits, blk, c);
-        const int64_t k0 = blk * 32, kn = std::min<int64_t>(32, p.K - k0);
-        for (int64_t i = 0; i < kn; ++i) {
-          const int64_t k = k0 + i;
-          if (k == gend) {
-            flush();
-            ++g;
-            gend = std::min(gend + p.gsize, p.K);
-          }
-          const float cf = static_cast<float>(c[i]);
-          for (int m = 0; m < p.M; ++m) acc[m] += cf * p.x[m * p.Kx + k];
-        }
-      }
-      flush();
-      for (int m = 0; m < p.M; ++m) store(p, m, n, tot[m]);
-    }
+    for (int64_t n = c0; n < c1; ++n)
+      fn(n, sf.data() + (n - c0) * p.G, zf.data() + (n - c0) * p.G,
+         reinterpret_cast<const uint32_t*>(p.qw + n * p.qstride));
   }
+}
+
+// Any group size: y[m, n] = Σ_g s (Σ_{k∈g} code x − z X[m, g]), one row at a time.
+void rows_portable(const Problem& p, int64_t n0, int64_t n1) {
+  const int64_t G = p.G;
+  std::vector<float> acc(p.M), tot(p.M);
+  uint32_t c[32];
+  each_row(p, n0, n1, [&](int64_t n, const float* s, const float* z, const uint32_t* row) {
+    std::fill(acc.begin(), acc.end(), 0.f);
+    std::fill(tot.begin(), tot.end(), 0.f);
+    int64_t g = 0, gend = std::min(p.gsize, p.K);
+    auto flush = [&] {
+      for (int m = 0; m < p.M; ++m) tot[m] += s[g] * (acc[m] - z[g] * p.xsum[m * G + g]), acc[m] = 0.f;
+    };
+    for (int64_t blk = 0; blk < p.KB; ++blk) {
+      decode_block(row, p.KB, p.bits, blk, c);
+      const int64_t k0 = blk * 32, kn = std::min<int64_t>(32, p.K - k0);
+      for (int64_t i = 0; i < kn; ++i) {
+        const int64_t k = k0 + i;
+        if (k == gend) {
+          flush();
+          ++g;
+          gend = std::min(gend + p.gsize, p.K);
+        }
+        const float cf = static_cast<float>(c[i]);
+        for (int m = 0; m < p.M; ++m) acc[m] += cf * p.x[m * p.Kx + k];
+      }
+    }
+    flush();
+    for (int m = 0; m < p.M; ++m) store(p, m, n, tot[m]);
+  });
 }
 
 // ---- AVX2 path ---------------------------------------------------------------------------------------
@@ -601,37 +608,22 @@ torch::Tensor wq_dequant(const torch::Tensor& qweight_in, const torch::Tensor& s
   set_weights(p, qweight, scale, zero, asym, zfloat, bits, group_size, K);
   const int64_t grain = std::max<int64_t>(1, 65536 / K);
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    std::vector<float> sf(CHUNK * G), zf(CHUNK * G), row(KB * 32);
+    std::vector<float> w(KB * 32);
     uint32_t c[32];
-    for (int64_t c0 = n0; c0 < n1; c0 += CHUNK) {
-      const int64_t c1 = std::min(n1, c0 + CHUNK);
-      row_params(p, c0, c1, sf.data(), zf.data());
-      for (int64_t n = c0; n < c1; ++n) {
-        const float* s = sf.data() + (n - c0) * G;
-        const float* z = zf.data() + (n - c0) * G;
-        const uint32_t* q = reinterpret_cast<const uint32_t*>(p.qw + n * p.qstride);
-        for (int64_t blk = 0; blk < KB; ++blk) {
-          decode_block(q, KB, p.bits, blk, c);
-          for (int i = 0; i < 32; ++i) row[blk * 32 + i] = static_cast<float>(c[i]);
-        }
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t g = k / group_size;
-          row[k] = s[g] * (row[k] - z[g]);
-        }
-        switch (dtype) {
-          case at::kFloat: std::copy(row.begin(), row.begin() + K, W.data_ptr<float>() + n * K); break;
-          case at::kBFloat16: {
-            c10::BFloat16* dst = W.data_ptr<c10::BFloat16>() + n * K;
-            for (int64_t k = 0; k < K; ++k) dst[k] = c10::BFloat16(row[k]);
-            break;
-          }
-          default: {
-            c10::Half* dst = W.data_ptr<c10::Half>() + n * K;
-            for (int64_t k = 0; k < K; ++k) dst[k] = c10::Half(row[k]);
-          }
-        }
+    each_row(p, n0, n1, [&](int64_t n, const float* s, const float* z, const uint32_t* q) {
+      for (int64_t blk = 0; blk < KB; ++blk) {
+        decode_block(q, KB, p.bits, blk, c);
+        for (int i = 0; i < 32; ++i) w[blk * 32 + i] = static_cast<float>(c[i]);
       }
-    }
+      for (int64_t k = 0; k < K; ++k) w[k] = s[k / group_size] * (w[k] - z[k / group_size]);
+      switch (dtype) {
+        case at::kFloat: std::copy(w.begin(), w.begin() + K, W.data_ptr<float>() + n * K); break;
+        case at::kBFloat16: std::transform(w.begin(), w.begin() + K, W.data_ptr<c10::BFloat16>() + n * K,
+                                           [](float v) { return c10::BFloat16(v); }); break;
+        default: std::transform(w.begin(), w.begin() + K, W.data_ptr<c10::Half>() + n * K,
+                                [](float v) { return c10::Half(v); });
+      }
+    });
   });
   return W;
 }

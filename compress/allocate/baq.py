@@ -118,8 +118,8 @@ def allocate(ctx: Context, cfg: Config) -> Allocation:
         return Allocation(Plan(layers), summary=summary, reference=uniform)
     if cfg.granularity == "layer":
         ctx.log(f"BAQ granularity=layer {budget.CROSS_LINEAR_CAVEAT} Prefer granularity=group.")
-        shapes = {m: (losses[m].numel, 1) for m in names}
-        units = budget.make_units(ctx.base, shapes, ctx.arch.blocks, cfg.tie, set(ctx.pinned))
+        numel = {m: losses[m].numel for m in names}
+        units = budget.make_units(ctx.base, numel, ctx.arch.blocks, cfg.tie, set(ctx.pinned))
         L = torch.tensor([sum(losses[m].loss for m in u.layers) for u in units], dtype=torch.float64)
         n = torch.tensor([u.numel for u in units], dtype=torch.float64)
         bits = budget.discrete(L, n, cfg.target_bits, cfg.theta, cfg.ref_bits, cfg.choices)

@@ -22,7 +22,7 @@ above it (exactly equal whenever equal-size units make that possible).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -122,9 +122,8 @@ class Unit:
     numel: int
 
 
-def make_units(plan: Plan, shapes: dict[str, tuple[int, int]], blocks: str, tie: bool,
-               exclude: set[str]) -> list[Unit]:
-    """One unit per Linear, or per fused set (q/k/v, gate/up) when tie is on."""
+def make_units(plan: Plan, numel: Mapping[str, int], blocks: str, tie: bool, exclude: set[str]) -> list[Unit]:
+    """One unit per Linear, or per fused set (q/k/v, gate/up) when tie is on; `numel`: weights of each Linear."""
     names = [n for n in plan if n not in exclude]
     units, taken = [], set()
     for n in names:
@@ -137,5 +136,5 @@ def make_units(plan: Plan, shapes: dict[str, tuple[int, int]], blocks: str, tie:
                 if rel in fused:
                     members = tuple(f"{blocks}.{block}.{r}" for r in fused if f"{blocks}.{block}.{r}" in names)
         taken.update(members)
-        units.append(Unit(members, sum(shapes[m][0] * shapes[m][1] for m in members)))
+        units.append(Unit(members, sum(numel[m] for m in members)))
     return units

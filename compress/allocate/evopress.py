@@ -384,7 +384,7 @@ def allocate(ctx: Context, cfg: Config) -> Allocation:
     shared = root if cfg.database is None else Path(cfg.database).expanduser()
     with parallel.main_first():
         teach, db = shared_inputs(ctx, cfg, shared, shapes)
-    units = make_units(ctx.base, shapes, ctx.arch.blocks, cfg.tie, ctx.pinned)
+    units = make_units(ctx.base, {n: N * K for n, (N, K) in shapes.items()}, ctx.arch.blocks, cfg.tie, ctx.pinned)
     groups = size_groups(units)
     numel = [u.numel for u in units]
     rng = random.Random(cfg.seed + 1)
