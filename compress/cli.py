@@ -153,6 +153,24 @@ def allocation_table(plan: Plan, shapes: dict[str, tuple[int, int]], prefix: str
     return t
 
 
+def _check_formats(m: Any, rec: Any, targets: list[str], format_: str | None, display: str) -> None:
+    """Refuse, before any work, a plan that a target format (--format, or one the recipe `serves:`) cannot hold."""
+    if not targets:
+        return
+    from compress import export, models
+    from compress.pipeline import make_plan
+
+    base = make_plan(m, models.arch_of(m), rec)
+    shapes = {n: tuple(m.get_submodule(n).weight.shape) for n in base}
+    for f in targets:
+        try:
+            export.check(f, base, shapes, rec)
+        except CompressError as e:
+            if f == format_:
+                raise
+            raise CompressError(f"recipe {rec.name} is made to serve as {f}, but on {display} {e}") from None
+
+
 @app.command(name="compress", help="Compress MODEL with a recipe and write a checkpoint directory.")
 def compress_cmd(
     model: Annotated[str, typer.Argument(help="alias (smollm2-135m, llama-7b, ...), hub id, local dir or .gguf")],
@@ -192,23 +210,12 @@ def compress_cmd(
     console.print(f"[bold]compress[/] {ref.display} · recipe [cyan]{rec.name}[/]: {rec.description}")
     with console.status(f"loading {ref.display}"):
         m, tok = models.load(ref, _dtype(dtype))
+        _check_formats(m, rec, targets, format_, ref.display)  # before any calibration or quick eval
         quick = None
         if eval_windows > 0:
             ev = data.evaluation(tok, "pydoc", rec.calibrate.seqlen, eval_windows, vocab_size=m.config.vocab_size)
             quick = evaluate.reference(m.to(device), ev.ids)
             m.to("cpu")
-    if targets:  # what a target format cannot hold is refused now, before any calibration
-        from compress.pipeline import make_plan
-
-        base = make_plan(m, models.arch_of(m), rec)
-        shapes = {n: tuple(m.get_submodule(n).weight.shape) for n in base}
-        for f in targets:
-            try:
-                export.check(f, base, shapes, rec)
-            except CompressError as e:
-                if f == format_:
-                    raise
-                raise CompressError(f"recipe {rec.name} is made to serve as {f}, but on {ref.display} {e}") from None
     # the work directory exists only once there is a model to work on (a failed load leaves nothing behind)
     work = checkpoint.WorkDir(out, {"model": ref.source, "gguf": ref.gguf_file, "recipe": rec.to_dict(),
                                     "dtype": dtype})
