@@ -244,6 +244,16 @@ def test_what_the_format_cannot_hold_is_refused_before_calibration(tiny_llama_di
     assert code == 2 and "binary" in one_line_error(err) and not out.exists()
 
 
+def test_a_recipe_that_serves_a_format_refuses_a_model_it_cannot_serve(tiny_llama_dir: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"  # no --format: the recipe's own `serves:` is checked on the loaded model
+    code, _, err = cli([str(tiny_llama_dir), "--recipe", "gptq-4bit-serve", "--out", str(out), *FAST,
+                        "--set", "weights.group_size=48"], capsys)
+    line = one_line_error(err)
+    assert code == 2 and "made to serve as" in line and "group_size" in line
+    assert not out.exists()  # refused before any calibration or write
+
+
 def test_export_command_writes_each_format(compressed_dir: Path, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     for fmt, method in (("gptq", "gptq"), ("compressed-tensors", "compressed-tensors")):
