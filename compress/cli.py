@@ -24,6 +24,8 @@ from rich.table import Table
 from compress.errors import CompressError
 
 if TYPE_CHECKING:
+    import torch
+
     from compress.plan import Plan
     from compress.sequential import BlockReport
 
@@ -153,8 +155,10 @@ def allocation_table(plan: Plan, shapes: dict[str, tuple[int, int]], prefix: str
     return t
 
 
-def _check_formats(m: Any, rec: Any, targets: list[str], format_: str | None, display: str) -> None:
-    """Refuse, before any work, a plan that a target format (--format, or one the recipe `serves:`) cannot hold."""
+def _check_formats(m: Any, rec: Any, targets: list[str], format_: str | None, display: str,
+                   dtype: torch.dtype) -> None:
+    """Refuse, before any work, a plan that a target format (--format, or one the recipe `serves:`) cannot hold
+    when written with dense parts in `dtype` (the checkpoint's, which an export keeps by default)."""
     if not targets:
         return
     from compress import export, models
@@ -164,7 +168,7 @@ def _check_formats(m: Any, rec: Any, targets: list[str], format_: str | None, di
     shapes = {n: tuple(m.get_submodule(n).weight.shape) for n in base}
     for f in targets:
         try:
-            export.check(f, base, shapes, rec)
+            export.check(f, base, shapes, rec, dtype)
         except CompressError as e:
             if f == format_:
                 raise
@@ -210,7 +214,8 @@ def compress_cmd(
     console.print(f"[bold]compress[/] {ref.display} · recipe [cyan]{rec.name}[/]: {rec.description}")
     with console.status(f"loading {ref.display}"):
         m, tok = models.load(ref, _dtype(dtype))
-        _check_formats(m, rec, targets, format_, ref.display)  # before any calibration or quick eval
+        keep = models.stored_dtype(ref) if save_dtype == "auto" else _dtype(save_dtype)  # the dense parts on disk
+        _check_formats(m, rec, targets, format_, ref.display, keep)  # before any calibration or quick eval
         quick = None
         if eval_windows > 0:
             ev = data.evaluation(tok, "pydoc", rec.calibrate.seqlen, eval_windows, vocab_size=m.config.vocab_size)
@@ -244,7 +249,6 @@ def compress_cmd(
                     uniform = evaluate.compare_to(quick, m.to(device), name="uniform")
             m.to("cpu")
     with console.status(f"writing {out}"):
-        keep = models.stored_dtype(ref) if save_dtype == "auto" else _dtype(save_dtype)
         checkpoint.save(m, tok, result.plan, rec, out, card=card.model_card(ref, result, quick, checked, uniform),
                         extra=card.summary(result), dtype=keep)
         work.remove()

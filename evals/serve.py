@@ -1,7 +1,7 @@
 """Serving benchmark: SmolLM2-135M compressed by us, exported, and loaded by other runtimes *without* compress.
 
 Each row compresses SmolLM2 with a served recipe (GPTQ act-order, symmetric, g64: K = 576 is not a multiple of
-128; gptq-4bit-serve, gptq-3bit-serve, gptq-2bit made symmetric, baq-3bit-serve), exports it
+128; gptq-4bit-serve, gptq-3bit-serve, gptq-2bit made symmetric with bf16 scales, baq-3bit-serve), exports it
 (`compress ... --format compressed-tensors`, `compress export ... --format gptq`) and starts
 each client the way its users do, in its own virtual environment where `compress` is not installed:
 
@@ -42,7 +42,7 @@ BASE = ["--set", "calibrate.samples=32", "--eval-windows", "0"]
 ROWS = {  # row -> (recipe, edits): the served recipes (symmetric, g64, act-order; `serves:` checked up front)
     "w4": ("gptq-4bit-serve", []),
     "w3": ("gptq-3bit-serve", []),
-    "w2": ("gptq-2bit", ["--set", "weights.symmetric=true"]),
+    "w2": ("gptq-2bit", ["--set", "weights.symmetric=true", "--set", "weights.scale_dtype=bfloat16"]),
     "baq": ("baq-3bit-serve", []),  # BAQ over whole Linears from {2, 3, 4, 8}, q/k/v and gate/up tied
 }
 FORMATS = ("compressed-tensors", "gptq")

@@ -242,6 +242,11 @@ def test_what_the_format_cannot_hold_is_refused_before_calibration(tiny_llama_di
     code, _, err = cli([str(tiny_llama_dir), "--recipe", "pbllm-10", "--out", str(out), "--format",
                         "compressed-tensors", *FAST], capsys)
     assert code == 2 and "binary" in one_line_error(err) and not out.exists()
+    code, _, err = cli([str(tiny_llama_dir), "--recipe", "gptq-4bit", "--out", str(out), "--format",
+                        "compressed-tensors", "--save-dtype", "bfloat16", *FAST], capsys)  # fp16 scales, bf16 model
+    line = one_line_error(err)
+    assert code == 2 and "float16 scales are rounded to bfloat16" in line and "scale_dtype=bfloat16" in line
+    assert not out.exists()
 
 
 def test_a_recipe_that_serves_a_format_refuses_a_model_it_cannot_serve(tiny_llama_dir: Path, tmp_path: Path,

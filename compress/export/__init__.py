@@ -4,10 +4,11 @@
     gptq                 GPTQ v1 (qweight/qzeros/scales, GPTQModel's `dynamic` map): transformers (+ optimum,
                          gptqmodel), vLLM's gptq/gptq_marlin, SGLang, TGI
 
-Every format module has `NAME`, `problems(plan, shapes, recipe=None) -> list[str]` (what the format or its
-runtimes cannot hold, one line each with the fix; with a recipe it also judges what the allocator will do,
-so it runs before any calibration) and `write(model, tokenizer, plan, out, *, dtype)`. The formats hold
-affine layers only; they are built from the layers' affine codec (compress/codecs/affine.py).
+Every format module has `NAME`, `problems(plan, shapes, recipe=None, dtype=None) -> list[str]` (what the format
+or its runtimes cannot hold, one line each with the fix; with a recipe it also judges what the allocator will
+do, so it runs before any calibration; with the export's model dtype, whether it holds the scales) and
+`write(model, tokenizer, plan, out, *, dtype)`. The formats hold affine layers only; they are built from the
+layers' affine codec (compress/codecs/affine.py).
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ def format_module(name: str) -> ModuleType:
     return FORMATS[name]
 
 
-def check(name: str, plan: Plan, shapes: Mapping[str, tuple[int, int]], recipe: Recipe | None = None) -> None:
-    """Raise one CompressError naming what `name` cannot hold (the first problem, and how many more)."""
-    lines = format_module(name).problems(plan, shapes, recipe)
+def check(name: str, plan: Plan, shapes: Mapping[str, tuple[int, int]], recipe: Recipe | None = None,
+          dtype: torch.dtype | None = None) -> None:
+    """Raise one CompressError naming what `name` cannot hold (the first problem, and how many more); `dtype`:
+    the model dtype the export will be written in."""
+    lines = format_module(name).problems(plan, shapes, recipe, dtype)
     if lines:
         more = f" (and {len(lines) - 1} more problem{'s' if len(lines) > 2 else ''})" if len(lines) > 1 else ""
         raise CompressError(f"{name} cannot hold this plan: {lines[0]}{more}")
@@ -56,8 +59,9 @@ def export(checkpoint_dir: Path, name: str, out: Path, *, dtype: torch.dtype | N
     model = load(checkpoint_dir)
     plan = Plan({n: m.spec for n, m in model.named_modules() if isinstance(m, CompressedLinear)})
     shapes = {n: (m.out_features, m.in_features) for n in plan for m in [model.get_submodule(n)]}
-    check(name, plan, shapes)
-    module.write(model, _tokenizer(checkpoint_dir), plan, out, dtype=dtype or _dense_dtype(model))
+    dtype = dtype or _dense_dtype(model)
+    check(name, plan, shapes, dtype=dtype)
+    module.write(model, _tokenizer(checkpoint_dir), plan, out, dtype=dtype)
     return out
 
 

@@ -120,14 +120,16 @@ def _exportable(spec: LayerSpec, K: int) -> bool:
         spec.group_size == -1 or K % spec.group_size == 0)
 
 
-def problems(plan: Plan, shapes: Mapping[str, tuple[int, int]], recipe: Recipe | None = None) -> list[str]:
+def problems(plan: Plan, shapes: Mapping[str, tuple[int, int]], recipe: Recipe | None = None,
+             dtype: torch.dtype | None = None) -> list[str]:
     """Every reason this plan cannot be exported to compressed-tensors and served by vLLM, one line each:
     the Linears (the first few and a count), the problem, the fix. Empty when `write` will succeed.
 
     `shapes` maps every planned Linear (and may map the dense ones too) to (out_features, in_features). A
     sibling of a fused set (q/k/v, gate/up) missing from the plan is taken to be a dense Linear. With a
     `recipe`, what its allocator will do is checked too (BAQ per-group or per-column widths, EvoPress
-    without `tie`), so the check can run before calibration on the recipe's base plan."""
+    without `tie`), so the check can run before calibration on the recipe's base plan. With a `dtype` (the
+    export's model dtype) the scales are checked against it too (`dtype_problems`)."""
     found: dict[tuple[str, str], list[str]] = {}
 
     def add(name: str, problem: str, fix: str) -> None:
@@ -181,7 +183,8 @@ def problems(plan: Plan, shapes: Mapping[str, tuple[int, int]], recipe: Recipe |
         elif method == "evopress" and not cfg.tie:
             add(where, "allocate evopress with tie: false gives q/k/v and gate/up their own widths, which vLLM "
                        "refuses on the shards it fuses", "set allocate.tie=true")
-    return [f"{_names(names)}: {problem}; fix: {fix}" for (problem, fix), names in found.items()]
+    return ([f"{_names(names)}: {problem}; fix: {fix}" for (problem, fix), names in found.items()]
+            + (dtype_problems(plan, dtype) if dtype is not None else []))
 
 
 def dtype_problems(plan: Plan, dtype: torch.dtype) -> list[str]:
@@ -191,7 +194,8 @@ def dtype_problems(plan: Plan, dtype: torch.dtype) -> list[str]:
     bad: dict[str, list[str]] = {}
     for name, spec in plan.layers.items():
         s = spec.torch_scale_dtype
-        if s != dtype and dtype != torch.float32:
+        exact = s == dtype or dtype == torch.float32 or (s == torch.bfloat16 and dtype == torch.float16)
+        if not exact:  # bf16 -> fp16 is exact in fp16's normal range (8 significant bits into 11; `write` checks)
             bad.setdefault(spec.scale_dtype, []).append(name)
     d = str(dtype).removeprefix("torch.")
     return [f"{_names(names)}: {s} scales are rounded to {d} by transformers and vLLM (they build weight_scale in "
@@ -402,6 +406,10 @@ def write(model: nn.Module, tokenizer: Any, plan: Plan, out: Path, *, dtype: tor
     for n in plan:
         for k, v in layer_tensors(modules[n], dtype, layout).items():
             tensors[f"{n}.{k}"] = v
+        scale = modules[n].decoded().scale.detach().cpu()
+        if exact and not torch.equal(tensors[f"{n}.weight_scale"].to(scale.dtype), scale):
+            raise CompressError(f"{n}: {plan[n].scale_dtype} scales outside {str(dtype).removeprefix('torch.')}'s "
+                                "normal range; fix: export with dtype float32 or bfloat16 (or pass exact=False)")
 
     out.mkdir(parents=True, exist_ok=True)
     for f in [*out.glob("*.safetensors"), out / "model.safetensors.index.json"]:

@@ -109,7 +109,8 @@ def setting(spec: LayerSpec) -> Setting | None:
     return (widths.pop(), spec.group_size, spec.symmetric) if len(widths) == 1 else None
 
 
-def problems(plan: Plan, shapes: Mapping[str, tuple[int, int]], recipe: Recipe | None = None) -> list[str]:
+def problems(plan: Plan, shapes: Mapping[str, tuple[int, int]], recipe: Recipe | None = None,
+             dtype: torch.dtype | None = None) -> list[str]:
     """Every reason `plan` cannot be written as GPTQ or served by vLLM, one line each: the layer(s), the problem
     and the fix. Empty when the plan exports.
 
@@ -118,6 +119,7 @@ def problems(plan: Plan, shapes: Mapping[str, tuple[int, int]], recipe: Recipe |
     recipe: the recipe the plan comes from. Pass it to check before calibration, with the recipe's base plan
     (compress.pipeline.make_plan): the widths its allocator (baq, evopress) will choose are then judged from
     the allocator's settings (choices, granularity, tie), and the base plan's placeholder widths are not.
+    dtype: unused (GPTQ stores fp16 scales whatever the model dtype).
     """
     return _problems(plan, shapes, recipe, None)
 

@@ -229,6 +229,20 @@ def test_write_refuses_scales_the_dtype_would_round(tmp_path: Path) -> None:
     assert (tmp_path / "y" / "model.safetensors").is_file()
 
 
+def test_bfloat16_scales_go_into_a_float16_export_exactly_or_are_refused(tmp_path: Path) -> None:
+    res = run(tiny_llama(), "rtn-4bit", ("weights.symmetric=true", "weights.scale_dtype=bfloat16"))
+    ct.write(res.model, None, res.plan, tmp_path / "x", dtype=torch.float16)
+    stored = load_file(tmp_path / "x" / "model.safetensors")
+    for n in res.plan:
+        scale = res.model.get_submodule(n).packed()["scale"]
+        assert torch.equal(stored[f"{n}.weight_scale"].to(torch.bfloat16), scale)  # bf16 -> fp16 -> bf16 exact
+    q = res.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q.scale[0, 0] = 2.0**20  # beyond fp16's range
+    with pytest.raises(CompressError, match=r"model.layers.0.self_attn.q_proj: bfloat16 scales outside float16"):
+        ct.write(res.model, None, res.plan, tmp_path / "y", dtype=torch.float16)
+
+
 def test_write_refuses_what_problems_reports(tmp_path: Path) -> None:
     res = run(tiny_llama(), "rtn-4bit", ("weights.group_size=48",))  # 64 = 48 + a narrower 16
     with pytest.raises(CompressError, match="does not divide in_features=64"):
@@ -318,4 +332,4 @@ def test_dtype_problems() -> None:
     plan = Plan({"a": LayerSpec(scale_dtype="float16"), "b": LayerSpec(scale_dtype="bfloat16")})
     assert ct.dtype_problems(plan, torch.float32) == []
     assert "a: float16 scales are rounded to bfloat16" in one(ct.dtype_problems(plan, torch.bfloat16), "a:")
-    assert "b: bfloat16 scales are rounded to float16" in one(ct.dtype_problems(plan, torch.float16), "b:")
+    assert ct.dtype_problems(plan, torch.float16) == []  # bf16 scales fit in fp16 (checked per value at write)
