@@ -144,7 +144,8 @@ def load(path: str | Path, *, device: str = "cpu", dtype: torch.dtype | str = "a
         raise CompressError(f"{path} is not a compress checkpoint (quant_method={qc.get('quant_method')!r})")
     verify_files(path)
     register()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device, trust_remote_code=False,
+                                                 use_safetensors=True)
     model.eval()
     return model
 

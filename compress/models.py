@@ -149,6 +149,30 @@ def _check_available(ref: ModelRef) -> None:
         )
 
 
+PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def _refuse_unsafe(ref: ModelRef) -> None:
+    """A local folder whose model needs its own Python code, or whose weights are only pickles, is refused
+    before transformers is asked (it would prompt, or unpickle)."""
+    import json
+
+    folder = Path(ref.source)
+    if ref.gguf_file or not folder.is_dir():
+        return
+    cfg = folder / "config.json"
+    try:
+        auto_map = json.loads(cfg.read_text(encoding="utf-8")).get("auto_map") if cfg.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise CompressError(f"{cfg} is not a valid JSON object ({str(e)[:80]}); repair or re-download it") from e
+    if auto_map:
+        raise CompressError(f"{ref.display} needs remote code (config.json auto_map: {sorted(auto_map)[:3]}), which "
+                            "compress never runs; use a model whose architecture transformers ships")
+    if not any(folder.glob("*.safetensors")) and any(f for g in PICKLES for f in folder.glob(g)):
+        raise CompressError(f"{ref.display} holds only pickled weights, which compress never loads; convert them "
+                            "to safetensors on a machine you trust (`save_pretrained(DIR, safe_serialization=True)`)")
+
+
 def load(ref: ModelRef, dtype: torch.dtype | str = "auto") -> tuple[nn.Module, Any]:
     """Load (model, tokenizer) on CPU in the stored dtype ("auto"; GGUF dequantizes to float32)."""
     import transformers
@@ -156,7 +180,8 @@ def load(ref: ModelRef, dtype: torch.dtype | str = "auto") -> tuple[nn.Module, A
 
     _check_available(ref)
 
-    kw: dict[str, Any] = {}
+    _refuse_unsafe(ref)
+    kw: dict[str, Any] = {"trust_remote_code": False}  # code in a model folder never runs
     if ref.gguf_file:
         kw["gguf_file"] = ref.gguf_file
         dtype = torch.float32 if dtype == "auto" else dtype
@@ -165,7 +190,8 @@ def load(ref: ModelRef, dtype: torch.dtype | str = "auto") -> tuple[nn.Module, A
     transformers.logging.disable_progress_bar()  # the CLI shows its own status
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref.source, **kw)
-        model = AutoModelForCausalLM.from_pretrained(ref.source, dtype=dtype, **kw)
+        safe = {} if ref.gguf_file else {"use_safetensors": True}  # never unpickle
+        model = AutoModelForCausalLM.from_pretrained(ref.source, dtype=dtype, **kw, **safe)
     except (OSError, ValueError) as e:
         if Path(ref.source).is_dir() and not ref.gguf_file:
             raise CompressError(f"cannot load model from {ref.source}: {str(e).splitlines()[0][:200]}") from e

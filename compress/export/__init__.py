@@ -73,7 +73,7 @@ def _tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError):  # a checkpoint written without a tokenizer (the Python API allows it)
         return None
 

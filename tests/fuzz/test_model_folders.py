@@ -1,0 +1,53 @@
+"""Poisoned model folders: code planted in a folder never runs, pickles are never loaded (issue 18's seed)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from compress import models
+from compress.errors import CompressError
+
+PLANTED = "import pathlib; pathlib.Path(__file__).with_name('RAN').write_text('planted code ran')\n"
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_clean_folder_loads(tiny_llama_dir: Path) -> None:
+    model, tok = models.load(models.resolve(str(tiny_llama_dir)))
+    assert tok is not None and sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_remote_code_is_refused_and_never_runs(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    d = _copy(tiny_llama_dir, tmp_path / "remote")
+    (d / "modeling_evil.py").write_text(PLANTED)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CompressError, match="needs remote code"):
+        models.load(models.resolve(str(d)))
+    assert not (d / "RAN").exists()
+
+
+def test_pickle_only_weights_are_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    d = _copy(tiny_llama_dir, tmp_path / "pickled")
+    for f in d.glob("*.safetensors"):
+        f.unlink()
+    torch.save({"x": torch.zeros(1)}, d / "pytorch_model.bin")  # what an attacker's pickle would sit in
+    with pytest.raises(CompressError, match="only pickled weights") as e:
+        models.load(models.resolve(str(d)))
+    assert "\n" not in str(e.value) and "safetensors" in str(e.value)
+
+
+def test_a_config_that_is_not_json_is_one_line(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    d = _copy(tiny_llama_dir, tmp_path / "garbled")
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(CompressError, match="not a valid JSON object") as e:
+        models.load(models.resolve(str(d)))
+    assert "\n" not in str(e.value)
