@@ -81,8 +81,10 @@ def _dtype(name: str) -> Any:
 
 
 def _default_out(model: str, recipe_name: str) -> Path:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model).name.removesuffix(".gguf")).strip("-").lower()
-    return Path("out") / f"{stem}-{recipe_name}"
+    """out/MODEL-RECIPE, both parts reduced to one safe path component (user text never leaves out/)."""
+    def part(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.").lower() or "model"
+    return Path("out") / f"{part(Path(model).name.removesuffix('.gguf'))}-{part(recipe_name)}"
 
 
 def _human_bytes(n: int | None) -> str:
