@@ -205,8 +205,18 @@ def load(ref: ModelRef, dtype: torch.dtype | str = "auto") -> tuple[nn.Module, A
     if ref.gguf_file and getattr(model, "hf_quantizer", None) is not None:
         # transformers dequantized the GGUF tensors into ordinary Linears: this is a dense model now
         model.hf_quantizer.remove_quantization_config(model)
+    check_finite(model, ref.display)
     model.eval()
     return model, tokenizer
+
+
+def check_finite(model: nn.Module, display: str) -> None:
+    """NaN or Inf in a model's weights is refused before any work, naming the first such tensor."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CompressError(f"{display}: {name} holds {bad} NaN/Inf value(s) of {t.numel()}; the weights are "
+                                "damaged: re-download or re-convert the model")
 
 
 def stored_dtype(ref: ModelRef) -> torch.dtype:

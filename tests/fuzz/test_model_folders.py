@@ -51,3 +51,18 @@ def test_a_config_that_is_not_json_is_one_line(tiny_llama_dir: Path, tmp_path: P
     with pytest.raises(CompressError, match="not a valid JSON object") as e:
         models.load(models.resolve(str(d)))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tiny_llama_dir: Path, tmp_path: Path, value: float) -> None:
+    from safetensors.torch import load_file, save_file
+
+    d = _copy(tiny_llama_dir, tmp_path / "nan")
+    f = next(d.glob("*.safetensors"))
+    sd = load_file(f)
+    key = next(k for k in sd if k.endswith("layers.0.mlp.down_proj.weight"))
+    sd[key][0, 0] = value
+    save_file(sd, f, metadata={"format": "pt"})
+    with pytest.raises(CompressError, match=r"layers\.0\.mlp\.down_proj\.weight holds 1 NaN/Inf") as e:
+        models.load(models.resolve(str(d)))
+    assert "\n" not in str(e.value)
