@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from compress import interrupt  # noqa: F401 (first: Ctrl-C while torch loads is one line)
 from compress.checkpoint import load
 from compress.errors import CompressError
 from compress.hf import register

@@ -12,15 +12,17 @@ import logging
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.live import Live
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from compress import interrupt
 from compress.errors import CompressError
 
 if TYPE_CHECKING:
@@ -40,6 +42,8 @@ USAGE = """Make a language model small and compare it with the original.
 
   compress export CHECKPOINT --format compressed-tensors|gptq [--out DIR]
 
+  compress verify CHECKPOINT [--no-verify]
+
   compress recipes
 
 Run `compress compress --help` or `compress eval --help` for every option."""
@@ -54,11 +58,19 @@ def _setup(verbose: bool, threads: int | None) -> None:
     import torch
 
     os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' own bars (GGUF conversion, shard writing)
+    if threads is not None:
+        _check_count("--threads", threads, 1)  # 0 would silently mean "torch's default", a negative one crashes
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)])
     if threads:
         torch.set_num_threads(threads)
+
+
+def _check_count(option: str, value: int, low: int) -> None:
+    """Refuse a count option below `low`, naming it: click only checks that it is an integer."""
+    if value < low:
+        raise CompressError(f"{option} {value} is out of range; it must be >= {low}")
 
 
 def _check_device(device: str) -> str:
@@ -177,8 +189,30 @@ def _check_formats(m: Any, rec: Any, targets: list[str], format_: str | None, di
             raise CompressError(f"recipe {rec.name} is made to serve as {f}, but on {display} {e}") from None
 
 
+def _bytes(model: Any) -> int:
+    """Bytes of a model's tensors (each stored once): about what its checkpoint takes on disk."""
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
+    return sum(seen.values())
+
+
+def _write_failed(e: Exception, where: Path, what: str, need: int | None, then: str) -> Exception:
+    """A failed write of the results as one line (a full disk says how much is needed, another OS error its
+    cause); anything that is not a write error is returned as it is, a bug keeps its traceback."""
+    from compress import workdir
+
+    err = workdir.write_error(e)
+    if err is None:
+        return e
+    if err.errno in workdir.SPACE:
+        return workdir.space_error(err, where, what, None if need is None else
+                                   f"about {workdir.human_bytes(need)} needed", then)
+    name = f": {err.filename}" if err.filename else ""
+    return CompressError(f"cannot write {what} to {where} ({err.strerror}{name}); {then}")
+
+
 @app.command(name="compress", help="Compress MODEL with a recipe and write a checkpoint directory.")
 def compress_cmd(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="alias (smollm2-135m, llama-7b, ...), hub id, local dir or .gguf")],
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="recipe name in recipes/ or a .yaml path")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="output directory")] = None,
@@ -193,17 +227,21 @@ def compress_cmd(
         "--format", help="also write OUT-FORMAT for another runtime: compressed-tensors|gptq (checked before any "
                          "calibration)")] = None,
     eval_windows: Annotated[int, typer.Option("--eval-windows", help="quick check windows (0: none)")] = 4,
+    force: Annotated[bool, typer.Option("--force", help="write OUT even if it holds a checkpoint of another recipe "
+                                                        "or other files")] = False,
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    from compress import card, checkpoint, data, evaluate, models, parallel
+    from compress import card, checkpoint, data, evaluate, models, parallel, workdir
     from compress import recipe as recipes
     from compress.pipeline import compress
 
+    _check_count("--eval-windows", eval_windows, 0)
     _setup(verbose, threads)
     device = str(parallel.init(_check_device(device)))  # under torchrun / accelerate launch: this rank's device
     edits = list(set_ or []) + ([f"calibrate.dataset={calib}"] if calib else [])
     rec = recipes.load(recipe, edits)
+    data.check_source(rec.calibrate.dataset)  # a missing --calib file is refused before the model loads
     _dtype(save_dtype)
     targets = list(dict.fromkeys([*([format_] if format_ else []), *rec.serves]))  # formats to satisfy
     if targets:
@@ -213,8 +251,13 @@ def compress_cmd(
             export.format_module(f)
     ref = models.resolve(model)
     out = out or _default_out(model, rec.name)
-    console.print(f"[bold]compress[/] {ref.display} · recipe [cyan]{rec.name}[/]: {rec.description}")
-    with console.status(f"loading {ref.display}"):
+    # before the model loads: one run at a time per folder (held until the command ends; a folder this made and
+    # left empty is removed), and never over another recipe's checkpoint or other files without --force
+    ctx.with_resource(workdir.lock(out, " ".join(sys.argv)))
+    workdir.check_target(out, rec.name, force)
+    console.print(f"[bold]compress[/] {escape(ref.display)} · recipe [cyan]{escape(rec.name)}[/]: "
+                  f"{escape(rec.description)}", emoji=False)
+    with console.status(f"loading {escape(ref.display)}"):
         m, tok = models.load(ref, _dtype(dtype))
         keep = models.stored_dtype(ref) if save_dtype == "auto" else _dtype(save_dtype)  # the dense parts on disk
         _check_formats(m, rec, targets, format_, ref.display, keep)  # before any calibration or quick eval
@@ -224,20 +267,27 @@ def compress_cmd(
             quick = evaluate.reference(m.to(device), ev.ids)
             m.to("cpu")
     # the work directory exists only once there is a model to work on (a failed load leaves nothing behind)
-    work = checkpoint.WorkDir(out, {"model": ref.source, "gguf": ref.gguf_file, "recipe": rec.to_dict(),
-                                    "dtype": dtype})
+    with console.status("checking the work directory"):  # (rank 0 alone reads it: the others skip the digest)
+        fp = workdir.fingerprint(ref, rec.to_dict(), dtype, device) if parallel.is_main() else {}
+        work = workdir.WorkDir(out, fp)
     if work.finished:
-        console.print(f"resuming: {work.finished} finished blocks found in {work.dir}")
+        console.print(f"resuming: {work.finished} finished blocks found in {escape(str(work.dir))}")
     arch = models.arch_of(m)
     table = BlockTable(len(models.blocks_of(m, arch)))
     try:
         with Live(table.bar, console=console, refresh_per_second=4, transient=True):
             result = compress(m, tok, rec, device=device, progress=table, workdir=work,
-                              say=lambda msg: console.print(msg, highlight=False))
+                              say=lambda msg: console.print(escape(msg), highlight=False))
     except KeyboardInterrupt:
-        console.print(f"\n[yellow]interrupted[/]: finished work ({work.finished} blocks, and any allocation state) "
-                      f"is kept in {work.dir}; re-run the same command to resume")
-        raise typer.Exit(130) from None
+        console.print(f"\nfinished work ({work.finished} blocks, and any allocation state) is kept in "
+                      f"{escape(str(work.dir))}; re-run the same command to resume")
+        raise typer.Exit(130) from None  # (main says "interrupted")
+    except Exception as e:  # a stage's state file on a full disk (the blocks say so themselves)
+        err = workdir.write_error(e)
+        if err is None or err.errno not in workdir.SPACE:
+            raise
+        raise workdir.space_error(err, work.dir, str(err.filename or "the work directory"), None,
+                                  workdir.resume_hint(f"the finished work is kept in {work.dir}")) from None
     if not parallel.is_main():  # the other processes helped with the data-parallel stages; rank 0 writes
         return
     checked = uniform = None
@@ -250,9 +300,13 @@ def compress_cmd(
                 with swapped(m, result.reference):
                     uniform = evaluate.compare_to(quick, m.to(device), name="uniform")
             m.to("cpu")
-    with console.status(f"writing {out}"):
-        checkpoint.save(m, tok, result.plan, rec, out, card=card.model_card(ref, result, quick, checked, uniform),
-                        extra=card.summary(result), dtype=keep)
+    with console.status(f"writing {escape(str(out))}"):
+        try:
+            checkpoint.save(m, tok, result.plan, rec, out, card=card.model_card(ref, result, quick, checked, uniform),
+                            extra=card.summary(result), dtype=keep)
+        except Exception as e:  # .partial stays: the re-run resumes every block and only writes the checkpoint
+            raise _write_failed(e, out, "the checkpoint", _bytes(m), workdir.resume_hint(
+                f"every finished block is kept in {work.dir}")) from None
         work.remove()
     code, total = result.avg_bits()
     alloc = allocation_table(result.plan, result.shapes, arch.blocks)
@@ -267,8 +321,14 @@ def compress_cmd(
                          if checked is not None and uniform is not None and uniform.kl_mean else ""))
     if format_ is not None:
         with console.status(f"writing {format_}"):
-            exported = export.export(out, format_, out.with_name(f"{out.name}-{format_}"))
-        console.print(f"{format_}: {exported} ({_human_bytes(checkpoint.disk_bytes(exported))})", highlight=False)
+            try:
+                exported = export.export(out, format_, out.with_name(f"{out.name}-{format_}"))
+            except Exception as e:
+                raise _write_failed(e, out.with_name(f"{out.name}-{format_}"), format_, None,
+                                    f"the checkpoint {out} is complete: `compress export {out} --format {format_}` "
+                                    "writes the export again") from None
+        console.print(f"{format_}: {escape(str(exported))} ({_human_bytes(checkpoint.disk_bytes(exported))})",
+                      highlight=False)
     size = checkpoint.disk_bytes(out)
     summary = (f"[green]done[/] in {result.seconds:.0f}s · peak RSS {result.peak_rss_mb:.0f} MB · "
                f"{code:.3f} bits/weight (codes), {total:.3f} with scales/zeros · {_human_bytes(size)} on disk")
@@ -276,7 +336,7 @@ def compress_cmd(
         summary += (f"\nquick check ({quick.stats.tokens} tokens of pydoc): ppl {quick.stats.ppl:.2f} → "
                     f"{checked.ppl:.2f}, KL {checked.kl_mean:.4f}, top-1 agreement {checked.top1:.1%}")
     console.print(summary)
-    out_console.print(str(out))
+    out_console.print(str(out), markup=False, highlight=False, emoji=False)
 
 
 @eval_app.command(help="Compare ORIGINAL with one or more COMPRESSED checkpoints on identical inputs.")
@@ -295,6 +355,8 @@ def eval_cmd(
                                                   "bitsandbytes: nf4 | fp4 | int8; repeatable")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="report folder (default: the first checkpoint)")] = None,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse results per (model, task)")] = True,
+    digests: Annotated[bool, typer.Option("--verify/--no-verify", help="compare each checkpoint's tensors with "
+                                          "its checksums.json before loading it")] = True,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the JSON here")] = None,
     device: Annotated[str, typer.Option("--device")] = "cpu",
     threads: Annotated[int | None, typer.Option("--threads")] = None,
@@ -302,11 +364,14 @@ def eval_cmd(
 ) -> None:
     import os
 
-    from compress import baselines, checkpoint, evaluate, models, suite
+    from compress import baselines, checkpoint, data, evaluate, models, suite
     from compress import recipe as recipes
     from compress.pipeline import compress as run_recipe
 
+    _check_count("--seqlen", seqlen, 1)
+    _check_count("--windows", windows, 0)
     _setup(verbose, threads)
+    data.check_source(dataset)  # a missing --dataset file is refused before any model loads
     device = _check_device(device)
     bnb = [baselines.check_kind(k) for k in bnb or []]
     bnb_version = baselines.version() if bnb else None  # missing or too old: fail before loading anything
@@ -323,16 +388,18 @@ def eval_cmd(
     ref_files = [base / ref.gguf_file] if ref.gguf_file else sorted(base.glob("*.safetensors")) if base.is_dir() else []
     with console.status("loading the original's tokenizer"):
         orig_model, tok = models.load(ref)
-    entries = [suite.Entry(ref.display, suite.fingerprint(ref.source, ref.gguf_file, files=ref_files),
+    for c in compressed:
+        _check_vocabulary(c, orig_model.config, tok, ref.display)
+    entries = [suite.Entry(ref.display, suite.fingerprint(*([] if ref_files else [ref.source]), files=ref_files),
                            lambda: orig_model.to(device), {"disk_bytes": models.disk_bytes(ref)})]
     for c in compressed:
         files = [*sorted(c.glob("*.safetensors")), c / "config.json"]
 
         def load(c: Path = c) -> Any:
-            return checkpoint.load(c, device=device)
+            return checkpoint.load(c, device=device, verify_digests=digests)
 
         m_bits = json.loads((c / "config.json").read_text()).get("quantization_config", {})
-        entries.append(suite.Entry(c.name, suite.fingerprint(str(c.resolve()), files=files), load,
+        entries.append(suite.Entry(c.name, suite.fingerprint("checkpoint", files=files), load,
                                    {"bits": (m_bits.get("avg_bits_code"), m_bits.get("avg_bits_total")),
                                     "disk_bytes": checkpoint.disk_bytes(c)}))
     in_memory: list[suite.Entry] = []
@@ -386,7 +453,44 @@ def eval_cmd(
         json_out.write_text(json.dumps(payload, indent=1))
     (folder / f"{stem}.md").write_text(f"# compress eval · suite {suite_name}\n\n{md}\n")
     png = suite.plot(report, folder / f"{stem}.png")
-    console.print(f"wrote {folder / stem}.json, .md" + (", .png" if png else " (no plot: pip install matplotlib)"))
+    console.print(f"wrote {escape(str(folder / stem))}.json, .md"
+                  + (", .png" if png else " (no plot: pip install matplotlib)"))
+
+
+VOCAB_PROBES = ("The quick brown fox jumps over the lazy dog.", "def f(x):\n    return x ** 2  # 1234567890",
+                "Ünïcödé, 数字 and emoji 🙂 — “quotes”")
+
+
+def _check_vocabulary(ckpt: Path, config: Any, tok: Any, original: str) -> None:
+    """Refuse a checkpoint whose vocabulary is not the original's: eval feeds both models the original's token
+    ids, so a checkpoint of another model family would be scored on nonsense (a huge KL, no error). Compares
+    config.json's vocab_size, then the checkpoint's saved tokenizer (its size and a few encodings), if any."""
+    from transformers import AutoTokenizer
+
+    try:
+        cfg = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CompressError(f"{ckpt}/config.json cannot be read as JSON ({e}); re-run compress to rewrite the "
+                            "checkpoint") from None
+    theirs = cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size")) if isinstance(cfg, dict) else None
+    ours = getattr(config, "vocab_size", None)
+    if theirs is not None and ours is not None and theirs != ours:
+        raise CompressError(f"checkpoint {ckpt} has vocab_size {theirs} but the original {original} has {ours}: it "
+                            "was compressed from another model; pass that model as ORIGINAL")
+    if not any((ckpt / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return  # no tokenizer saved: the config check is all there is
+    try:
+        saved = AutoTokenizer.from_pretrained(str(ckpt), trust_remote_code=False)
+    except Exception as e:  # transformers raises many types for a broken tokenizer folder
+        raise CompressError(f"the tokenizer saved in {ckpt} cannot be loaded ({type(e).__name__}); re-run compress "
+                            "to rewrite the checkpoint") from None
+    if len(saved) != len(tok):
+        raise CompressError(f"checkpoint {ckpt}'s tokenizer has {len(saved)} tokens but the original {original}'s "
+                            f"has {len(tok)}: it was compressed from another model; pass that model as ORIGINAL")
+    for text in VOCAB_PROBES:
+        if saved(text).input_ids != tok(text).input_ids:
+            raise CompressError(f"checkpoint {ckpt}'s tokenizer encodes {text!r} differently from the original "
+                                f"{original}'s: it was compressed from another model; pass that model as ORIGINAL")
 
 
 def _report_table(report: Any) -> Table:
@@ -394,7 +498,7 @@ def _report_table(report: Any) -> Table:
                     "agreement, offline multiple choice")
     t.add_column("metric")
     for e in report.entries:
-        t.add_column(e.name, justify="right")
+        t.add_column(escape(e.name), justify="right")
 
     def fmt(x: Any, spec: str) -> str:
         return "-" if x is None else format(x, spec)
@@ -434,16 +538,51 @@ def export_cmd(
     = None,
     save_dtype: Annotated[str, typer.Option("--save-dtype", help="dense parts: auto (the checkpoint's) | float32 | "
                                                                   "bfloat16 | float16")] = "auto",
+    digests: Annotated[bool, typer.Option("--verify/--no-verify", help="compare the checkpoint's tensors with its "
+                                          "checksums.json first")] = True,
 ) -> None:
     from compress import checkpoint, export
 
     export.format_module(format_)
     dtype = None if save_dtype == "auto" else _dtype(save_dtype)
     out = out or path.with_name(f"{path.name}-{format_}")
-    with console.status(f"writing {format_} to {out}"):
-        export.export(path, format_, out, dtype=dtype)
+    with console.status(f"writing {format_} to {escape(str(out))}"):
+        export.export(path, format_, out, dtype=dtype, verify_digests=digests)
     console.print(f"[green]done[/] · {format_} · {_human_bytes(checkpoint.disk_bytes(out))} on disk", highlight=False)
-    out_console.print(str(out))
+    out_console.print(str(out), markup=False, highlight=False, emoji=False)
+
+
+RUNTIMES = {  # quant_method of an exported folder -> who loads it
+    "compressed-tensors": "vLLM, SGLang, transformers + compressed-tensors",
+    "gptq": "vLLM (gptq/gptq_marlin), SGLang, TGI, transformers + optimum + gptqmodel",
+}
+
+
+@app.command(name="verify", help="Check a checkpoint folder (every tensor against the plan and its checksum, finite "
+                                 "scales) without loading the model, and say which runtimes can load it.")
+def verify_cmd(
+    path: Annotated[Path, typer.Argument(help="a checkpoint directory written by `compress`")],
+    digests: Annotated[bool, typer.Option("--verify/--no-verify", help="compare checksums (tensor data)")] = True,
+) -> None:
+    from compress import checkpoint, export
+
+    with console.status(f"checking {escape(str(path))}"):
+        found = checkpoint.inspect(path, digests=digests)
+    title = (f"{escape(str(path))}: {found.tensors} tensors, {_human_bytes(found.bytes)}, "
+             f"recipe {escape(found.recipe or '-')}")
+    t = Table("runtime", "loads it", "how", title=title)
+    t.add_row("compress", "yes", "compress.load(DIR), or from_pretrained(DIR) after `import compress`")
+    for name in export.FORMATS:
+        try:
+            export.check(name, found.plan, found.shapes)
+            t.add_row(name, "after export", f"compress export DIR --format {name} → {RUNTIMES[name]}")
+        except CompressError as e:
+            t.add_row(name, "no", escape(str(e).removeprefix(f"{name} cannot hold this plan: ")))
+    out_console.print(t)
+    checked = "every tensor matches checksums.json" if found.checksums else (
+        "checksums not compared (--no-verify)" if not digests else "no checksums.json: tensor data not verified")
+    console.print(f"[green]ok[/] · {len(found.plan)} packed Linears match the plan · {checked} · scales finite",
+                  highlight=False)
 
 
 @app.command(name="recipes", help="List the named recipes.")
@@ -460,32 +599,69 @@ def recipes_cmd() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: `compress eval ...`, `compress recipes`, or `compress MODEL --recipe ...`."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv[:1] = ["--help"] if argv[:1] == ["-h"] else argv[:1]  # the group knows only --help
     if argv and argv[0] == "eval":
         target, args = eval_app, argv[1:]
-    elif argv and argv[0] in ("recipes", "compress", "export"):
+    elif argv and argv[0] in ("recipes", "compress", "export", "verify"):
         target, args = app, argv
     else:
         target, args = app, ["compress", *argv] if argv and argv[0] not in ("--help", "-h") else argv
+    interrupt.handled_by_main()  # Ctrl-C is a KeyboardInterrupt from here on, caught below (compress/interrupt.py)
     try:
         code = target(args=args, prog_name="compress eval" if target is eval_app else "compress",
                       standalone_mode=False)  # non-standalone click returns typer.Exit codes instead of exiting
+        if code == 130:  # typer turns a KeyboardInterrupt inside a command into this code, silently
+            console.print("[yellow]interrupted[/]")
         if isinstance(code, int) and code:
             sys.exit(code)
     except CompressError as e:
-        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)  # one line, never wrapped
-        sys.exit(2)
+        _fail(str(e))
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except Exception as e:  # click usage errors arrive here in non-standalone mode
-        import click
+        usage = _usage_error(e)
+        if usage is None:
+            raise
+        _fail(f"{usage}; see `{getattr(getattr(e, 'ctx', None), 'command_path', None) or 'compress'} --help`"
+              + _subcommand_hint(argv if target is app and args[:1] == ["compress"] else []))
 
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+
+def _fail(message: str) -> NoReturn:
+    """Print the one `error: ...` line and exit 2. The message is user text, so it goes in as a rich Text, never
+    parsed for markup or emoji codes (a model named `[/]` would otherwise crash rich), its line breaks joined."""
+    from rich.text import Text
+
+    line = Text.assemble(("error:", "red"), " ", " ".join(message.splitlines()))
+    console.print(line, highlight=False, soft_wrap=True)  # one line, never wrapped
+    sys.exit(2)
+
+
+def _usage_error(e: Exception) -> str | None:
+    """The one-line message of a click usage error (missing option, unknown option, bad value, extra argument),
+    or None for any other exception. Typer 0.29 raises its vendored click's classes (typer._click), older typers
+    the installed click's: both are recognised by class name and interface, not by one import."""
+    names = {cls.__name__ for cls in type(e).__mro__}
+    if "ClickException" not in names or not callable(getattr(e, "format_message", None)) or \
+            not hasattr(e, "exit_code"):
+        return None
+    return " ".join(str(e.format_message()).split()).rstrip(".")
+
+
+def _subcommand_hint(argv: list[str]) -> str:
+    """' (is 'evl' a mistyped `compress eval`?)' when the word taken as MODEL looks like a mistyped subcommand
+    (`compress evl A B` otherwise only says that --recipe is missing)."""
+    import difflib
+
+    try:
+        if not argv or Path(argv[0]).exists():
+            return ""
+    except (OSError, ValueError):  # a name too long for the file system, or one with a NUL byte
+        return ""
+    close = difflib.get_close_matches(argv[0], ["eval", "export", "recipes", "compress", "verify"], n=1, cutoff=0.6)
+    return f" (is {argv[0]!r} a mistyped `compress {close[0]}`?)" if close else ""
 
 
 if __name__ == "__main__":

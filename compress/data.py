@@ -66,7 +66,10 @@ def _tokenize(tokenizer: Any, text: str) -> Tensor:
 
 
 def _consecutive(ids: Tensor, start: int, n: int | None, seqlen: int, source: str) -> Windows:
-    available = (ids.numel() - start) // seqlen
+    available = max(ids.numel() - start, 0) // seqlen
+    if available < 1:
+        raise CompressError(f"{source} holds {max(ids.numel() - start, 0)} tokens from token {start}, too few for "
+                            f"one window of {seqlen}; use a longer text or a shorter sequence length")
     if n is None:
         n = available
     if n > available or n < 1:
@@ -77,7 +80,8 @@ def _consecutive(ids: Tensor, start: int, n: int | None, seqlen: int, source: st
 
 def _random_windows(ids: Tensor, n: int, seqlen: int, seed: int, source: str) -> Windows:
     if ids.numel() <= seqlen:
-        raise CompressError(f"{source} holds {ids.numel()} tokens, too few for windows of {seqlen}")
+        raise CompressError(f"{source} holds {ids.numel()} tokens, too few for windows of {seqlen}; use a longer "
+                            "text or a shorter calibrate.seqlen")
     rng = random.Random(seed)
     starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(n)]
     return Windows(torch.stack([ids[s : s + seqlen] for s in starts]), source)
@@ -164,11 +168,35 @@ def _c4_calibration(tokenizer: Any, samples: int, seqlen: int, seed: int) -> Win
     return Windows(torch.stack(out), "c4 train")
 
 
+def check_source(name: str) -> None:
+    """Fail fast on a local text file that cannot serve as a dataset (missing, a directory, unreadable, not
+    UTF-8, empty), before minutes go into loading a model; the built-in sources pass unread."""
+    if name not in DATASETS:
+        _local_text(name)
+
+
 def _local_text(name: str) -> str:
+    """The text of a local dataset file; a missing, unreadable, non-UTF-8 or empty one is one line naming it."""
     path = Path(name)
-    if not path.is_file():
+    try:
+        exists, is_file = path.exists(), path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, or one with a NUL byte
+        exists = is_file = False
+    if not is_file:
+        if exists:
+            raise CompressError(f"dataset {name!r} is a directory, not a text file; pass the path of a UTF-8 "
+                                "text file")
+        if path.suffix or "/" in name or "\\" in name:
+            raise CompressError(f"dataset file {name} does not exist; check the path, or use one of "
+                                f"{', '.join(DATASETS)}")
         raise CompressError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)} or a path to a text file")
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise CompressError(f"{path} is not UTF-8 text ({e.reason}); convert it or pick another file") from e
+        raise CompressError(f"dataset file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                            f"{e.start}); convert it to UTF-8 (e.g. iconv -t utf-8) or pick another file") from None
+    except OSError as e:
+        raise CompressError(f"dataset file {path} cannot be read ({e.strerror or e}); check its permissions") from None
+    if not text.strip():
+        raise CompressError(f"dataset file {path} is empty; pass a text file with enough text for the windows")
+    return text

@@ -57,6 +57,7 @@ from compress import grid, parallel, train
 from compress.errors import CompressError
 from compress.nn import CompressedLinear, set_module
 from compress.plan import LayerWeight, Salient
+from compress.recipe import require
 from compress.teacher import Teacher
 
 log = logging.getLogger(__name__)
@@ -86,23 +87,22 @@ class Config:
     prompt_tokens: int = 32  # data=generated: tokens of each calibration window kept as its prompt
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.windows_per_step < 1 or self.batch_size < 1 or self.warmup < 0:
-            raise CompressError("distill steps >= 0, windows_per_step >= 1, batch_size >= 1, warmup >= 0")
+        require("distill", self, positive=("windows_per_step", "batch_size", "save_every", "log_every", "lr",
+                                           "temperature", "prompt_tokens"),
+                non_negative=("steps", "warmup", "topk", "seed", "mst_reg", "hidden_mse"), fraction=("iss_alpha",))
+        if self.prune_steps < -1:
+            raise CompressError(f"recipe value distill.prune_steps={self.prune_steps} is out of range; use -1 (half "
+                                "of the steps) or a step count >= 0")
         if self.train not in ("scales", "norms", "ste", "weights"):
             raise CompressError(f"distill train={self.train!r} is invalid; choose scales, norms, ste or weights")
         if self.sparsity and self.train != "weights":
             raise CompressError("distill sparsity (ISS-P) prunes dense weights: use train=weights")
-        if not 0 <= self.sparsity < 1 or not 0 <= self.iss_alpha <= 1:
-            raise CompressError("distill sparsity must be in [0, 1) and iss_alpha in [0, 1]")
-        if not self.lr > 0:
-            raise CompressError("distill lr must be > 0")
-        if self.mst_reg < 0 or (self.mst_reg and self.train != "ste"):
-            raise CompressError("distill mst_reg (>= 0) trains the signs of binary layers: use train=ste")
-        if not self.temperature > 0 or self.hidden_mse < 0:
-            raise CompressError("distill temperature must be > 0 and hidden_mse >= 0")
-        if self.data not in ("calibration", "generated") or self.prompt_tokens < 1:
-            raise CompressError(f"distill data={self.data!r} is invalid; choose calibration or generated "
-                                "(with prompt_tokens >= 1)")
+        if not 0 <= self.sparsity < 1:
+            raise CompressError(f"recipe value distill.sparsity={self.sparsity} is out of range; it must be in [0, 1)")
+        if self.mst_reg and self.train != "ste":
+            raise CompressError("distill mst_reg trains the signs of binary layers: use train=ste")
+        if self.data not in ("calibration", "generated"):
+            raise CompressError(f"distill data={self.data!r} is invalid; choose calibration or generated")
 
 
 # --- what trains --------------------------------------------------------------------------------------

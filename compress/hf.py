@@ -7,6 +7,7 @@ the HfQuantizer hooks).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -14,9 +15,8 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from compress import format as fmt
+from compress import verify
 from compress.errors import CompressError
-from compress.nn import swap_linears
-from compress.plan import Plan
 
 
 class CompressConfig(QuantizationConfigMixin):
@@ -39,13 +39,28 @@ class CompressHfQuantizer(HfQuantizer):
     requires_calibration = True  # checkpoints come from the `compress` pipeline, not from loading
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-        v = int(self.quantization_config.format_version)
+        try:
+            v = int(self.quantization_config.format_version)
+        except (TypeError, ValueError):
+            raise CompressError(f"config.json has an invalid format_version "
+                                f"{self.quantization_config.format_version!r}; the checkpoint is damaged") from None
         if v > fmt.FORMAT_VERSION:
             raise CompressError(f"checkpoint format version {v} is newer than this compress "
                                 f"(reads up to {fmt.FORMAT_VERSION}); upgrade compress")
 
-    def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
-        swap_linears(model, Plan.from_json(self.quantization_config.plan))
+    def _process_model_before_weight_loading(self, model: Any, checkpoint_files: list[str] | None = None,
+                                             **kwargs: Any) -> None:
+        """Swap the planned Linears in, then check the files against this skeleton before a byte is loaded:
+        every expected tensor with its dtype and shape, nothing unexpected, and (unless disabled) checksums."""
+        qc = self.quantization_config
+        verify.swap_plan(model, qc.plan, getattr(qc, "unfused_experts", None))
+        if checkpoint_files:
+            files = [Path(f) for f in checkpoint_files]
+            verify.check_folder(files[0].parent, model, files)
+
+    def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        verify.check_finite(model)
+        return model
 
     def is_serializable(self, **kwargs: Any) -> bool:
         return True

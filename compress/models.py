@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from compress import moe
 from compress.errors import CompressError
 
 log = logging.getLogger(__name__)
@@ -93,11 +96,105 @@ def resolve(model: str) -> ModelRef:
     return ModelRef(target, None, model if model != target else "")
 
 
+_DISCOVERED: weakref.WeakKeyDictionary[nn.Module, Arch] = weakref.WeakKeyDictionary()
+
+
 def arch_of(model: nn.Module) -> Arch:
+    """The model's block layout: ARCHS[model_type] when the table has it (an override for odd cases), otherwise
+    found from the model itself (`discover`, once per model object)."""
     mt = getattr(model.config, "model_type", None)
-    if mt not in ARCHS:
-        raise CompressError(f"model type {mt!r} is not supported yet; supported: {', '.join(sorted(ARCHS))}")
-    return ARCHS[mt]
+    if mt in ARCHS:
+        return ARCHS[mt]
+    if model not in _DISCOVERED:
+        _DISCOVERED[model] = discover(model)
+    return _DISCOVERED[model]
+
+
+def forget(model: nn.Module) -> None:
+    """Drop the layout found for `model` (its modules changed, e.g. experts were unfused)."""
+    _DISCOVERED.pop(model, None)
+
+
+def _block_list(model: nn.Module) -> str:
+    """The path of the repeated decoder-layer list: the ModuleList of one block class holding Linears with the
+    most parameters (an expert list inside a block is smaller than the list of blocks that holds it)."""
+    best: tuple[int, str] | None = None
+    for name, m in model.named_modules():
+        if not (isinstance(m, nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1):
+            continue
+        if not any(isinstance(x, nn.Linear) for x in m[0].modules()):
+            continue
+        size = sum(p.numel() for p in m.parameters())
+        if best is None or size > best[0]:
+            best = (size, name)
+    if best is None:
+        raise CompressError(f"{type(model).__name__}: no repeated list of blocks holding nn.Linear layers was found, "
+                            "so there is nothing compress knows how to round (add the model to compress.models.ARCHS)")
+    return best[1]
+
+
+@torch.no_grad()
+def _call_order(model: nn.Module, block: nn.Module) -> tuple[tuple[str, ...], ...]:
+    """GPTQ's true-sequential groups of one block, from one traced forward of the model on a few tokens: the
+    block's Linears in the order they are called, consecutive Linears that read the same input tensor grouped
+    (q/k/v; gate/up)."""
+    calls: list[tuple[str, Tensor]] = []
+    names = {m: n for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    hooks = [m.register_forward_pre_hook(lambda mod, inp: calls.append((names[mod], inp[0]))) for m in names]
+    stop = block.register_forward_hook(_trace_done)
+    vocab = int(getattr(model.config, "vocab_size", 2) or 2)
+    device = next(model.parameters()).device
+    try:
+        model(input_ids=(torch.arange(8, device=device) % vocab)[None], use_cache=False)
+    except _TraceDone:
+        pass
+    except Exception as e:  # an architecture whose forward we cannot run with plain input_ids
+        raise CompressError(f"{type(model).__name__}: one forward on 8 tokens failed while finding the order of its "
+                            f"Linears ({type(e).__name__}: {str(e).splitlines()[0][:120]}); add the model to "
+                            "compress.models.ARCHS") from e
+    finally:
+        for h in [*hooks, stop]:
+            h.remove()
+    groups: list[list[str]] = []
+    seen: set[str] = set()
+    last: Tensor | None = None
+    for name, x in calls:
+        if name in seen:
+            continue
+        seen.add(name)
+        if groups and x is last:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last = x
+    groups += [[n] for n in names.values() if n not in seen]  # e.g. experts no token was routed to
+    return _merge_repeats(groups)
+
+
+def _merge_repeats(groups: list[list[str]]) -> tuple[tuple[str, ...], ...]:
+    """Groups that differ only by an index (expert 0's gate_up, expert 1's gate_up, ...) become one group at the
+    place of the first, so a block of E experts costs two calibration passes, not 2E."""
+    merged: dict[tuple[str, ...], list[str]] = {}
+    for g in groups:
+        key = tuple(re.sub(r"\.\d+\.", ".*.", n) for n in g)
+        merged.setdefault(key, []).extend(n for n in g if n not in merged.get(key, []))
+    return tuple(tuple(g) for g in merged.values())
+
+
+class _TraceDone(Exception):
+    pass
+
+
+def _trace_done(*_: Any) -> None:
+    raise _TraceDone
+
+
+def discover(model: nn.Module) -> Arch:
+    """The block layout of a model with no ARCHS entry, found from the model: its block list and the call order
+    of block 0's Linears."""
+    path = _block_list(model)
+    blocks = model.get_submodule(path)
+    return Arch(path, _call_order(model, blocks[0]))
 
 
 def blocks_of(model: nn.Module, arch: Arch) -> nn.ModuleList:
@@ -206,6 +303,7 @@ def load(ref: ModelRef, dtype: torch.dtype | str = "auto") -> tuple[nn.Module, A
         # transformers dequantized the GGUF tensors into ordinary Linears: this is a dense model now
         model.hf_quantizer.remove_quantization_config(model)
     check_finite(model, ref.display)
+    moe.unfuse_experts(model)  # MoE experts as Linears: what the plan, calibration and checkpoint see
     model.eval()
     return model, tokenizer
 

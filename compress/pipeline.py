@@ -23,16 +23,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from compress import data, distill, models, parallel, sequential, teacher
+from compress import codecs, data, distill, models, moe, parallel, sequential, teacher
 from compress.allocate import METHODS as ALLOCATORS
 from compress.allocate.context import Allocation, Context
-from compress.checkpoint import WorkDir
 from compress.errors import CompressError
 from compress.plan import Plan
 from compress.recipe import Recipe
 from compress.reports import BlockReport, Progress, RoundLayer
 from compress.round import METHODS, joint, layerwise
 from compress.util import atomic_write, peak_rss_mb
+from compress.workdir import WorkDir, tensors_digest
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +68,22 @@ class Result:
 
 def make_plan(model: nn.Module, arch: models.Arch, recipe: Recipe) -> Plan:
     """Uniform allocation: every Linear inside the blocks gets the recipe's spec, after overrides.
-    Embeddings, lm_head and norms are outside the blocks (or not Linear) and stay dense."""
+    Embeddings, lm_head and norms are outside the blocks (or not Linear) and stay dense. An override that
+    matches no Linear is a warning: usually a typo, or a name from another architecture, that would
+    otherwise leave the intended layers at the default spec without a word."""
+    import fnmatch
+
     layers = {}
-    for name, m in models.blocks_of(model, arch).named_modules():
-        if isinstance(m, nn.Linear):
-            fqn = f"{arch.blocks}.{name}"
-            spec = recipe.layer_spec(fqn)
-            if spec is not None:
-                layers[fqn] = spec
+    names = [f"{arch.blocks}.{name}" for name, m in models.blocks_of(model, arch).named_modules()
+             if isinstance(m, nn.Linear)]
+    for fqn in names:
+        spec = recipe.layer_spec(fqn)
+        if spec is not None:
+            layers[fqn] = spec
+    unused = [o.match for o in recipe.overrides if not any(fnmatch.fnmatchcase(n, o.match) for n in names)]
+    if unused:
+        log.warning("overrides that match no Linear of the model (they change nothing): %s; Linears are named "
+                    "like %s", ", ".join(repr(m) for m in unused), names[0] if names else "(none)")
     if not layers:
         raise CompressError("the recipe leaves no Linear to compress (every layer is skipped)")
     return Plan(layers)
@@ -97,12 +105,16 @@ def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | 
     one-line progress messages of the allocation and training stages (default: the library's logger)."""
     t0 = time.perf_counter()
     say = say or log.info
+    if moe.unfuse_experts(model):  # fused MoE experts as one Linear pair per expert, before the layout is read
+        models.forget(model)
     arch = models.arch_of(model)
     base = make_plan(model, arch, recipe)
     check_pruned_training(base, recipe.distill)
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in base}
     windows = calibrate(model, tokenizer, recipe)
     ids = None if windows is None else windows.ids
+    if workdir is not None and ids is not None:  # the work resumes only onto the same token ids
+        workdir.bind("calibration", tensors_digest({"ids": ids}))
     kd = learn_from(model, ids, recipe, device, workdir, say)
     distilled: dict[str, Any] = {}
     if kd is not None and recipe.distill.train == "weights":  # pruned training (ISS-P): prune first, then round
@@ -187,11 +199,56 @@ def round_model(model: nn.Module, arch: models.Arch, allocation: Allocation, ids
     if path == "database":
         assert allocation.weights is not None
         return sequential.assemble(model, plan, allocation.weights, progress=progress), {}
+    n = len(models.blocks_of(model, arch))
     blocks = sequential.run(model, arch, plan, METHODS[rnd.method], rnd.config, ids, batch_size=c.batch_size,
                             true_sequential=c.true_sequential, device=device,
-                            resume=None if workdir is None else workdir.load_block,
-                            on_block_done=None if workdir is None else workdir.save_block, progress=progress)
+                            resume=None if workdir is None else saved_blocks(model, arch, plan, workdir),
+                            on_block_done=None if workdir is None else lambda i, b: workdir.save_block(i, b, n),
+                            progress=progress)
     return blocks, {}
+
+
+def saved_blocks(model: nn.Module, arch: models.Arch, plan: Plan,
+                 workdir: WorkDir) -> Callable[[int], dict[str, Tensor] | None]:
+    """`workdir.load_block`, with a file whose tensors do not fit the block (other keys, shapes or storage dtypes:
+    another plan's, or damaged) treated as missing: it is recomputed rather than half loaded."""
+    blocks = models.blocks_of(model, arch)
+
+    def load(i: int) -> dict[str, Tensor] | None:
+        state = workdir.load_block(i)
+        why = None if state is None else misfit(blocks[i], f"{arch.blocks}.{i}", plan, state)
+        if why is not None:
+            workdir.drop_block(i, f"does not fit block {i} ({why})")
+            return None
+        return state
+
+    return load
+
+
+def misfit(block: nn.Module, prefix: str, plan: Plan, state: dict[str, Tensor]) -> str | None:
+    """Why `state` cannot be loaded into `block` once its planned Linears are packed (None: it can): what
+    `block.load_state_dict` would refuse (missing or unexpected keys, shapes), and packed tensors of another
+    storage dtype, which it would silently convert."""
+    want = {k: (tuple(v.shape), None) for k, v in block.state_dict().items()}
+    for name, lin in sequential.block_linears(block, prefix, plan).items():
+        rel = name[len(prefix) + 1 :]
+        want = {k: v for k, v in want.items() if not k.startswith(f"{rel}.")}
+        try:
+            spec = sequential.saved_spec(plan[name], state, rel)
+            packed = codecs.of(spec).buffers(spec, lin.out_features, lin.in_features)
+        except (CompressError, KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+            return f"{rel}: {str(e)[:80]}"
+        want |= {f"{rel}.{k}": (tuple(shape), dt) for k, (shape, dt) in packed.items()}
+        if lin.bias is not None:
+            want[f"{rel}.bias"] = (tuple(lin.bias.shape), None)
+    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    if missing or unexpected:
+        return "; ".join(f"{what} {', '.join(keys[:2])}" + (" ..." if len(keys) > 2 else "")
+                         for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys)
+    for k, (shape, dt) in want.items():
+        if tuple(state[k].shape) != shape or (dt is not None and state[k].dtype != dt):
+            return f"{k} is {state[k].dtype} {tuple(state[k].shape)}, the block needs {dt or 'shape'} {shape}"
+    return None
 
 
 def final_plan(model: nn.Module, planned: Plan) -> Plan:

@@ -13,13 +13,19 @@ Every mapping becomes a frozen dataclass; an unknown key or a value of the wrong
 `CompressError` that names it and lists what is valid. `--set round.damp=0.02` edits the raw mapping
 (values parsed as YAML) before validation. The resolved recipe (defaults filled in) is written next to
 every checkpoint.
+
+YAML is read with `RecipeLoader`, not PyYAML's 1.1 defaults: `2:4` stays a string (1.1 reads it as the
+base-60 number 124), a duplicate key is an error (1.1 silently keeps the last), and `1e-4` is a float.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -39,6 +45,9 @@ class Calibrate:
     seed: int = 0
     batch_size: int = 8  # windows per forward pass of a block
     true_sequential: bool = False  # GPTQ --true-sequential: re-collect H after each group of Linears
+
+    def __post_init__(self) -> None:
+        require("calibrate", self, positive=("samples", "seqlen", "batch_size"), non_negative=("seed",))
 
 
 @dataclass(frozen=True)
@@ -127,10 +136,101 @@ class Recipe:
         return d
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.dump(self.to_dict(), Dumper=RecipeDumper, sort_keys=False)
+
+
+# --- reading YAML -------------------------------------------------------------------------------
+
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
+# YAML 1.1's int and float patterns less their base-60 forms (`2:4` -> 124, `1:30.5` -> 90.5) and their
+# leading-zero octal (`010` -> 8, a string now and so a type error); `1e-4` (no dot) is a float, as in YAML 1.2.
+_NUMBERS = {
+    _INT: re.compile(r"^[-+]?(?:0|[1-9][0-9_]*|0x[0-9a-fA-F_]+|0b[01_]+)$"),
+    _FLOAT: re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                          |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+                          |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+                          |[-+]?\.(?:inf|Inf|INF)
+                          |\.(?:nan|NaN|NAN))$""", re.X),
+}
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with the two YAML 1.1 habits that silently change a recipe turned off: base-60
+    numbers (a `pattern: 2:4` would become 124) and duplicate keys (the last one would win unseen)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may legitimately repeat keys
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark,
+                    note=f"first on line {first}; YAML would keep only the last value, so remove one of them")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, _NUMBERS.get(tag, rx)) for tag, rx in resolvers]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+
+class RecipeDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper that also quotes the strings RecipeLoader reads as numbers (`'1e-4'`), so a saved
+    recipe reads back the same with RecipeLoader and with plain `yaml.safe_load` (which quotes `'2:4'`)."""
+
+
+RecipeDumper.yaml_implicit_resolvers = {
+    first: [*resolvers, *((tag, rx) for tag, rx in RecipeLoader.yaml_implicit_resolvers.get(first, ())
+                          if tag in _NUMBERS)]
+    for first, resolvers in yaml.SafeDumper.yaml_implicit_resolvers.items()}
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """`text` read with RecipeLoader; any YAML problem is one CompressError line naming `what` (the file or
+    the --set edit), the line and column, and the fix."""
+    try:
+        return yaml.load(text, Loader=RecipeLoader)  # a SafeLoader: plain values only, never Python objects
+    except yaml.YAMLError as e:
+        raise CompressError(f"{what} is not valid YAML: {_yaml_problem(e)}") from None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's multi-line report as one line: the problem, where, and for a `!!python/...` tag the fix."""
+    if not isinstance(e, yaml.MarkedYAMLError) or not e.problem:
+        return " ".join(str(e).split())
+    text = " ".join(e.problem.split())
+    mark = e.problem_mark
+    if mark is not None:
+        text += f" at line {mark.line + 1}, column {mark.column + 1}"
+    if "constructor for the tag" in text:
+        return text + "; recipes hold plain values (numbers, strings, lists, mappings): remove the tag"
+    return text + (f" ({e.note})" if e.note else "")
 
 
 # --- strict construction ------------------------------------------------------------------------
+
+
+def require(section: str, cfg: Any, *, positive: Iterable[str] = (), non_negative: Iterable[str] = (),
+            fraction: Iterable[str] = ()) -> None:
+    """Refuse a section whose counts, sizes or fractions are out of range, naming the first bad key and its
+    value: a zero sample count or a zero `save_every` would otherwise surface much later as an empty tensor or
+    a ZeroDivisionError deep inside a stage (`fraction`: within [0, 1])."""
+    rules = ((positive, "> 0", lambda v: v > 0), (non_negative, ">= 0", lambda v: v >= 0),
+             (fraction, "within [0, 1]", lambda v: 0 <= v <= 1))
+    for names, rule, ok in rules:
+        for name in names:
+            value = getattr(cfg, name)
+            if not ok(value):
+                raise CompressError(f"recipe value {section}.{name}={value!r} is out of range; it must be {rule}")
 
 
 def _check_type(value: Any, tp: Any, path: str) -> Any:
@@ -151,6 +251,8 @@ def _check_type(value: Any, tp: Any, path: str) -> Any:
         return tuple(_check_type(v, item, f"{path}.{i}") for i, v in enumerate(value))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise CompressError(f"recipe value {path}={value!r} is not a finite number")
     if tp is Any or (isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         return value
     name = getattr(tp, "__name__", str(tp))
@@ -210,26 +312,50 @@ def from_dict(data: dict[str, Any]) -> Recipe:
 
 
 def apply_set(data: dict[str, Any], assignment: str) -> None:
-    """Apply one `a.b.c=value` edit (value parsed as YAML) to the raw recipe mapping, in place."""
+    """Apply one `a.b.c=value` edit (value parsed as YAML, as a recipe file is) to the raw recipe mapping, in
+    place. The path walks sections (mappings, created when missing) and existing list indices only, so a
+    typo is refused naming the edit rather than growing a stray key or indexing past a list."""
     if "=" not in assignment:
         raise CompressError(f"--set {assignment!r} must look like key.path=value (e.g. round.damp=0.02)")
     key, raw = assignment.split("=", 1)
-    parts = key.strip().split(".")
+    key = key.strip()
+    parts = [p.strip() for p in key.split(".")]
+    if not all(parts):
+        raise CompressError(f"--set {assignment!r}: the key {key!r} has an empty part; write key.path=value "
+                            "(e.g. round.damp=0.02)")
     node: Any = data
-    for i, p in enumerate(parts[:-1]):
-        if isinstance(node, list):
-            if not p.isdigit() or int(p) >= len(node):
-                raise CompressError(f"--set {key}: {'.'.join(parts[: i + 1])} is not an index of the list")
-            node = node[int(p)]
-        else:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict | list):
-                raise CompressError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
-    value = yaml.safe_load(raw)
+    for i in range(len(parts) - 1):
+        node = _step(node, parts, i, key)
+    value = parse_yaml(raw, f"--set {key}: the value {raw!r}")
     if isinstance(node, list):
-        node[int(parts[-1])] = value
+        node[_index(node, parts, len(parts) - 1, key)] = value
     else:
         node[parts[-1]] = value
+
+
+def _step(node: dict[str, Any] | list[Any], parts: list[str], i: int, key: str) -> dict[str, Any] | list[Any]:
+    """The section or list that `parts[i]` names inside `node` (a missing or empty section becomes {})."""
+    if isinstance(node, list):
+        child = node[_index(node, parts, i, key)]
+    else:
+        if node.get(parts[i]) is None:
+            node[parts[i]] = {}
+        child = node[parts[i]]
+    if not isinstance(child, dict | list):
+        raise CompressError(f"--set {key}: {'.'.join(parts[: i + 1])} holds the value {child!r}, not a section, "
+                            f"so it has no {parts[i + 1]!r}; set {'.'.join(parts[: i + 1])}=... instead")
+    return child
+
+
+def _index(node: list[Any], parts: list[str], i: int, key: str) -> int:
+    """`parts[i]` as an existing index of the list `node`, or a CompressError naming the list and its size."""
+    p = parts[i]
+    if p.isascii() and p.isdigit() and int(p) < len(node):
+        return int(p)
+    where = ".".join(parts[:i])
+    valid = f"0..{len(node) - 1}" if node else "none: it is empty"
+    raise CompressError(f"--set {key}: {where} is a list of {len(node)}, and {p!r} is not one of its indices "
+                        f"({valid}); replace the whole list with {where}=[...]")
 
 
 def available() -> list[str]:
@@ -243,16 +369,50 @@ def _recipe_dir() -> Path:
 
 def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Load a recipe by name (recipes/NAME.yaml) or path, apply --set edits, validate strictly."""
-    path = Path(name_or_path)
-    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
-        path = _recipe_dir() / f"{name_or_path}.yaml"
-        if not path.is_file():
-            raise CompressError(f"unknown recipe {name_or_path!r}; available: {', '.join(available())} "
-                                "(or pass a path to a .yaml file)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise CompressError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    path = _find(name_or_path)
+    data = read(path)
     for s in overrides:
         apply_set(data, s)
     return from_dict(data)
+
+
+def _find(name_or_path: str) -> Path:
+    """The recipe file: a .yaml/.yml path, else recipes/NAME.yaml; either missing is one line saying which."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or "/" in name_or_path or "\\" in name_or_path:
+        if _is_file(path):
+            return path
+        raise CompressError(f"recipe file {name_or_path} does not exist (or is not a file); pass an existing "
+                            f".yaml file or a named recipe: {', '.join(available())}")
+    named = _recipe_dir() / f"{name_or_path}.yaml"
+    if not _is_file(named):
+        raise CompressError(f"unknown recipe {name_or_path!r}; available: {', '.join(available())} "
+                            "(or pass a path to a .yaml file)")
+    return named
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, or one with a NUL byte
+        return False
+
+
+def read(path: Path) -> dict[str, Any]:
+    """The raw mapping of a recipe file. An empty or comment-only file is refused: it would otherwise become
+    the default recipe without a word, which is never what its author meant."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CompressError(f"recipe {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                            "save it as UTF-8") from None
+    except OSError as e:
+        raise CompressError(f"recipe {path} cannot be read ({e.strerror or e}); check its permissions") from None
+    data = parse_yaml(text, f"recipe {path}")
+    if data is None:
+        raise CompressError(f"recipe {path} is empty (or only comments), which would silently mean the defaults; "
+                            "write the sections to use, e.g. `round: {method: gptq}`, or pass a named recipe")
+    if not isinstance(data, dict):
+        raise CompressError(f"recipe {path} must be a YAML mapping of sections (name:, calibrate:, weights:, "
+                            f"round:, ...) at the top level, not a {type(data).__name__}")
+    return data

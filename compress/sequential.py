@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -41,11 +43,13 @@ class Hessian:
     def __init__(self, K: int, device: torch.device) -> None:
         self.H = torch.zeros(K, K, device=device, dtype=torch.float32)
         self.n = 0
+        self.tokens = 0  # rows seen (an expert sees only the tokens routed to it)
 
     def add(self, x: Tensor) -> None:
         """x [B, T, K] (or [T, K]): the Linear's inputs for B sequences."""
         b = x.shape[0] if x.dim() == 3 else 1
         x = x.reshape(-1, x.shape[-1]).float()  # [B·T, K]
+        self.tokens += x.shape[0]
         self.H *= self.n / (self.n + b)
         self.n += b
         x = math.sqrt(2 / self.n) * x
@@ -56,16 +60,44 @@ class _Stop(Exception):
     pass
 
 
-class _Catcher(nn.Module):
-    def __init__(self, store: list[tuple[Tensor, dict[str, Any]]], device: torch.device) -> None:
-        super().__init__()
-        self.store, self.device = store, device
+Call = tuple[tuple[Any, ...], dict[str, Any]]  # what a block is called with besides its hidden states
 
-    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if args:
-            raise CompressError("this architecture passes positional arguments to its blocks; not supported yet")
-        self.store.append((hidden_states, kwargs))
-        raise _Stop
+
+@dataclass
+class Captured:
+    """What the model hands its blocks for each calibration batch: block 0's hidden states, and every block's
+    other arguments (masks and position embeddings differ per block where sliding-window and global layers mix,
+    e.g. Gemma 3's local and global rotary tables)."""
+
+    hidden: list[Tensor]  # [batch] block 0's input [B, T, K], in the model's dtype
+    calls: list[list[Call]]  # [block][batch] positional arguments after the hidden states, keyword arguments
+
+
+class _Catcher(nn.Module):
+    """Stands in for one block during the capture pass: records its call and passes the hidden states through
+    (the next stand-in records what the model computes for its block); the last one stops the forward. Attributes
+    the model reads off its layers (e.g. `attention_type`) come from the block it stands in for."""
+
+    def __init__(self, block: nn.Module, calls: list[Call], hidden: list[Tensor] | None, last: bool) -> None:
+        super().__init__()
+        self.__dict__["_block"] = block  # not registered: the stand-in owns no parameters
+        self.calls, self.hidden, self.last = calls, hidden, last
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_block"], name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        h, args = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+        self.calls.append((args, kwargs))
+        if self.hidden is not None:
+            self.hidden.append(h)
+        if self.last:
+            raise _Stop
+        return h
 
 
 def _to(obj: Any, device: torch.device) -> Any:
@@ -80,14 +112,16 @@ def _to(obj: Any, device: torch.device) -> Any:
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, arch: Arch, windows: Tensor, batch_size: int,
-                   device: torch.device) -> list[tuple[Tensor, dict[str, Any]]]:
-    """Run the model up to block 0 for each batch of windows [n, T]; return (hidden, kwargs) per batch."""
+def capture_inputs(model: nn.Module, arch: Arch, windows: Tensor, batch_size: int, device: torch.device) -> Captured:
+    """Run the model's embedding and block-argument code for each batch of windows [n, T], with every block
+    replaced by a stand-in (no block runs); return block 0's hidden states and every block's arguments."""
     parent_name, _, attr = arch.blocks.rpartition(".")
     parent = model.get_submodule(parent_name)
     blocks = getattr(parent, attr)
-    store: list[tuple[Tensor, dict[str, Any]]] = []
-    setattr(parent, attr, nn.ModuleList([_Catcher(store, device)]))
+    cap = Captured([], [[] for _ in blocks])
+    stand_ins = [_Catcher(b, cap.calls[i], cap.hidden if i == 0 else None, i == len(blocks) - 1)
+                 for i, b in enumerate(blocks)]
+    setattr(parent, attr, nn.ModuleList(stand_ins))
     try:
         model.to(device)  # the blocks are detached: only embeddings, norms, rotary tables move
         for i in range(0, windows.shape[0], batch_size):
@@ -96,8 +130,10 @@ def capture_inputs(model: nn.Module, arch: Arch, windows: Tensor, batch_size: in
     finally:
         setattr(parent, attr, blocks)
         model.to("cpu")
-    return [(h, {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value")})
-            for h, kw in store]
+    if any(len(c) != len(cap.hidden) for c in cap.calls):
+        raise CompressError(f"the model did not call each of its {len(blocks)} blocks ({arch.blocks}) once per "
+                            "batch; its layer loop is not understood (add it to compress.models.ARCHS)")
+    return cap
 
 
 @contextmanager
@@ -112,21 +148,57 @@ def _hessian_hooks(modules: dict[str, nn.Linear], device: torch.device) -> Itera
             h.remove()
 
 
+MIN_EXPERT_TOKENS = 32  # an expert's Linear that saw fewer calibration tokens takes its siblings' pooled Hessian
+
+
+def _expert_role(name: str) -> str | None:
+    """`...mlp.experts.*.down_proj` for the Linears of one expert of a block (compress/moe.py), else None."""
+    m = re.fullmatch(r"(.*\.experts)\.\d+\.(.*)", name)
+    return f"{m[1]}.*.{m[2]}" if m else None
+
+
+def pool_rare_experts(hs: dict[str, Hessian]) -> dict[str, str]:
+    """Experts that few calibration tokens were routed to get a Hessian they can be rounded with: the pooled one of
+    the same Linear of every expert of the block (token-weighted; their own tokens included). Returns what was done
+    per Linear (it goes into the layer's report). No token for any expert of a Linear is an error."""
+    roles: dict[str, list[str]] = {}
+    for name in hs:
+        role = _expert_role(name)
+        if role is not None:
+            roles.setdefault(role, []).append(name)
+    notes = {}
+    for role, names in roles.items():
+        rare = [n for n in names if hs[n].tokens < MIN_EXPERT_TOKENS]
+        if not rare:
+            continue
+        total = sum(hs[n].tokens for n in names)
+        if total == 0:
+            raise CompressError(f"no calibration token was routed to any expert of {role}; calibrate on more or "
+                                "longer windows (calibrate.samples, calibrate.seqlen)")
+        pooled = sum(hs[n].H * (hs[n].n / 2) for n in names) / total  # Σ x xᵀ over every routed token / tokens
+        for n in rare:
+            notes[n] = f"pooled Hessian of {len(names)} experts ({hs[n].tokens} own tokens of {total})"
+            hs[n].H = pooled
+        log.info("%s: %d of %d experts saw fewer than %d calibration tokens and use the pooled Hessian", role,
+                 len(rare), len(names), MIN_EXPERT_TOKENS)
+    return notes
+
+
 def _block_output(out: Any) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _run_block(block: nn.Module, inputs: Sequence[tuple[Tensor, dict[str, Any]]], device: torch.device,
-               keep: bool) -> list[tuple[Tensor, dict[str, Any]]]:
-    """Run block on every captured batch in float32; return the outputs (same storage dtype) if keep."""
+def _run_block(block: nn.Module, hidden: Sequence[Tensor], calls: Sequence[Call], device: torch.device,
+               keep: bool) -> list[Tensor]:
+    """Run block on every captured batch in float32; return the outputs (in the inputs' dtype) if keep."""
     outs = []
-    for h, kw in inputs:
-        y = _block_output(block(h.to(device, torch.float32), **_to(kw, device)))
+    for h, (args, kw) in zip(hidden, calls, strict=True):
+        y = _block_output(block(h.to(device, torch.float32), *_to(args, device), **_to(kw, device)))
         if not torch.isfinite(y).all():
             raise CompressError("a block produced NaN/inf activations during calibration; load the model in "
                                 "float32 (--dtype float32) or check the calibration data")
         if keep:
-            outs.append((y.to(h.dtype), kw))
+            outs.append(y.to(h.dtype))
     return outs
 
 
@@ -160,7 +232,7 @@ def _groups(arch: Arch, prefix: str, linears: dict[str, nn.Linear], true_sequent
 
 
 def _round_block(model: nn.Module, block: nn.Module, groups: list[list[str]], plan: Plan, round_layer: RoundLayer,
-                 needs_hessian: bool, inputs: Sequence[tuple[Tensor, dict[str, Any]]],
+                 needs_hessian: bool, hidden: Sequence[Tensor], calls: Sequence[Call],
                  device: torch.device) -> list[LayerReport]:
     """Round the block's Linears group by group; each group's Hessians see the earlier groups compressed."""
     reports = []
@@ -169,9 +241,12 @@ def _round_block(model: nn.Module, block: nn.Module, groups: list[list[str]], pl
         hs: dict[str, Hessian] = {}
         if needs_hessian:
             with _hessian_hooks(mods, device) as hs:
-                _run_block(block, inputs, device, keep=False)
+                _run_block(block, hidden, calls, device, keep=False)
+        notes = pool_rare_experts(hs) if hs else {}
         for name, lin in mods.items():
             packed, rep = round_layer(name, lin, hs[name].H if hs else None, plan[name])
+            if name in notes:
+                rep.info["hessian"] = notes[name]
             set_module(model, name, packed)
             reports.append(rep)
         hs.clear()  # free this group's Hessians before the next group's
@@ -208,7 +283,8 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
     blocks = blocks_of(model, arch)
     if cfg.needs_hessian and windows is None:
         raise CompressError(f"{method.__name__.rsplit('.', 1)[-1]} needs calibration windows")
-    inputs = capture_inputs(model, arch, windows, batch_size, device) if cfg.needs_hessian else []
+    cap = capture_inputs(model, arch, windows, batch_size, device) if cfg.needs_hessian else Captured([], [])
+    hidden = cap.hidden
     reports = []
     for i, block in enumerate(blocks):
         t0 = time.perf_counter()
@@ -223,9 +299,10 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
             block.load_state_dict(state)
         else:
             groups = _groups(arch, prefix, linears, true_sequential)
-            layer_reports = _round_block(model, block, groups, plan, round_layer, cfg.needs_hessian, inputs, device)
+            layer_reports = _round_block(model, block, groups, plan, round_layer, cfg.needs_hessian, hidden,
+                                         cap.calls[i] if cap.calls else [], device)
         if cfg.needs_hessian and i + 1 < len(blocks):
-            inputs = _run_block(block, inputs, device, keep=True)
+            hidden = _run_block(block, hidden, cap.calls[i], device, keep=True)
         if restore:
             for name, lin in linears.items():
                 if kept is not None:

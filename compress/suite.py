@@ -30,7 +30,7 @@ from typing import Any
 
 from torch import nn
 
-from compress import data, evaluate, tasks
+from compress import data, digest, evaluate, tasks
 from compress.errors import CompressError
 from compress.util import atomic_write
 
@@ -178,9 +178,15 @@ class Cache:
         return self.root / fp / f"{key}.json"
 
     def get(self, fp: str, key: str) -> dict | None:
+        """The cached result, or None when there is none or it cannot be read (then it is recomputed)."""
         if self.root is None or not self._path(fp, key).is_file():
             return None
-        return json.loads(self._path(fp, key).read_text())
+        try:
+            value = json.loads(self._path(fp, key).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            log.warning("ignoring the unreadable cached result %s (%s); it will be recomputed", self._path(fp, key), e)
+            return None
+        return value if isinstance(value, dict) else None
 
     def put(self, fp: str, key: str, value: dict) -> None:
         if self.root is None:
@@ -192,11 +198,11 @@ class Cache:
 
 
 def fingerprint(*parts: Any, files: list[Path] = ()) -> str:
-    """A short stable id from `parts` and the names, sizes and modification times of `files`."""
+    """A short stable id from `parts` and the contents of `files` (compress.digest, hashed on all cores: a
+    changed byte changes it, a copy or a touch does not)."""
     h = hashlib.sha256(json.dumps(parts, default=str).encode())
-    for f in sorted(files):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    if files:
+        h.update(digest.files_digest(sorted(Path(f) for f in files)).encode())
     return h.hexdigest()[:20]
 
 

@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,9 @@ def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
         code = int(e.code or 0)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+Verdict = Callable[[str], None]  # tests/fuzz: the `verdict` fixture ("error" or "correct", see tests/fuzz/conftest.py)
 
 
 def one_line_error(err: str) -> str:

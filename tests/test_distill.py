@@ -13,6 +13,7 @@ import compress
 from compress import checkpoint, data, distill, recipe, teacher
 from compress import format as fmt
 from compress.nn import CompressedLinear
+from compress.workdir import WorkDir
 
 
 def setup(name: str = "rtn-4bit", edits: tuple[str, ...] = ("weights.bits=2",)
@@ -210,7 +211,7 @@ def test_generated_windows_continue_the_prompts_and_are_reproducible() -> None:
 def test_pipeline_distills_on_teacher_written_text_and_keeps_it_for_a_resumed_run(tmp_path: Path) -> None:
     kd = "distill={steps: 6, windows_per_step: 8, batch_size: 8, lr: 0.01, warmup: 1, topk: 0, data: generated, "
     edits = ("weights.bits=2", kd + "prompt_tokens: 8}")
-    work = checkpoint.WorkDir(tmp_path, {"recipe": "generated"})
+    work = WorkDir(tmp_path, {"recipe": "generated"})
     res = run(tiny_llama(), "rtn-4bit", edits, workdir=work)
     assert res.distilled["data"] == "generated" and res.distilled["kl_last"] < res.distilled["kl_first"]
     from safetensors.torch import load_file

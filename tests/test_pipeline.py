@@ -12,6 +12,7 @@ import compress
 from compress import checkpoint
 from compress.nn import CompressedLinear
 from compress.sequential import BlockReport
+from compress.workdir import WorkDir
 
 
 @pytest.mark.parametrize("name", ["rtn-4bit", "gptq-4bit", "gptq-3bit", "gptq-2bit"])
@@ -108,8 +109,8 @@ def test_interrupted_run_resumes_to_the_same_model(name: str, tmp_path: Path) ->
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run(tiny_llama(), name, workdir=checkpoint.WorkDir(tmp_path, fingerprint), progress=stop_after_first_block)
-    work = checkpoint.WorkDir(tmp_path, fingerprint)
+        run(tiny_llama(), name, workdir=WorkDir(tmp_path, fingerprint), progress=stop_after_first_block)
+    work = WorkDir(tmp_path, fingerprint)
     assert work.finished == 1
     seen = []
     resumed = tiny_llama()
@@ -119,9 +120,9 @@ def test_interrupted_run_resumes_to_the_same_model(name: str, tmp_path: Path) ->
 
 
 def test_workdir_from_another_command_is_discarded(tmp_path: Path) -> None:
-    run(tiny_llama(), workdir=checkpoint.WorkDir(tmp_path, {"recipe": "a"}))
-    assert checkpoint.WorkDir(tmp_path, {"recipe": "a"}).finished == 2
-    assert checkpoint.WorkDir(tmp_path, {"recipe": "b"}).finished == 0
+    run(tiny_llama(), workdir=WorkDir(tmp_path, {"recipe": "a"}))
+    assert WorkDir(tmp_path, {"recipe": "a"}).finished == 2
+    assert WorkDir(tmp_path, {"recipe": "b"}).finished == 0
 
 
 def test_large_checkpoints_are_sharded_and_load(tmp_path: Path) -> None:

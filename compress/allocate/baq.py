@@ -60,6 +60,9 @@ class Config:
                                 f"of choices={list(self.choices)}")
         if self.theta <= 0:
             raise CompressError(f"baq theta={self.theta} must be positive (1.95 in the paper)")
+        if not 0 <= self.reference_bits <= 8:
+            raise CompressError(f"recipe value allocate.reference_bits={self.reference_bits} is out of range; use 0 "
+                                "(the target rounded) or a width from 1 to 8")
         if self.tie and self.granularity != "layer":
             raise CompressError(f"baq tie=true gives fused Linears one width, which needs granularity=layer "
                                 f"(got {self.granularity}); set allocate.granularity=layer or drop tie")

@@ -56,6 +56,7 @@ from compress.allocate.context import Allocation, Context
 from compress.errors import CompressError
 from compress.nn import CompressedLinear
 from compress.plan import LayerSpec, LayerWeight, Plan
+from compress.recipe import require
 from compress.reports import LayerReport
 from compress.teacher import Teacher, cached
 from compress.util import atomic_write
@@ -96,8 +97,11 @@ class Config:
                                 "survivors and scores no fewer tokens than the one before")
         if self.init not in ("uniform", "baq"):
             raise CompressError(f"evopress init={self.init!r} is invalid; choose uniform or baq")
-        if self.generations < 0 or self.offspring < 1:
-            raise CompressError("evopress generations must be >= 0 and offspring >= 1")
+        require("allocate", self, positive=("offspring", "batch_size", "theta"),
+                non_negative=("generations", "topk", "seed"))
+        if self.calibration_bits and self.calibration_bits not in c:
+            raise CompressError(f"recipe value allocate.calibration_bits={self.calibration_bits} is not one of "
+                                f"choices={c}; use one of them or 0 (the target rounded)")
 
     @property
     def calib_bits(self) -> int:

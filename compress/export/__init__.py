@@ -47,16 +47,18 @@ def check(name: str, plan: Plan, shapes: Mapping[str, tuple[int, int]], recipe: 
         raise CompressError(f"{name} cannot hold this plan: {lines[0]}{more}")
 
 
-def export(checkpoint_dir: Path, name: str, out: Path, *, dtype: torch.dtype | None = None) -> Path:
+def export(checkpoint_dir: Path, name: str, out: Path, *, dtype: torch.dtype | None = None,
+           verify_digests: bool = True) -> Path:
     """Write the compress checkpoint in `checkpoint_dir` as format `name` into `out` (dense parts in `dtype`,
-    default: the checkpoint's own); returns `out`."""
+    default: the checkpoint's own); returns `out`. The checkpoint is verified as every load verifies it
+    (compress/verify.py; `verify_digests=False` skips the checksums)."""
     from compress.checkpoint import load
 
     module = format_module(name)
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
     if out.resolve() == checkpoint_dir.resolve():
         raise CompressError(f"--out {out} is the checkpoint itself; choose another folder")
-    model = load(checkpoint_dir)
+    model = load(checkpoint_dir, verify_digests=verify_digests)
     plan = Plan({n: m.spec for n, m in model.named_modules() if isinstance(m, CompressedLinear)})
     shapes = {n: (m.out_features, m.in_features) for n in plan for m in [model.get_submodule(n)]}
     dtype = dtype or _dense_dtype(model)

@@ -35,6 +35,7 @@ from compress import grid, train
 from compress.errors import CompressError
 from compress.nn import set_module
 from compress.plan import LayerWeight, Plan
+from compress.recipe import require
 from compress.round import rtn
 from compress.teacher import Teacher, cached
 
@@ -59,15 +60,14 @@ class Config:
     seed: int = 42
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.windows_per_step < 1 or self.batch_size < 1:
-            raise CompressError("discquant steps, windows_per_step and batch_size must be >= 1")
+        require("round", self, positive=("steps", "windows_per_step", "batch_size", "lr", "clamp", "save_every",
+                                         "log_every"),
+                non_negative=("rho", "warmup", "weight_decay", "topk", "seed"))
         if self.windows_per_step % self.batch_size:
             raise CompressError(f"discquant windows_per_step={self.windows_per_step} must be a multiple of "
                                 f"batch_size={self.batch_size}")
         if self.init not in ("rand", "orig"):
             raise CompressError(f"discquant init={self.init!r} is invalid; choose rand or orig")
-        if not (self.lr > 0 and self.clamp > 0 and self.rho >= 0 and self.warmup >= 0):
-            raise CompressError("discquant needs lr > 0, clamp > 0, rho >= 0 and warmup >= 0")
 
 
 # --- the parametrisation ------------------------------------------------------------------------------

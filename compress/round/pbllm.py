@@ -34,6 +34,7 @@ from compress import format as fmt
 from compress import grid, mst
 from compress.errors import CompressError
 from compress.plan import LayerSpec, LayerWeight, Salient
+from compress.recipe import require
 from compress.round import gptq
 from compress.round.loss import column_loss
 
@@ -56,8 +57,7 @@ class Config:
             raise CompressError(f"pbllm metric={self.metric!r} is invalid; choose magnitude or hessian")
         if self.signs not in ("auto", "plain"):
             raise CompressError(f"pbllm signs={self.signs!r} is invalid; choose auto (MST when smaller) or plain")
-        if self.block_size < 1 or self.damp < 0:
-            raise CompressError("pbllm needs block_size >= 1 and damp >= 0")
+        require("round", self, positive=("block_size",), non_negative=("damp",))
 
 
 def mst_signs(S: Tensor, spec: LayerSpec, info: dict[str, float]) -> tuple[LayerSpec, mst.Tree | None]:
