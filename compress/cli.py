@@ -255,6 +255,8 @@ def compress_cmd(
     # left empty is removed), and never over another recipe's checkpoint or other files without --force
     ctx.with_resource(workdir.lock(out, " ".join(sys.argv)))
     workdir.check_target(out, rec.name, force)
+    if format_:
+        export.check_target(out.with_name(f"{out.name}-{format_}"), format_, force)
     console.print(f"[bold]compress[/] {escape(ref.display)} · recipe [cyan]{escape(rec.name)}[/]: "
                   f"{escape(rec.description)}", emoji=False)
     with console.status(f"loading {escape(ref.display)}"):
@@ -322,7 +324,7 @@ def compress_cmd(
     if format_ is not None:
         with console.status(f"writing {format_}"):
             try:
-                exported = export.export(out, format_, out.with_name(f"{out.name}-{format_}"))
+                exported = export.export(out, format_, out.with_name(f"{out.name}-{format_}"), force=force)
             except Exception as e:
                 raise _write_failed(e, out.with_name(f"{out.name}-{format_}"), format_, None,
                                     f"the checkpoint {out} is complete: `compress export {out} --format {format_}` "
@@ -540,6 +542,7 @@ def export_cmd(
                                                                   "bfloat16 | float16")] = "auto",
     digests: Annotated[bool, typer.Option("--verify/--no-verify", help="compare the checkpoint's tensors with its "
                                           "checksums.json first")] = True,
+    force: Annotated[bool, typer.Option("--force", help="write into OUT even if it holds other files")] = False,
 ) -> None:
     from compress import checkpoint, export
 
@@ -547,7 +550,7 @@ def export_cmd(
     dtype = None if save_dtype == "auto" else _dtype(save_dtype)
     out = out or path.with_name(f"{path.name}-{format_}")
     with console.status(f"writing {format_} to {escape(str(out))}"):
-        export.export(path, format_, out, dtype=dtype, verify_digests=digests)
+        export.export(path, format_, out, dtype=dtype, verify_digests=digests, force=force)
     console.print(f"[green]done[/] · {format_} · {_human_bytes(checkpoint.disk_bytes(out))} on disk", highlight=False)
     out_console.print(str(out), markup=False, highlight=False, emoji=False)
 

@@ -128,3 +128,17 @@ def test_no_token_for_any_expert_is_one_line() -> None:
     hs = {f"model.layers.0.mlp.experts.{e}.down_proj": Hessian(8, torch.device("cpu")) for e in range(3)}
     with pytest.raises(CompressError, match=r"no calibration token was routed to any expert of .*experts\.\*\.down"):
         pool_rare_experts(hs)
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_exports_refuse_expert_linears_before_calibration(fmt: str) -> None:
+    from compress import export
+    from compress.errors import CompressError
+    from compress.pipeline import make_plan
+
+    m = tiny("mixtral")
+    compress.moe.unfuse_experts(m)
+    plan = make_plan(m, models.arch_of(m), recipe.load("gptq-4bit", ["weights.group_size=32"]))
+    shapes = {n: tuple(m.get_submodule(n).weight.shape) for n in plan}
+    with pytest.raises(CompressError, match=r"mixture-of-experts Linears .* skip the experts"):
+        export.check(fmt, plan, shapes)

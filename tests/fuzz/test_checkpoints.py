@@ -357,3 +357,40 @@ def test_a_garbled_eval_cache_entry_is_recomputed(tmp_path: Path, text: str, ver
     (tmp_path / "fp" / "ppl.json").write_bytes(text.encode("latin-1"))
     assert store.get("fp", "ppl") is None  # treated as missing: the task runs again and overwrites it
     verdict("correct")
+
+
+@pytest.mark.parametrize("occupant", ["file", "other files", "a gptq export", "a compress checkpoint"])
+def test_an_export_never_overwrites_what_is_not_its_own(saved: tuple[Path, torch.Tensor], tmp_path: Path,
+                                                       occupant: str, capsys: pytest.CaptureFixture[str],
+                                                       verdict: Verdict) -> None:
+    target = tmp_path / "target"
+    if occupant == "file":
+        target.write_text("precious")
+    elif occupant == "other files":
+        target.mkdir()
+        (target / "notes.txt").write_text("precious")
+    elif occupant == "a gptq export":
+        target.mkdir()
+        (target / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq"}}))
+    else:
+        shutil.copytree(saved[0], target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()} if target.is_dir() else target.read_bytes()
+    args = ["export", str(saved[0]), "--format", "compressed-tensors", "--out", str(target)]
+    code, _, err = cli(args, capsys)
+    assert code == 2 and "choose" in one_line_error(err)
+    after = {p.name: p.read_bytes() for p in target.iterdir()} if target.is_dir() else target.read_bytes()
+    assert after == before  # untouched
+    if occupant == "other files":  # --force writes beside them (a checkpoint of another kind is never overwritten)
+        code, _, err = cli([*args, "--force"], capsys)
+        assert code == 0 and (target / "notes.txt").read_text() == "precious", err
+    verdict("error")
+
+
+def test_an_export_may_rewrite_its_own_format(saved: tuple[Path, torch.Tensor], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str], verdict: Verdict) -> None:
+    args = ["export", str(saved[0]), "--format", "compressed-tensors", "--out", str(tmp_path / "ct")]
+    assert cli(args, capsys)[0] == 0
+    first = (tmp_path / "ct" / "model.safetensors").read_bytes()
+    assert cli(args, capsys)[0] == 0
+    assert (tmp_path / "ct" / "model.safetensors").read_bytes() == first
+    verdict("correct")
