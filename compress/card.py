@@ -12,7 +12,8 @@ from compress.pipeline import Result
 def summary(result: Result) -> dict[str, Any]:
     """Facts stored in config.json's quantization_config next to the plan."""
     code, total = result.avg_bits()
-    return {"avg_bits_code": round(code, 4), "avg_bits_total": round(total, 4), "calibration": result.calibration}
+    return {"avg_bits_code": round(code, 4), "avg_bits_total": round(total, 4), "calibration": result.calibration,
+            **({"stages": result.stages} if result.stages else {})}
 
 
 def allocation_section(result: Result, kl_gain: float | None = None) -> list[str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,76 @@ def save(model: nn.Module, tokenizer: Any, plan: Any, recipe: Any, out_dir: Path
     (out_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
     (out_dir / "README.md").write_text(card, encoding="utf-8")
     verify.write_checksums(out_dir)  # last: a checkpoint with checksums is a complete one
+
+
+def save_streamed(model: nn.Module, tokenizer: Any, plan: Any, recipe: Any, out_dir: Path, *, card: str,
+                  blocks: str, block_state: Callable[[int], dict[str, torch.Tensor] | None], n_blocks: int,
+                  extra: dict[str, Any] | None = None, dtype: torch.dtype | None = None,
+                  shard_bytes: int = 2 * 10**9) -> None:
+    """`save` for a model whose blocks are on the meta device (compress/lazy.py): the weights are written shard by
+    shard from the parts outside the blocks and each finished block's tensors (`block_state(i)`: the work
+    directory's copy), so one block at a time is in memory. Same files as `save`; `dtype` casts the dense parts."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    packed = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, CompressedLinear) for b in m.packed()}
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+
+    def cast(key: str, t: torch.Tensor) -> torch.Tensor:
+        dense = dtype is not None and t.is_floating_point() and key not in packed
+        return (t.to(dtype) if dense else t).contiguous()
+
+    def parts() -> Iterator[dict[str, torch.Tensor]]:
+        yield {k: cast(k, v) for k, v in model.state_dict().items() if not k.startswith(blocks + ".") and k not in tied}
+        for i in range(n_blocks):
+            state = block_state(i)
+            if state is None:
+                raise CompressError(f"block {i} is missing from the work directory; re-run the same command")
+            yield {f"{blocks}.{i}.{k}": cast(f"{blocks}.{i}.{k}", v) for k, v in state.items()}
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    names: list[str] = []
+    weight_map: dict[str, int] = {}
+    total = 0
+
+    def flush() -> None:
+        tensors = verify.as_saved(model, shards[0])
+        name = f"model-{len(names) + 1:05d}.safetensors.tmp"
+        save_file(tensors, out_dir / name, metadata={"format": "pt"})
+        weight_map.update({k: len(names) for k in tensors})
+        names.append(name)
+        shards[0] = {}
+
+    for part in parts():
+        shards[0].update(part)
+        total += sum(t.numel() * t.element_size() for t in part.values())
+        if sum(t.numel() * t.element_size() for t in shards[0].values()) >= shard_bytes:
+            flush()
+    if shards[0]:
+        flush()
+    final = [f"model-{i + 1:05d}-of-{len(names):05d}.safetensors" for i in range(len(names))]
+    if len(names) == 1:
+        final = ["model.safetensors"]
+    for tmp, name in zip(names, final, strict=True):
+        (out_dir / tmp).replace(out_dir / name)
+    if len(names) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": {k: final[i] for k, i in sorted(weight_map.items())}}
+        (out_dir / verify.INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
+    unfused = [n for n, m in model.named_modules() if isinstance(m, moe.Experts)]
+    qc = CompressConfig(plan=plan.to_json(), recipe=recipe.name, **(extra or {}),
+                        **({"unfused_experts": unfused} if unfused else {}))
+    model.config.quantization_config = qc.to_dict()
+    if dtype is not None:
+        model.config.dtype = dtype
+    model.config.save_pretrained(out_dir)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    (out_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+    (out_dir / "README.md").write_text(card, encoding="utf-8")
+    verify.write_checksums(out_dir)
 
 
 def quantization_config(path: Path) -> dict[str, Any]:

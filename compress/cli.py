@@ -227,14 +227,16 @@ def compress_cmd(
         "--format", help="also write OUT-FORMAT for another runtime: compressed-tensors|gptq (checked before any "
                          "calibration)")] = None,
     eval_windows: Annotated[int, typer.Option("--eval-windows", help="quick check windows (0: none)")] = 4,
+    stream: Annotated[str, typer.Option("--stream", help="read the model block by block from its safetensors: auto "
+                                                         "(when the whole model would not fit) | on | off")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="write OUT even if it holds a checkpoint of another recipe "
                                                         "or other files")] = False,
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    from compress import card, checkpoint, data, evaluate, models, parallel, workdir
+    from compress import card, checkpoint, data, evaluate, lazy, models, parallel, workdir
     from compress import recipe as recipes
-    from compress.pipeline import compress
+    from compress.pipeline import check_streamable, compress
 
     _check_count("--eval-windows", eval_windows, 0)
     _setup(verbose, threads)
@@ -250,6 +252,9 @@ def compress_cmd(
         for f in targets:
             export.format_module(f)
     ref = models.resolve(model)
+    streamed = lazy.should_stream(ref, _dtype(dtype), stream)
+    if streamed:
+        check_streamable(rec)
     out = out or _default_out(model, rec.name)
     # before the model loads: one run at a time per folder (held until the command ends; a folder this made and
     # left empty is removed), and never over another recipe's checkpoint or other files without --force
@@ -259,12 +264,18 @@ def compress_cmd(
         export.check_target(out.with_name(f"{out.name}-{format_}"), format_, force)
     console.print(f"[bold]compress[/] {escape(ref.display)} · recipe [cyan]{escape(rec.name)}[/]: "
                   f"{escape(rec.description)}", emoji=False)
-    with console.status(f"loading {escape(ref.display)}"):
-        m, tok = models.load(ref, _dtype(dtype))
+    with console.status(f"loading {escape(ref.display)}" + (" (block by block)" if streamed else "")):
+        source = None
+        if streamed:
+            m, tok, source = lazy.open_lazy(ref, _dtype(dtype))
+            console.print(f"reading the model block by block ({escape(lazy.describe(ref, _dtype(dtype)))}); the "
+                          "quick check against the original is skipped", highlight=False)
+        else:
+            m, tok = models.load(ref, _dtype(dtype))
         keep = models.stored_dtype(ref) if save_dtype == "auto" else _dtype(save_dtype)  # the dense parts on disk
         _check_formats(m, rec, targets, format_, ref.display, keep)  # before any calibration or quick eval
         quick = None
-        if eval_windows > 0:
+        if eval_windows > 0 and not streamed:
             ev = data.evaluation(tok, "pydoc", rec.calibrate.seqlen, eval_windows, vocab_size=m.config.vocab_size)
             quick = evaluate.reference(m.to(device), ev.ids)
             m.to("cpu")
@@ -279,7 +290,7 @@ def compress_cmd(
     try:
         with Live(table.bar, console=console, refresh_per_second=4, transient=True):
             result = compress(m, tok, rec, device=device, progress=table, workdir=work,
-                              say=lambda msg: console.print(escape(msg), highlight=False))
+                              say=lambda msg: console.print(escape(msg), highlight=False), source=source)
     except KeyboardInterrupt:
         console.print(f"\nfinished work ({work.finished} blocks, and any allocation state) is kept in "
                       f"{escape(str(work.dir))}; re-run the same command to resume")
@@ -304,8 +315,13 @@ def compress_cmd(
             m.to("cpu")
     with console.status(f"writing {escape(str(out))}"):
         try:
-            checkpoint.save(m, tok, result.plan, rec, out, card=card.model_card(ref, result, quick, checked, uniform),
-                            extra=card.summary(result), dtype=keep)
+            model_card = card.model_card(ref, result, quick, checked, uniform)
+            if source is not None:
+                checkpoint.save_streamed(m, tok, result.plan, rec, out, card=model_card, extra=card.summary(result),
+                                         dtype=keep, blocks=arch.blocks, block_state=work.load_block,
+                                         n_blocks=len(models.blocks_of(m, arch)))
+            else:
+                checkpoint.save(m, tok, result.plan, rec, out, card=model_card, extra=card.summary(result), dtype=keep)
         except Exception as e:  # .partial stays: the re-run resumes every block and only writes the checkpoint
             raise _write_failed(e, out, "the checkpoint", _bytes(m), workdir.resume_hint(
                 f"every finished block is kept in {work.dir}")) from None

@@ -115,7 +115,7 @@ def forget(model: nn.Module) -> None:
     _DISCOVERED.pop(model, None)
 
 
-def _block_list(model: nn.Module) -> str:
+def block_list(model: nn.Module) -> str:
     """The path of the repeated decoder-layer list: the ModuleList of one block class holding Linears with the
     most parameters (an expert list inside a block is smaller than the list of blocks that holds it)."""
     best: tuple[int, str] | None = None
@@ -192,7 +192,7 @@ def _trace_done(*_: Any) -> None:
 def discover(model: nn.Module) -> Arch:
     """The block layout of a model with no ARCHS entry, found from the model: its block list and the call order
     of block 0's Linears."""
-    path = _block_list(model)
+    path = block_list(model)
     blocks = model.get_submodule(path)
     return Arch(path, _call_order(model, blocks[0]))
 
@@ -249,7 +249,7 @@ def _check_available(ref: ModelRef) -> None:
 PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
-def _refuse_unsafe(ref: ModelRef) -> None:
+def refuse_unsafe(ref: ModelRef) -> None:
     """A local folder whose model needs its own Python code, or whose weights are only pickles, is refused
     before transformers is asked (it would prompt, or unpickle)."""
     import json
@@ -277,7 +277,7 @@ def load(ref: ModelRef, dtype: torch.dtype | str = "auto") -> tuple[nn.Module, A
 
     _check_available(ref)
 
-    _refuse_unsafe(ref)
+    refuse_unsafe(ref)
     kw: dict[str, Any] = {"trust_remote_code": False}  # code in a model folder never runs
     if ref.gguf_file:
         kw["gguf_file"] = ref.gguf_file
@@ -311,7 +311,7 @@ def load(ref: ModelRef, dtype: torch.dtype | str = "auto") -> tuple[nn.Module, A
 def check_finite(model: nn.Module, display: str) -> None:
     """NaN or Inf in a model's weights is refused before any work, naming the first such tensor."""
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise CompressError(f"{display}: {name} holds {bad} NaN/Inf value(s) of {t.numel()}; the weights are "
                                 "damaged: re-download or re-convert the model")

@@ -15,7 +15,8 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,7 @@ class Result:
     distilled: dict[str, Any] = field(default_factory=dict)  # what the distillation stage did (steps, KL)
     # the uniform model an allocator's prediction is relative to (BAQ's pass 1), to score it end to end
     reference: dict[str, nn.Module] | None = field(default=None, repr=False)
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)  # stage -> wall seconds, peak RSS MB at its end
 
     def avg_bits(self) -> tuple[float, float]:
         return self.plan.avg_bits(self.shapes)
@@ -100,18 +102,26 @@ class Distillation:
 
 def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | torch.device = "cpu",
              progress: Progress | None = None, workdir: WorkDir | None = None,
-             say: Callable[[str], None] | None = None) -> Result:
+             say: Callable[[str], None] | None = None, source: Any = None) -> Result:
     """Compress `model` in place following `recipe`; a `workdir` makes the run resumable; `say` receives
-    one-line progress messages of the allocation and training stages (default: the library's logger)."""
+    one-line progress messages of the allocation and training stages (default: the library's logger). With a
+    `source` (compress/lazy.py: the model's blocks on the meta device, read from its shards one at a time) every
+    block is written to `workdir` and freed once rounded; `checkpoint.save_streamed` then writes the checkpoint."""
     t0 = time.perf_counter()
     say = say or log.info
-    if moe.unfuse_experts(model):  # fused MoE experts as one Linear pair per expert, before the layout is read
+    stages: dict[str, dict[str, float]] = {}
+    if source is not None:
+        check_streamable(recipe)
+        if workdir is None:
+            raise CompressError("a block-by-block run writes each finished block to its work directory: pass one")
+    elif moe.unfuse_experts(model):  # fused MoE experts as one Linear pair per expert, before the layout is read
         models.forget(model)
     arch = models.arch_of(model)
     base = make_plan(model, arch, recipe)
     check_pruned_training(base, recipe.distill)
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in base}
-    windows = calibrate(model, tokenizer, recipe)
+    with stage(stages, "calibrate"):
+        windows = calibrate(model, tokenizer, recipe)
     ids = None if windows is None else windows.ids
     if workdir is not None and ids is not None:  # the work resumes only onto the same token ids
         workdir.bind("calibration", tensors_digest({"ids": ids}))
@@ -119,14 +129,36 @@ def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | 
     distilled: dict[str, Any] = {}
     if kd is not None and recipe.distill.train == "weights":  # pruned training (ISS-P): prune first, then round
         distilled, kd = run_distill(model, kd, recipe.distill, workdir, device, say), None
-    allocation = allocate(context(model, arch, base, ids, recipe, device, workdir, progress, say), workdir)
-    blocks, rounding = round_model(model, arch, allocation, ids, recipe, device, workdir, progress, say)
+    with stage(stages, "allocate"):
+        allocation = allocate(context(model, arch, base, ids, recipe, device, workdir, progress, say), workdir)
+    with stage(stages, "round"):
+        blocks, rounding = round_model(model, arch, allocation, ids, recipe, device, workdir, progress, say, source)
     if kd is not None:
-        distilled = run_distill(model, kd, recipe.distill, workdir, device, say)
+        with stage(stages, "distill"):
+            distilled = run_distill(model, kd, recipe.distill, workdir, device, say)
     plan = final_plan(model, allocation.plan)
     return Result(model, plan, recipe, blocks, windows.describe() if windows is not None else "none (data-free)",
                   time.perf_counter() - t0, peak_rss_mb(), shapes, allocation.summary, rounding, distilled,
-                  allocation.reference)
+                  allocation.reference, stages)
+
+
+@contextmanager
+def stage(stages: dict[str, dict[str, float]], name: str) -> Iterator[None]:
+    """Record a stage's wall seconds and the process's peak RSS at its end (what the run's table reports)."""
+    t0 = time.perf_counter()
+    yield
+    stages[name] = {"seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+def check_streamable(recipe: Recipe) -> None:
+    """Refuse, before any work, what a block-by-block run cannot do: stages that need the whole model at once."""
+    whole = ([f"allocate.method={recipe.allocate.method}"] if recipe.allocate.method != "uniform" else []) + (
+        [f"round.method={recipe.round.method}"] if joint(recipe.round.method) else []) + (
+        ["distill"] if recipe.distill.steps else [])
+    if whole:
+        raise CompressError(f"recipe {recipe.name} needs the whole model in memory ({', '.join(whole)}), but this "
+                            "model is read block by block; use a sequential recipe (gptq-*, rtn-*, pbllm-*) or a "
+                            "machine with more memory (--stream off)")
 
 
 def calibrate(model: nn.Module, tokenizer: Any, recipe: Recipe) -> data.Windows | None:
@@ -186,7 +218,7 @@ def rounding_path(recipe: Recipe, allocation: Allocation) -> str:
 
 def round_model(model: nn.Module, arch: models.Arch, allocation: Allocation, ids: Tensor | None, recipe: Recipe,
                 device: str | torch.device, workdir: WorkDir | None, progress: Progress | None,
-                say: Callable[[str], None]) -> tuple[list[BlockReport], dict[str, Any]]:
+                say: Callable[[str], None], source: Any = None) -> tuple[list[BlockReport], dict[str, Any]]:
     """Round every Linear of the allocation's plan: (block reports, what a joint rounding reports)."""
     rnd, c, plan = recipe.round, recipe.calibrate, allocation.plan
     path = rounding_path(recipe, allocation)
@@ -204,7 +236,7 @@ def round_model(model: nn.Module, arch: models.Arch, allocation: Allocation, ids
                             true_sequential=c.true_sequential, device=device,
                             resume=None if workdir is None else saved_blocks(model, arch, plan, workdir),
                             on_block_done=None if workdir is None else lambda i, b: workdir.save_block(i, b, n),
-                            progress=progress)
+                            progress=progress, source=source)
     return blocks, {}
 
 

@@ -128,8 +128,8 @@ def capture_inputs(model: nn.Module, arch: Arch, windows: Tensor, batch_size: in
             with suppress(_Stop):
                 model(input_ids=windows[i : i + batch_size].to(device), use_cache=False)
     finally:
+        model.to("cpu")  # (before the blocks are back: streamed ones are on the meta device)
         setattr(parent, attr, blocks)
-        model.to("cpu")
     if any(len(c) != len(cap.hidden) for c in cap.calls):
         raise CompressError(f"the model did not call each of its {len(blocks)} blocks ({arch.blocks}) once per "
                             "batch; its layer loop is not understood (add it to compress.models.ARCHS)")
@@ -266,8 +266,12 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
         resume: Callable[[int], dict[str, Tensor] | None] | None = None,
         on_block_done: Callable[[int, nn.Module], None] | None = None,
         progress: Progress | None = None, round_layer: RoundLayer | None = None,
-        restore: bool = False, stage: str = "round", kept: dict[str, nn.Module] | None = None) -> list[BlockReport]:
+        restore: bool = False, stage: str = "round", kept: dict[str, nn.Module] | None = None,
+        source: Any = None) -> list[BlockReport]:
     """Compress every Linear in `plan`, block by block; the model is modified in place.
+
+    With a `source` (compress/lazy.py) the blocks are on the meta device: each is fetched from the shards when its
+    turn comes (or loaded from its resumed state) and released again once `on_block_done` has saved it.
 
     `resume(i)` may return the saved state of an already finished block i (it is loaded, not recomputed);
     `on_block_done(i, block)` is called after each newly compressed block (to save it).
@@ -290,14 +294,17 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
         t0 = time.perf_counter()
         prefix = f"{arch.blocks}.{i}"
         dtype = next(block.parameters()).dtype
-        block.to(device, torch.float32)
         linears = block_linears(block, prefix, plan)
         state = resume(i) if resume is not None else None
+        if state is None and source is not None:
+            source.fetch(i)
+            linears = block_linears(block, prefix, plan)
         layer_reports: list[LayerReport] = []
         if state is not None:
             swap_linears(model, Plan({n: saved_spec(plan[n], state, n[len(prefix) + 1 :]) for n in linears}))
-            block.load_state_dict(state)
-        else:
+            block.load_state_dict(state, assign=source is not None)  # (assign: a streamed block is on meta)
+        block.to(device, torch.float32)
+        if state is None:
             groups = _groups(arch, prefix, linears, true_sequential)
             layer_reports = _round_block(model, block, groups, plan, round_layer, cfg.needs_hessian, hidden,
                                          cap.calls[i] if cap.calls else [], device)
@@ -311,6 +318,8 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
         block.to("cpu", dtype)
         if on_block_done is not None and state is None:
             on_block_done(i, block)
+        if source is not None:
+            source.release(i)
         rep = BlockReport(i, len(blocks), time.perf_counter() - t0, layer_reports, resumed=state is not None,
                           stage=stage)
         reports.append(rep)

@@ -85,7 +85,7 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def _as_saved(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def as_saved(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The names and shapes `tensors` take on disk: transformers renames some keys when it saves (GPT-NeoX's
     lm_head is embed_out) and splits fused ones (Mixtral's 3-D experts into one weight per expert), and undoes it
     on load; its own reversal gives what save_pretrained wrote (works on meta tensors)."""
@@ -102,12 +102,12 @@ def expected_tensors(model: nn.Module) -> tuple[dict[str, Expected], set[str]]:
     state = model.state_dict()
     packed = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, CompressedLinear) for b in m.packed()}
     tied = set(getattr(model, "all_tied_weights_keys", None) or {}) & set(state)
-    exact = set(_as_saved(model, {k: state[k] for k in packed}))
+    exact = set(as_saved(model, {k: state[k] for k in packed}))
     out = {}
-    for key, t in _as_saved(model, {k: v for k, v in state.items() if k not in tied}).items():
+    for key, t in as_saved(model, {k: v for k, v in state.items() if k not in tied}).items():
         strict = key in exact or not t.is_floating_point()
         out[key] = Expected(SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype)) if strict else None, tuple(t.shape))
-    optional = _as_saved(model, {k: state[k] for k in tied})
+    optional = as_saved(model, {k: state[k] for k in tied})
     for key, t in optional.items():
         out.setdefault(key, Expected(None, tuple(t.shape)))
     return out, set(optional)
