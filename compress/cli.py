@@ -44,6 +44,8 @@ USAGE = """Make a language model small and compare it with the original.
 
   compress verify CHECKPOINT [--no-verify]
 
+  compress plan MODEL --recipe NAME [--format F]
+
   compress recipes
 
 Run `compress compress --help` or `compress eval --help` for every option."""
@@ -264,6 +266,9 @@ def compress_cmd(
         export.check_target(out.with_name(f"{out.name}-{format_}"), format_, force)
     console.print(f"[bold]compress[/] {escape(ref.display)} · recipe [cyan]{escape(rec.name)}[/]: "
                   f"{escape(rec.description)}", emoji=False)
+    from compress.util import rss_mb
+
+    before = rss_mb()
     with console.status(f"loading {escape(ref.display)}" + (" (block by block)" if streamed else "")):
         source = None
         if streamed:
@@ -274,6 +279,12 @@ def compress_cmd(
             m, tok = models.load(ref, _dtype(dtype))
         keep = models.stored_dtype(ref) if save_dtype == "auto" else _dtype(save_dtype)  # the dense parts on disk
         _check_formats(m, rec, targets, format_, ref.display, keep)  # before any calibration or quick eval
+        from compress import estimate
+        from compress.pipeline import make_plan
+
+        est = estimate.estimate(m, models.arch_of(m), make_plan(m, models.arch_of(m), rec), rec, streamed=streamed,
+                                save_dtype=keep, baseline_mb=before)
+        _check_memory(est, lazy.available_memory() + int(rss_mb() * 2**20), streamed)
         quick = None
         if eval_windows > 0 and not streamed:
             ev = data.evaluation(tok, "pydoc", rec.calibrate.seqlen, eval_windows, vocab_size=m.config.vocab_size)
@@ -355,6 +366,114 @@ def compress_cmd(
                     f"{checked.ppl:.2f}, KL {checked.kl_mean:.4f}, top-1 agreement {checked.top1:.1%}")
     console.print(summary)
     out_console.print(str(out), markup=False, highlight=False, emoji=False)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _check_memory(est: Any, available: int, streamed: bool) -> None:
+    """Refuse a run whose estimated peak exceeds the memory this machine has, before it calibrates."""
+    if est.peak <= available:
+        return
+    fix = ("fewer or shorter calibration windows (--set calibrate.samples=..., calibrate.seqlen=...), or a machine "
+           "with more memory" if streamed else "--stream on (read the model block by block)")
+    raise CompressError(f"this run needs about {_gb(est.peak)} of memory and {_gb(available)} is available; use "
+                        f"{fix}; `compress plan` shows where the memory goes")
+
+
+@app.command(name="plan", help="Show what a run would do and take (the plan, peak memory, disk, time) without "
+                               "calibrating, and check the target formats.")
+def plan_cmd(
+    model: Annotated[str, typer.Argument(help="alias, hub id, local dir or .gguf")],
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="recipe name in recipes/ or a .yaml path")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="recipe edit key.path=value (repeatable)")] = None,
+    format_: Annotated[str | None, typer.Option("--format", help="check this export format too")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="load dtype: auto|float32|bfloat16|float16")] = "auto",
+    save_dtype: Annotated[str, typer.Option("--save-dtype", help="dense parts on disk")] = "auto",
+    stream: Annotated[str, typer.Option("--stream", help="auto | on | off, as for `compress MODEL`")] = "auto",
+    probe: Annotated[bool, typer.Option("--probe/--no-probe", help="time block 0 to estimate the run's time")]
+    = True,
+    threads: Annotated[int | None, typer.Option("--threads")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    from compress import estimate, lazy, models
+    from compress import recipe as recipes
+    from compress.pipeline import check_streamable, make_plan
+
+    _setup(verbose, threads)
+    rec = recipes.load(recipe, list(set_ or []))
+    targets = list(dict.fromkeys([*([format_] if format_ else []), *rec.serves]))
+    ref = models.resolve(model)
+    streamed = lazy.should_stream(ref, _dtype(dtype), stream)
+    if streamed:
+        check_streamable(rec)
+    source = None
+    with console.status(f"reading {escape(ref.display)}"):
+        if lazy.whole_model_bytes(ref) is not None:  # a local safetensors folder: shapes without the blocks' weights
+            m, _, source = lazy.open_lazy(ref, _dtype(dtype))
+        else:
+            m, _ = models.load(ref, _dtype(dtype))
+    arch = models.arch_of(m)
+    base = make_plan(m, arch, rec)
+    keep = models.stored_dtype(ref) if save_dtype == "auto" else _dtype(save_dtype)
+    from compress.util import rss_mb
+
+    baseline = rss_mb() - (sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()]
+                               if not t.is_meta) / 2**20)
+    est = estimate.estimate(m, arch, base, rec, streamed=streamed, save_dtype=keep, baseline_mb=baseline)
+    blocks = models.blocks_of(m, arch)
+    t = Table("Linear (block 0 of " + str(len(blocks)) + ")", "shape", "code bits", "group", "packed", title=(
+        f"plan: {escape(rec.name)} on {escape(ref.display)}"))
+    for name in [n for n in base if n.startswith(f"{arch.blocks}.0.")]:
+        spec, (N, K) = base[name], tuple(m.get_submodule(name).weight.shape)
+        code, total = spec.bits_per_weight(N, K)
+        t.add_row(name.removeprefix(f"{arch.blocks}.0."), f"{N} x {K}", f"{code:.2f} ({total:.2f} with scales)",
+                  str(spec.group_size), _human_bytes(estimate.packed_bytes(spec, N, K)))
+    out_console.print(t)
+    planned = {f"{n}.weight" for n in base}
+    dense = sorted({k.rsplit(".", 1)[0] for k in m.state_dict() if k not in planned
+                    and not k.startswith(f"{arch.blocks}.")})
+    in_blocks = sorted({k.removeprefix(f"{arch.blocks}.").split(".", 1)[1].rsplit(".", 1)[0] for k in m.state_dict()
+                        if k.startswith(f"{arch.blocks}.") and k not in planned
+                        and not any(k.startswith(p + ".") for p in base)})
+    code, total = base.avg_bits({n: tuple(m.get_submodule(n).weight.shape) for n in base})
+    out_console.print(f"{len(base)} Linears packed at {code:.3f} code bits ({total:.3f} with scales/zeros); dense: "
+                      f"{', '.join(dense)}; in every block: {', '.join(in_blocks) or '-'}", highlight=False,
+                      markup=False, soft_wrap=True)
+    mode = "block by block (--stream on)" if streamed else "whole model in memory"
+    lines = [f"run: {mode}",
+             f"estimated peak RAM: {_gb(est.peak)} ("
+             + ", ".join(f"{k} {_gb(v)}" for k, v in est.parts.items() if v) + ")",
+             f"estimated peak GPU memory with --device cuda: {_gb(est.gpu or 0)} (one block at a time)",
+             f"disk: checkpoint {_gb(est.output)}, work directory up to {_gb(est.work)} while it runs"]
+    available = lazy.available_memory() + int(rss_mb() * 2**20)  # what a run in a fresh process can have
+    lines.append(f"memory available: {_gb(available)}: " + ("fits" if est.peak <= available else "does NOT fit"))
+    if probe:
+        with console.status("timing block 0"):
+            secs = estimate.seconds(m, arch, base, rec, source)
+        lines.append(f"estimated rounding time: {secs / 60:.1f} min on this machine ({torch_threads()} threads; "
+                     "measured on block 0 with random tokens; load and save not included)")
+    for line in lines:
+        out_console.print(line, highlight=False, markup=False, soft_wrap=True)
+    for f in targets:
+        from compress import export
+
+        shapes = {n: tuple(m.get_submodule(n).weight.shape) for n in base}
+        try:
+            export.check(f, base, shapes, rec, keep)
+            out_console.print(f"{f}: the plan exports", highlight=False, markup=False, soft_wrap=True)
+        except CompressError as e:
+            if f == format_:
+                raise
+            out_console.print(f"{f} (the recipe serves it): {e}", highlight=False, markup=False, soft_wrap=True)
+    _check_memory(est, available, streamed)
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 @eval_app.command(help="Compare ORIGINAL with one or more COMPRESSED checkpoints on identical inputs.")
@@ -621,7 +740,7 @@ def main(argv: list[str] | None = None) -> None:
     argv[:1] = ["--help"] if argv[:1] == ["-h"] else argv[:1]  # the group knows only --help
     if argv and argv[0] == "eval":
         target, args = eval_app, argv[1:]
-    elif argv and argv[0] in ("recipes", "compress", "export", "verify"):
+    elif argv and argv[0] in ("recipes", "compress", "export", "verify", "plan"):
         target, args = app, argv
     else:
         target, args = app, ["compress", *argv] if argv and argv[0] not in ("--help", "-h") else argv

@@ -345,3 +345,33 @@ def assemble(model: nn.Module, plan: Plan, weights: Callable[[str], LayerWeight]
     if progress is not None:
         progress(rep)
     return [rep]
+
+
+@torch.no_grad()
+def probe(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, windows: int, seqlen: int,
+          source: Any = None) -> tuple[float, float]:
+    """(seconds of block 0's float32 forward per calibration window, seconds to round its planned Linears) on
+    `windows` windows of random tokens, through the driver's own code; the model is left as it was (a streamed
+    block 0 is released again)."""
+    device = torch.device("cpu")
+    blocks = blocks_of(model, arch)
+    block = source.fetch(0) if source is not None else blocks[0]
+    dtype = next(block.parameters()).dtype
+    try:
+        prefix = f"{arch.blocks}.0"
+        linears = block_linears(block, prefix, plan)
+        ids = torch.randint(0, int(model.config.vocab_size), (windows, seqlen), generator=torch.Generator())
+        cap = capture_inputs(model, arch, ids, windows, device)
+        block.to(device, torch.float32)
+        with _hessian_hooks(linears, device) as hs:
+            t0 = time.perf_counter()
+            _run_block(block, cap.hidden, cap.calls[0], device, keep=False)
+            forward = (time.perf_counter() - t0) / windows
+        t0 = time.perf_counter()
+        for name, lin in linears.items():
+            round_linear(name, lin, hs[name].H if cfg.needs_hessian else None, plan[name], method, cfg)
+        return forward, time.perf_counter() - t0
+    finally:
+        block.to("cpu", dtype)
+        if source is not None:
+            source.release(0)

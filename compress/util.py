@@ -25,6 +25,17 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def rss_mb() -> float:
+    """Resident memory of this process now, in MiB (Linux VmRSS; the peak elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mb()
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB. Linux's VmHWM, which starts afresh at exec
     (getrusage's ru_maxrss survives exec, so a benchmark child would report its parent's peak)."""

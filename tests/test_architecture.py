@@ -14,7 +14,7 @@ LAYERS = {  # module (or package prefix) -> layer; a module may import its own l
              "digest", "interrupt", "moe", "lazy"],
     "runtime": ["nn", "hf", "checkpoint", "verify", "workdir", "kernels", "export", "__init__"],
     "methods": ["round", "allocate", "prune", "mst", "distill", "teacher", "train"],
-    "pipeline": ["pipeline", "sequential"],
+    "pipeline": ["pipeline", "sequential", "estimate"],
     "face": ["cli", "card", "suite", "evaluate", "tasks", "baselines", "__main__"],
 }
 KNOWN = {name for names in LAYERS.values() for name in names}
