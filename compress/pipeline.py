@@ -236,7 +236,8 @@ def round_model(model: nn.Module, arch: models.Arch, allocation: Allocation, ids
                             true_sequential=c.true_sequential, device=device,
                             resume=None if workdir is None else saved_blocks(model, arch, plan, workdir),
                             on_block_done=None if workdir is None else lambda i, b: workdir.save_block(i, b, n),
-                            progress=progress, source=source)
+                            progress=progress, source=source, max_memory=int(c.max_memory * 1e9),
+                            spill_dir=None if workdir is None else workdir.dir / "hidden")
     return blocks, {}
 
 

@@ -45,9 +45,10 @@ class Calibrate:
     seed: int = 0
     batch_size: int = 8  # windows per forward pass of a block
     true_sequential: bool = False  # GPTQ --true-sequential: re-collect H after each group of Linears
+    max_memory: float = 0.0  # GB of calibration hidden states kept in memory, the rest spilled to disk (0: no limit)
 
     def __post_init__(self) -> None:
-        require("calibrate", self, positive=("samples", "seqlen", "batch_size"), non_negative=("seed",))
+        require("calibrate", self, positive=("samples", "seqlen", "batch_size"), non_negative=("seed", "max_memory"))
 
 
 @dataclass(frozen=True)

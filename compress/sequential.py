@@ -17,14 +17,19 @@ from __future__ import annotations
 import logging
 import math
 import re
+import shutil
+import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from compress import codecs
@@ -63,13 +68,60 @@ class _Stop(Exception):
 Call = tuple[tuple[Any, ...], dict[str, Any]]  # what a block is called with besides its hidden states
 
 
+class Spill:
+    """Hidden states of the calibration batches, at most `budget` bytes of them in memory and the rest in files under
+    `folder` (read back one batch at a time); a list as far as the driver is concerned. `close` deletes the files."""
+
+    def __init__(self, budget: int = 0, folder: Path | None = None) -> None:
+        self.budget, self.folder = budget, folder
+        self.items: list[Tensor | Path] = []
+        self.held = 0
+        self._own: Path | None = None  # a temporary folder made here when none was given (removed with the object)
+
+    def _where(self) -> Path:
+        if self.folder is None:
+            self._own = self.folder = Path(tempfile.mkdtemp(prefix="compress-hidden-"))
+            weakref.finalize(self, shutil.rmtree, self._own, True)
+        return self.folder
+
+    def append(self, t: Tensor) -> None:
+        size = t.numel() * t.element_size()
+        if self.budget and self.held + size > self.budget:
+            folder = self._where()
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"hidden-{id(self):x}-{len(self.items):05d}.safetensors"
+            save_file({"h": t.detach().cpu().contiguous()}, path)
+            self.items.append(path)
+        else:
+            self.items.append(t)
+            self.held += size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Tensor:
+        item = self.items[i]
+        return load_file(item)["h"] if isinstance(item, Path) else item
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return (self[i] for i in range(len(self)))
+
+    def close(self) -> None:
+        for item in self.items:
+            if isinstance(item, Path):
+                item.unlink(missing_ok=True)
+        if self._own is not None:
+            shutil.rmtree(self._own, ignore_errors=True)
+        self.items, self.held = [], 0
+
+
 @dataclass
 class Captured:
     """What the model hands its blocks for each calibration batch: block 0's hidden states, and every block's
     other arguments (masks and position embeddings differ per block where sliding-window and global layers mix,
     e.g. Gemma 3's local and global rotary tables)."""
 
-    hidden: list[Tensor]  # [batch] block 0's input [B, T, K], in the model's dtype
+    hidden: list[Tensor] | Spill  # [batch] block 0's input [B, T, K], in the model's dtype
     calls: list[list[Call]]  # [block][batch] positional arguments after the hidden states, keyword arguments
 
 
@@ -78,7 +130,7 @@ class _Catcher(nn.Module):
     (the next stand-in records what the model computes for its block); the last one stops the forward. Attributes
     the model reads off its layers (e.g. `attention_type`) come from the block it stands in for."""
 
-    def __init__(self, block: nn.Module, calls: list[Call], hidden: list[Tensor] | None, last: bool) -> None:
+    def __init__(self, block: nn.Module, calls: list[Call], hidden: list[Tensor] | Spill | None, last: bool) -> None:
         super().__init__()
         self.__dict__["_block"] = block  # not registered: the stand-in owns no parameters
         self.calls, self.hidden, self.last = calls, hidden, last
@@ -112,13 +164,15 @@ def _to(obj: Any, device: torch.device) -> Any:
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, arch: Arch, windows: Tensor, batch_size: int, device: torch.device) -> Captured:
+def capture_inputs(model: nn.Module, arch: Arch, windows: Tensor, batch_size: int, device: torch.device,
+                   spill: Spill | None = None) -> Captured:
     """Run the model's embedding and block-argument code for each batch of windows [n, T], with every block
-    replaced by a stand-in (no block runs); return block 0's hidden states and every block's arguments."""
+    replaced by a stand-in (no block runs); return block 0's hidden states (into `spill` if given) and every
+    block's arguments."""
     parent_name, _, attr = arch.blocks.rpartition(".")
     parent = model.get_submodule(parent_name)
     blocks = getattr(parent, attr)
-    cap = Captured([], [[] for _ in blocks])
+    cap = Captured(spill if spill is not None else [], [[] for _ in blocks])
     stand_ins = [_Catcher(b, cap.calls[i], cap.hidden if i == 0 else None, i == len(blocks) - 1)
                  for i, b in enumerate(blocks)]
     setattr(parent, attr, nn.ModuleList(stand_ins))
@@ -189,9 +243,10 @@ def _block_output(out: Any) -> Tensor:
 
 
 def _run_block(block: nn.Module, hidden: Sequence[Tensor], calls: Sequence[Call], device: torch.device,
-               keep: bool) -> list[Tensor]:
-    """Run block on every captured batch in float32; return the outputs (in the inputs' dtype) if keep."""
-    outs = []
+               keep: bool, outs: list[Tensor] | Spill | None = None) -> list[Tensor] | Spill:
+    """Run block on every captured batch in float32; return the outputs (in the inputs' dtype, into `outs` if
+    given) if keep."""
+    outs = [] if outs is None else outs
     for h, (args, kw) in zip(hidden, calls, strict=True):
         y = _block_output(block(h.to(device, torch.float32), *_to(args, device), **_to(kw, device)))
         if not torch.isfinite(y).all():
@@ -267,11 +322,13 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
         on_block_done: Callable[[int, nn.Module], None] | None = None,
         progress: Progress | None = None, round_layer: RoundLayer | None = None,
         restore: bool = False, stage: str = "round", kept: dict[str, nn.Module] | None = None,
-        source: Any = None) -> list[BlockReport]:
+        source: Any = None, max_memory: int = 0, spill_dir: Path | None = None) -> list[BlockReport]:
     """Compress every Linear in `plan`, block by block; the model is modified in place.
 
     With a `source` (compress/lazy.py) the blocks are on the meta device: each is fetched from the shards when its
     turn comes (or loaded from its resumed state) and released again once `on_block_done` has saved it.
+    `max_memory` (bytes, 0: no limit) bounds the calibration hidden states held in memory; the rest go to files in
+    `spill_dir` (a temporary folder if None) and are read back one batch at a time.
 
     `resume(i)` may return the saved state of an already finished block i (it is loaded, not recomputed);
     `on_block_done(i, block)` is called after each newly compressed block (to save it).
@@ -287,7 +344,15 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
     blocks = blocks_of(model, arch)
     if cfg.needs_hessian and windows is None:
         raise CompressError(f"{method.__name__.rsplit('.', 1)[-1]} needs calibration windows")
-    cap = capture_inputs(model, arch, windows, batch_size, device) if cfg.needs_hessian else Captured([], [])
+
+    def store() -> Spill | None:
+        return Spill(max_memory, spill_dir) if max_memory else None
+
+    if max_memory and spill_dir is not None:
+        shutil.rmtree(spill_dir, ignore_errors=True)  # an interrupted run's spilled states are of no further use
+
+    cap = (capture_inputs(model, arch, windows, batch_size, device, store()) if cfg.needs_hessian
+           else Captured([], []))
     hidden = cap.hidden
     reports = []
     for i, block in enumerate(blocks):
@@ -309,7 +374,9 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
             layer_reports = _round_block(model, block, groups, plan, round_layer, cfg.needs_hessian, hidden,
                                          cap.calls[i] if cap.calls else [], device)
         if cfg.needs_hessian and i + 1 < len(blocks):
-            hidden = _run_block(block, hidden, cap.calls[i], device, keep=True)
+            done, hidden = hidden, _run_block(block, hidden, cap.calls[i], device, keep=True, outs=store())
+            if isinstance(done, Spill):
+                done.close()
         if restore:
             for name, lin in linears.items():
                 if kept is not None:
@@ -325,6 +392,8 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
         reports.append(rep)
         if progress is not None:
             progress(rep)
+    if isinstance(hidden, Spill):
+        hidden.close()
     return reports
 
 

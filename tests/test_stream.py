@@ -165,3 +165,24 @@ def test_a_damaged_block_is_named_when_it_is_read(bf16_dir: Path, tmp_path: Path
     src.fetch(1)
     with pytest.raises(CompressError, match=r"\(model\.layers\.2\): mlp\.up_proj\.weight holds 1 NaN/Inf"):
         src.fetch(2)
+
+
+def test_hidden_states_beyond_the_budget_spill_to_disk_and_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from helpers import run
+
+    from compress import sequential
+
+    spilled: list[int] = []
+    real = sequential.Spill.append
+
+    def counting(self: sequential.Spill, t: torch.Tensor) -> None:
+        real(self, t)
+        spilled.append(isinstance(self.items[-1], Path))
+
+    monkeypatch.setattr(sequential.Spill, "append", counting)
+    a, b = tiny_llama(num_hidden_layers=3), tiny_llama(num_hidden_layers=3)
+    run(a, edits=("calibrate.batch_size=2",))
+    run(b, edits=("calibrate.batch_size=2", "calibrate.max_memory=0.00002"))  # 20 kB: one 16 kB batch in memory
+    assert any(spilled) and not all(spilled)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
