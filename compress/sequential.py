@@ -299,7 +299,9 @@ def _round_block(model: nn.Module, block: nn.Module, groups: list[list[str]], pl
                 _run_block(block, hidden, calls, device, keep=False)
         notes = pool_rare_experts(hs) if hs else {}
         for name, lin in mods.items():
-            packed, rep = round_layer(name, lin, hs[name].H if hs else None, plan[name])
+            h = hs.pop(name) if hs else None  # each Hessian is freed once its Linear is rounded
+            packed, rep = round_layer(name, lin, None if h is None else h.H, plan[name])
+            del h
             if name in notes:
                 rep.info["hessian"] = notes[name]
             set_module(model, name, packed)

@@ -73,11 +73,16 @@ def inverse_cholesky(H: Tensor, damp: float, max_damp: float) -> tuple[Tensor | 
     Returns (U, damp used), or (None, damp) when even max_damp fails (the caller falls back to RTN).
     """
     mean_diag = torch.diag(H).mean()
-    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
-    while True:
-        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+    while True:  # (at most three [K, K] matrices alive at once, H included: the 13B down_proj's are 0.76 GB each)
+        damped = H.clone()
+        damped.diagonal().add_(damp * mean_diag)  # H + λI
+        L, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            inverse = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info == 0 and torch.isfinite(U).all():
                 return U, damp
         if damp >= max_damp:
@@ -155,10 +160,12 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
         ST = S[:, col].T.contiguous()
         ST = ST.where(ST > 0, torch.ones_like(ST))  # single-level columns: any scale, qmax 0 keeps code 0
         ZT = Z[:, col].T.contiguous()
+        del S, Z  # (memory: each [N, K] float32)
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
 
     U, damp = inverse_cholesky(H, cfg.damp, cfg.max_damp)
+    H = Wfit = None  # (memory: only H's Cholesky factor and W's permuted copy are used from here on)
     info = {"damp": damp}
     if U is None:  # numerically hopeless: RTN is still a valid rounding, and we say so
         log.warning("Cholesky failed even with damp=%g; rounding this layer to nearest", damp)
@@ -166,6 +173,7 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
 
     # The loop runs on Wᵀ [K, N] so that a column of W is a contiguous row.
     WT = W.T.contiguous()
+    del W
     QT = torch.zeros_like(WT)
     KT = None if keep is None else keep[:, col].T.contiguous()  # [K, N] in processing order
 
