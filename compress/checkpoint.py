@@ -172,6 +172,7 @@ class Inspection:
     bytes: int
     checksums: bool  # were the tensors compared with checksums.json
     recipe: str | None
+    config: Any = None  # the model's transformers config
 
 
 def skeleton(path: Path) -> nn.Module:
@@ -203,9 +204,18 @@ def inspect(path: str | Path, *, digests: bool = True) -> Inspection:
     plan = Plan({n: m.spec for n, m in model.named_modules() if isinstance(m, CompressedLinear)})
     shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
     return Inspection(plan, shapes, len(verify.found_tensors(files)), sum(f.stat().st_size for f in files), compared,
-                      qc.get("recipe"))
+                      qc.get("recipe"), model.config)
 
 
 def disk_bytes(path: Path) -> int:
-    """Bytes of the weight files in a checkpoint directory."""
-    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    """Bytes of the weight files in a checkpoint directory (safetensors shards, or a GGUF export's model.gguf)."""
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "*.gguf") for f in Path(path).glob(pattern))
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` is a folder whose config.json says it is a compress checkpoint (nothing else is checked)."""
+    try:
+        qc = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == fmt.QUANT_METHOD

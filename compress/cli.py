@@ -162,10 +162,13 @@ def allocation_table(plan: Plan, shapes: dict[str, tuple[int, int]], prefix: str
         block, _, kind = name.removeprefix(prefix + ".").partition(".")
         kinds += [kind] if kind not in kinds else []
         gb = spec.group_bits(shapes[name][1])
-        cells.setdefault(block, {})[kind] = str(gb[0]) if len(set(gb)) == 1 else "".join(map(str, gb))
-    if all(isinstance(s.bits, int) for s in plan.layers.values()) and len({s.bits for s in plan.layers.values()}) == 1:
+        cells.setdefault(block, {})[kind] = spec.ggml or (str(gb[0]) if len(set(gb)) == 1 else "".join(map(str, gb)))
+    specs = plan.layers.values()
+    if len({(s.bits, s.ggml) for s in specs}) == 1 and all(isinstance(s.bits, int) for s in specs):
         return None  # uniform: nothing to show
-    t = Table("block", *[k.split(".")[-1] for k in kinds], title="allocation (code bits per Linear or per group)")
+    typed = any(s.ggml for s in plan.layers.values())
+    t = Table("block", *[k.split(".")[-1] for k in kinds],
+              title="ggml type per Linear" if typed else "allocation (code bits per Linear or per group)")
     for block, row in cells.items():
         t.add_row(block, *[row.get(k, "-") for k in kinds])
     return t
@@ -184,7 +187,7 @@ def _check_formats(m: Any, rec: Any, targets: list[str], format_: str | None, di
     shapes = {n: tuple(m.get_submodule(n).weight.shape) for n in base}
     for f in targets:
         try:
-            export.check(f, base, shapes, rec, dtype)
+            export.check(f, base, shapes, rec, dtype, m.config)
         except CompressError as e:
             if f == format_:
                 raise
@@ -226,8 +229,8 @@ def compress_cmd(
         "--save-dtype", help="dtype of the dense parts on disk: auto (the source's own; bfloat16 for a GGUF) |"
                              " float32|bfloat16|float16")] = "auto",
     format_: Annotated[str | None, typer.Option(
-        "--format", help="also write OUT-FORMAT for another runtime: compressed-tensors|gptq (checked before any "
-                         "calibration)")] = None,
+        "--format", help="also write OUT-FORMAT for another runtime: compressed-tensors|gptq|gguf (checked before "
+                         "any calibration; gguf-* recipes write gguf)")] = None,
     eval_windows: Annotated[int, typer.Option("--eval-windows", help="quick check windows (0: none)")] = 4,
     stream: Annotated[str, typer.Option("--stream", help="read the model block by block from its safetensors: auto "
                                                          "(when the whole model would not fit) | on | off")] = "auto",
@@ -247,6 +250,8 @@ def compress_cmd(
     rec = recipes.load(recipe, edits)
     data.check_source(rec.calibrate.dataset)  # a missing --calib file is refused before the model loads
     _dtype(save_dtype)
+    if format_ is None and "gguf" in rec.serves:  # a gguf-* recipe's result is the GGUF file
+        format_ = "gguf"
     targets = list(dict.fromkeys([*([format_] if format_ else []), *rec.serves]))  # formats to satisfy
     if targets:
         from compress import export
@@ -341,6 +346,7 @@ def compress_cmd(
     alloc = allocation_table(result.plan, result.shapes, arch.blocks)
     if alloc is not None:
         console.print(alloc)
+    if alloc is not None and hasattr(rec.allocate.config, "target_bits"):
         target = rec.allocate.config.target_bits
         ratio = result.allocation.get("predicted_loss_ratio")
         console.print(f"allocation ({rec.allocate.method}): target {target:g} code bits → realised {code:.4f} "
@@ -461,7 +467,7 @@ def plan_cmd(
 
         shapes = {n: tuple(m.get_submodule(n).weight.shape) for n in base}
         try:
-            export.check(f, base, shapes, rec, keep)
+            export.check(f, base, shapes, rec, keep, m.config)
             out_console.print(f"{f}: the plan exports", highlight=False, markup=False, soft_wrap=True)
         except CompressError as e:
             if f == format_:
@@ -667,10 +673,11 @@ def _report_table(report: Any) -> Table:
     return t
 
 
-@app.command(name="export", help="Write a compress CHECKPOINT in another runtime's format.")
+@app.command(name="export", help="Write a compress CHECKPOINT in another runtime's format (or, with --format gguf, "
+                                 "an uncompressed MODEL as a dense GGUF).")
 def export_cmd(
-    path: Annotated[Path, typer.Argument(help="a checkpoint directory written by `compress`")],
-    format_: Annotated[str, typer.Option("--format", help="compressed-tensors | gptq")],
+    path: Annotated[Path, typer.Argument(help="a checkpoint directory written by `compress` (gguf: or a model)")],
+    format_: Annotated[str, typer.Option("--format", help="compressed-tensors | gptq | gguf")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="output directory (default: CHECKPOINT-FORMAT)")]
     = None,
     save_dtype: Annotated[str, typer.Option("--save-dtype", help="dense parts: auto (the checkpoint's) | float32 | "
@@ -683,7 +690,20 @@ def export_cmd(
 
     export.format_module(format_)
     dtype = None if save_dtype == "auto" else _dtype(save_dtype)
-    out = out or path.with_name(f"{path.name}-{format_}")
+    out = out or path.with_name(f"{path.name.removesuffix('.gguf')}-{format_}")
+    if format_ == "gguf" and not checkpoint.is_checkpoint(path):  # a model, not ours: its dense GGUF
+        from compress import models
+        from compress.export import gguf
+
+        export.check_target(out, format_, force)
+        with console.status(f"loading {escape(str(path))}"):
+            m, tok = models.load(models.resolve(str(path)), torch.float32)
+        with console.status(f"writing a dense gguf to {escape(str(out))}"):
+            gguf.write_dense(m, tok, out, dtype=dtype or torch.bfloat16)
+        console.print(f"[green]done[/] · dense gguf · {_human_bytes(checkpoint.disk_bytes(out))} on disk",
+                      highlight=False)
+        out_console.print(str(out), markup=False, highlight=False, emoji=False)
+        return
     with console.status(f"writing {format_} to {escape(str(out))}"):
         export.export(path, format_, out, dtype=dtype, verify_digests=digests, force=force)
     console.print(f"[green]done[/] · {format_} · {_human_bytes(checkpoint.disk_bytes(out))} on disk", highlight=False)
@@ -693,6 +713,7 @@ def export_cmd(
 RUNTIMES = {  # quant_method of an exported folder -> who loads it
     "compressed-tensors": "vLLM, SGLang, transformers + compressed-tensors",
     "gptq": "vLLM (gptq/gptq_marlin), SGLang, TGI, transformers + optimum + gptqmodel",
+    "gguf": "llama.cpp, llama-cpp-python, ollama, LM Studio",
 }
 
 
@@ -712,7 +733,7 @@ def verify_cmd(
     t.add_row("compress", "yes", "compress.load(DIR), or from_pretrained(DIR) after `import compress`")
     for name in export.FORMATS:
         try:
-            export.check(name, found.plan, found.shapes)
+            export.check(name, found.plan, found.shapes, config=found.config)
             t.add_row(name, "after export", f"compress export DIR --format {name} → {RUNTIMES[name]}")
         except CompressError as e:
             t.add_row(name, "no", escape(str(e).removeprefix(f"{name} cannot hold this plan: ")))

@@ -107,7 +107,7 @@ class CompressedLinear(nn.Module):
         super()._apply(fn, recurse)
         for k, t in kept.items():
             if getattr(self, k).dtype != t.dtype:
-                setattr(self, k, t.to(self.qweight.device))
+                setattr(self, k, t.to(getattr(self, k).device))
         return self
 
     def extra_repr(self) -> str:

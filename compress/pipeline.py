@@ -88,6 +88,9 @@ def make_plan(model: nn.Module, arch: models.Arch, recipe: Recipe) -> Plan:
                     "like %s", ", ".join(repr(m) for m in unused), names[0] if names else "(none)")
     if not layers:
         raise CompressError("the recipe leaves no Linear to compress (every layer is skipped)")
+    allocator = ALLOCATORS[recipe.allocate.method]
+    if hasattr(allocator, "refine"):  # a data-free allocator (llama.cpp's mixes): its plan is known up front
+        return allocator.refine(model, Plan(layers), recipe.allocate.config)
     return Plan(layers)
 
 

@@ -46,6 +46,10 @@ class LayerSpec:
                 "2:4"), chosen by `prune` ("magnitude" |w|, "wanda" |w|·‖x_j‖, "obs" w²/[chol H⁻¹]_jj²);
                 pruned weights get the zero code (decode to exactly 0), GPTQ compensates for them, and only
                 the kept codes are stored, with a bitmask (format.py).
+    ggml:       a ggml block type ("q4_k", "q6_k", "q8_0", "iq4_nl", ...; compress/ggml.py): the layer is stored in
+                ggml's own blocks along K, as a GGUF file holds it, and its grid is that type's (sub-block scales
+                and mins on the type's integer grid under fp16 super-scales). `bits` is then the type's code width
+                and `group_size` its sub-block, for reports; the type fixes both.
     """
 
     bits: int | tuple[int, ...] = 4
@@ -62,6 +66,7 @@ class LayerSpec:
     sparsity: float = 0.0
     pattern: str = "unstructured"
     prune: str = "magnitude"
+    ggml: str = ""
 
     def __post_init__(self) -> None:
         for name in ("bits", "levels"):  # lists from JSON / YAML
@@ -83,7 +88,7 @@ class LayerSpec:
 
     @property
     def kind(self) -> str:
-        """The storage kind ("affine", "levels", "binary", "pruned"): the key of `compress.codecs.CODECS`."""
+        """The storage kind ("affine", "levels", "binary", "pruned", "ggml"): the key of `compress.codecs.CODECS`."""
         return codecs.kind(self)
 
     @property
@@ -160,6 +165,7 @@ FOREIGN = {  # what a field set on the wrong kind of layer means, and the fix
     "edges": "MST sign storage belongs to binary layers; set binary: true (and bits: 1)",
     "sparsity": "pruning composes with uniform group-wise grids only (not binary, levels or mixed widths)",
     "pattern": "pruning composes with uniform group-wise grids only (not binary, levels or mixed widths)",
+    "ggml": "a ggml block type is a grid of its own: not with binary, levels or pruning",
 }
 
 

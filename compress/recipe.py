@@ -37,6 +37,16 @@ from compress.errors import CompressError
 from compress.plan import LayerSpec
 
 
+def ggml_spec(t: str) -> LayerSpec:
+    """The LayerSpec of a Linear stored as ggml block type t (the type fixes its width and sub-block)."""
+    from compress import ggml
+    from compress.codecs import ggml as codec
+
+    if t not in ggml.TYPES:
+        raise CompressError(f"ggml type {t!r} is not supported; choose one of {', '.join(ggml.TYPES)}")
+    return LayerSpec(bits=codec.code_bits(t), group_size=ggml.TYPES[t].sub, ggml=t)
+
+
 @dataclass(frozen=True)
 class Calibrate:
     dataset: str = "pydoc"  # pydoc | wikitext2 | c4 | ptb | random | path to a text file
@@ -62,6 +72,7 @@ class Weights:
     sparsity: float = 0.0  # prune this fraction of every row before rounding (stored compactly)
     pattern: str = "unstructured"  # or n:m, e.g. 2:4
     prune: str = "magnitude"  # magnitude | wanda | obs (SparseGPT's score; GPTQ compensates either way)
+    ggml: str = ""  # store in this ggml block type (q4_k, q6_k, q8_0, ...): its grid replaces bits/group_size/...
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,7 @@ class Override:
     symmetric: bool | None = None
     binary: bool | None = None
     salient: float | None = None
+    ggml: str | None = None  # a ggml block type for the matched Linears
     skip: bool = False  # keep this Linear dense
 
 
@@ -123,8 +135,10 @@ class Recipe:
                                                 ("salient", o.salient)) if v is not None})
                 if o.binary is False:  # quantized, not binarized: no salient part either
                     spec["salient"] = 0.0
+                if o.ggml is not None:
+                    return ggml_spec(o.ggml) if o.ggml else LayerSpec(**spec)
                 break
-        return LayerSpec(**spec)
+        return ggml_spec(w.ggml) if w.ggml else LayerSpec(**spec)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

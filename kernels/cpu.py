@@ -66,6 +66,8 @@ def unsupported(layer: object) -> str | None:
     spec = layer.spec  # type: ignore[attr-defined]
     if spec.kind == "levels":
         return "per-column level grids (BAQ faithful mode) are not group-wise"
+    if spec.kind == "ggml":
+        return "ggml blocks run in llama.cpp; here they are decoded once"
     if spec.kind == "binary":
         return binary_unsupported(layer)
     K = layer.in_features  # type: ignore[attr-defined]
@@ -309,7 +311,7 @@ def path(layer: object, x: Tensor) -> CpuPath:
         if binary_unsupported(layer) is not None:
             return "decoded"
         return "binary" if decode else "binary-tiles"
-    if kind == "levels":
+    if kind in ("levels", "ggml"):
         return "decoded"
     narrow = max(layer.spec.group_bits(layer.in_features)) <= 4  # type: ignore[attr-defined]
     int4 = narrow and int4_unsupported(layer) is None

@@ -6,12 +6,13 @@ Every allocator is one module with a frozen `Config` and `allocate(ctx, cfg) -> 
               columns, per layer, or per column (faithful mode, level counts)
     evopress  EvoPress (Sieberling et al. 2025): evolutionary search over per-layer widths on a level database,
               fitness = KL(dense ‖ candidate) on fresh calibration tokens
+    mix       llama.cpp's per-tensor ggml type mix of an ftype (Q4_K_M, ...), data-free: known when the plan is made
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from compress.allocate import baq, evopress, uniform
+from compress.allocate import baq, evopress, mix, uniform
 
-METHODS: dict[str, ModuleType] = {"uniform": uniform, "baq": baq, "evopress": evopress}
+METHODS: dict[str, ModuleType] = {"uniform": uniform, "baq": baq, "evopress": evopress, "mix": mix}

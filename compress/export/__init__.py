@@ -3,12 +3,14 @@
     compressed-tensors   pack-quantized INT weight-only: transformers (+ compressed-tensors), vLLM, SGLang
     gptq                 GPTQ v1 (qweight/qzeros/scales, GPTQModel's `dynamic` map): transformers (+ optimum,
                          gptqmodel), vLLM's gptq/gptq_marlin, SGLang, TGI
+    gguf                 one model.gguf in ggml's own blocks (gguf-* recipes): llama.cpp, ollama, LM Studio
 
-Every format module has `NAME`, `problems(plan, shapes, recipe=None, dtype=None) -> list[str]` (what the format
-or its runtimes cannot hold, one line each with the fix; with a recipe it also judges what the allocator will
-do, so it runs before any calibration; with the export's model dtype, whether it holds the scales) and
-`write(model, tokenizer, plan, out, *, dtype)`. The formats hold affine layers only; they are built from the
-layers' affine codec (compress/codecs/affine.py).
+Every format module has `NAME`, `problems(plan, shapes, recipe=None, dtype=None, config=None) -> list[str]` (what
+the format or its runtimes cannot hold, one line each with the fix; with a recipe it also judges what the
+allocator will do, so it runs before any calibration; with the export's model dtype, whether it holds the
+scales; with the model's config, whether the runtime knows the architecture) and `write(model, tokenizer, plan,
+out, *, dtype, recipe=None)`. compressed-tensors and gptq hold affine layers (compress/codecs/affine.py); gguf
+holds ggml layers (compress/codecs/ggml.py) and the affine grids that are ggml types.
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from compress.errors import CompressError
-from compress.export import compressed_tensors, gptq
+from compress.export import compressed_tensors, gguf, gptq
 from compress.nn import CompressedLinear
 from compress.plan import Plan
 
 if TYPE_CHECKING:
     from compress.recipe import Recipe
 
-FORMATS: dict[str, ModuleType] = {"compressed-tensors": compressed_tensors, "gptq": gptq}
+FORMATS: dict[str, ModuleType] = {"compressed-tensors": compressed_tensors, "gptq": gptq, "gguf": gguf}
 
 
 def format_module(name: str) -> ModuleType:
@@ -40,10 +42,10 @@ def format_module(name: str) -> ModuleType:
 
 
 def check(name: str, plan: Plan, shapes: Mapping[str, tuple[int, int]], recipe: Recipe | None = None,
-          dtype: torch.dtype | None = None) -> None:
+          dtype: torch.dtype | None = None, config: Any = None) -> None:
     """Raise one CompressError naming what `name` cannot hold (the first problem, and how many more); `dtype`:
-    the model dtype the export will be written in."""
-    lines = format_module(name).problems(plan, shapes, recipe, dtype)
+    the model dtype the export will be written in; `config`: the model's (transformers) config."""
+    lines = format_module(name).problems(plan, shapes, recipe, dtype, config)
     experts = [n for n in plan if re.search(r"\.experts\.\d+\.", n)]
     if experts:  # our per-expert Linears (compress/moe.py) have no layout in these formats' MoE loaders yet
         lines.insert(0, f"mixture-of-experts Linears ({experts[0]} and {len(experts) - 1} more) have no {name} "
@@ -71,9 +73,19 @@ def export(checkpoint_dir: Path, name: str, out: Path, *, dtype: torch.dtype | N
     plan = Plan({n: m.spec for n, m in model.named_modules() if isinstance(m, CompressedLinear)})
     shapes = {n: (m.out_features, m.in_features) for n in plan for m in [model.get_submodule(n)]}
     dtype = dtype or _dense_dtype(model)
-    check(name, plan, shapes, dtype=dtype)
-    module.write(model, _tokenizer(checkpoint_dir), plan, out, dtype=dtype)
+    check(name, plan, shapes, dtype=dtype, config=model.config)
+    module.write(model, _tokenizer(checkpoint_dir), plan, out, dtype=dtype, recipe=_recipe(checkpoint_dir))
     return out
+
+
+def _recipe(path: Path) -> Recipe | None:
+    """The checkpoint's resolved recipe (recipe.yaml), when it has a readable one."""
+    from compress import recipe
+
+    try:
+        return recipe.load(str(path / "recipe.yaml"))
+    except (CompressError, OSError):
+        return None
 
 
 def check_target(out: Path, name: str, force: bool) -> None:

@@ -121,7 +121,7 @@ def _exportable(spec: LayerSpec, K: int) -> bool:
 
 
 def problems(plan: Plan, shapes: Mapping[str, tuple[int, int]], recipe: Recipe | None = None,
-             dtype: torch.dtype | None = None) -> list[str]:
+             dtype: torch.dtype | None = None, config: Any = None) -> list[str]:
     """Every reason this plan cannot be exported to compressed-tensors and served by vLLM, one line each:
     the Linears (the first few and a count), the problem, the fix. Empty when `write` will succeed.
 
@@ -357,7 +357,7 @@ def _linear_names(model: nn.Module) -> list[str]:
 
 
 def write(model: nn.Module, tokenizer: Any, plan: Plan, out: Path, *, dtype: torch.dtype, layout: str = "dense",
-          exact: bool = True, max_shard_size: str = "4GB") -> None:
+          exact: bool = True, max_shard_size: str = "4GB", recipe: Recipe | None = None) -> None:
     """Write `model` (its planned Linears `CompressedLinear`s, e.g. `compress.load(dir)`) as a Hugging Face
     checkpoint folder in compressed-tensors `pack-quantized`: config.json (model config, `dtype`, the
     `quantization_config`), safetensors (packed layers; everything else in `dtype`), tokenizer,

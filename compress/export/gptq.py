@@ -110,7 +110,7 @@ def setting(spec: LayerSpec) -> Setting | None:
 
 
 def problems(plan: Plan, shapes: Mapping[str, tuple[int, int]], recipe: Recipe | None = None,
-             dtype: torch.dtype | None = None) -> list[str]:
+             dtype: torch.dtype | None = None, config: Any = None) -> list[str]:
     """Every reason `plan` cannot be written as GPTQ or served by vLLM, one line each: the layer(s), the problem
     and the fix. Empty when the plan exports.
 
@@ -432,7 +432,8 @@ def quantization_config(plan: Plan, shapes: Mapping[str, tuple[int, int]], dense
 
 # --- the checkpoint folder ------------------------------------------------------------------------------------
 
-def write(model: nn.Module, tokenizer: Any, plan: Plan, out: Path, *, dtype: torch.dtype) -> None:
+def write(model: nn.Module, tokenizer: Any, plan: Plan, out: Path, *, dtype: torch.dtype,
+          recipe: Recipe | None = None) -> None:
     """Write `model` (its planned Linears `CompressedLinear`s, e.g. from `compress.load(dir)`) as a GPTQ v1
     Hugging Face checkpoint in `out`: config.json with the GPTQ quantization_config, model.safetensors (sharded
     with an index above SHARD_BYTES) holding qweight/qzeros/scales/g_idx (+ bias) per planned Linear and every

@@ -26,6 +26,11 @@ min-max range. Act-order processes columns by decreasing diag(H); its groups are
 on the original layout ("static groups"), so the checkpoint needs no g_idx and kernels see plain
 contiguous groups. Per-row grids are likewise fitted once on the original W, as in the reference.
 
+A ggml block type (`LayerSpec.ggml`, the gguf-* recipes) is a frozen grid too: each sub-block's scale and min
+are chosen first by the type's weighted search (weights diag H, llama.cpp's imatrix) and snapped to the type's
+integer grid under fp16 super-scales (compress/ggml.py), then the sweep rounds every column to its nearest grid
+point with the same error feedback, so llama.cpp reads our codes in its own blocks.
+
 Worked example (1 row, 1-bit min-max grid {0, 1} fitted on w = [1, .6, .6], H couples columns 1 and 2
 with correlation .9): RTN rounds both .6 up, error d = [0, -.4, -.4], loss ½ dᵀHd = .304. GPTQ rounds
 column 1 up, then moves its error into column 2: w₂ ← .6 - .9·.4 = .24, which rounds down:
@@ -42,7 +47,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from compress import grid, prune
+from compress import ggml, grid, prune
 from compress.errors import CompressError
 from compress.plan import LayerWeight
 
@@ -142,10 +147,15 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
         keep = prune.choose(W, spec, torch.diag(H), lambda: inverse_cholesky(H, cfg.damp, cfg.max_damp)[0])
     Wfit = W if keep is None else W * keep  # grids are fitted on what is kept
 
-    static = cfg.act_order or spec.group_size == -1
+    typed = spec.kind == "ggml"  # a ggml type's grid: its own scale search, then frozen (no dynamic groups)
+    static = cfg.act_order or spec.group_size == -1 or typed
     perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else None
     col = torch.arange(K, device=W.device) if perm is None else perm  # original index of the j-th column
-    if spec.kind == "levels":  # BAQ's faithful grid: the row's range, a level count per column
+    if typed:  # value = S·q − Z per column (Z an offset, not a code; iq4_nl: S·LEVELS[q])
+        scale = ggml.choose(spec.ggml, Wfit, torch.diag(H))  # block headers [N, B, P]
+        zero = scale.new_zeros(*scale.shape[:2], 0)
+        S, Z = ggml.columns(spec.ggml, scale, K)  # [N, K]
+    elif spec.kind == "levels":  # BAQ's faithful grid: the row's range, a level count per column
         levels = spec.levels or ()
         scale, zero = grid.choose_range(W, sdt)  # [N, 1] range and minimum
         S, Z = grid.levels_grid(scale, zero, levels)  # [N, K]
@@ -158,7 +168,8 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
         scale, zero = torch.zeros(N, G, device=W.device), torch.zeros(N, G, device=W.device)
     if static:  # per-column grids in processing order, one contiguous row per column: [K, N]
         ST = S[:, col].T.contiguous()
-        ST = ST.where(ST > 0, torch.ones_like(ST))  # single-level columns: any scale, qmax 0 keeps code 0
+        if not typed:
+            ST = ST.where(ST > 0, torch.ones_like(ST))  # single-level columns: any scale, qmax 0 keeps code 0
         ZT = Z[:, col].T.contiguous()
         del S, Z  # (memory: each [N, K] float32)
     if perm is not None:
@@ -178,6 +189,9 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
     KT = None if keep is None else keep[:, col].T.contiguous()  # [K, N] in processing order
 
     def column(j: int, w: Tensor, WT: Tensor) -> Tensor:
+        if typed:
+            q = QT[j] = ggml.nearest(spec.ggml, w, ST[j], ZT[j])
+            return ggml.value(spec.ggml, q, ST[j], ZT[j])
         if static:
             s, z, qmax = ST[j], ZT[j], col_qmax[j]
         else:

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from compress import grid, prune
+from compress import ggml, grid, prune
 from compress.errors import CompressError
 from compress.plan import LayerWeight
 from compress.round.loss import column_loss
@@ -31,6 +31,13 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
         S, Z = grid.levels_grid(scale, zero, levels)
         codes = grid.quantize(W, S, Z, torch.tensor(levels) - 1).to(torch.uint8)
         out = lw.rounded(codes=codes, scale=scale, zero=zero)
+        if H is not None:
+            out.loss = column_loss(W, out.dequantize(), H)
+        return out
+    if spec.kind == "ggml":  # the type's own weighted scale search (weights diag H when given), then nearest
+        params = ggml.choose(spec.ggml, W, None if H is None else torch.diag(H))
+        out = lw.rounded(codes=ggml.round_nearest(spec.ggml, W, params), scale=params,
+                         zero=params.new_zeros(*params.shape[:2], 0))
         if H is not None:
             out.loss = column_loss(W, out.dequantize(), H)
         return out
