@@ -91,6 +91,9 @@ def make_plan(model: nn.Module, arch: models.Arch, recipe: Recipe) -> Plan:
     allocator = ALLOCATORS[recipe.allocate.method]
     if hasattr(allocator, "refine"):  # a data-free allocator (llama.cpp's mixes): its plan is known up front
         return allocator.refine(model, Plan(layers), recipe.allocate.config)
+    for fqn, spec in layers.items():  # a ggml type whose blocks do not fit the rows: refused before calibration
+        if spec.kind == "ggml":
+            codecs.ggml.check_shape(spec, model.get_submodule(fqn).weight.shape[1])
     return Plan(layers)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {  # module (or package prefix) -> layer; a module may import its own layer and the ones below
     "core": ["errors", "plan", "format", "grid", "codecs", "reports", "recipe", "models", "data", "parallel", "util",
-             "digest", "interrupt", "moe", "lazy"],
+             "digest", "interrupt", "moe", "lazy", "ggml", "mix"],
     "runtime": ["nn", "hf", "checkpoint", "verify", "workdir", "kernels", "export", "__init__"],
     "methods": ["round", "allocate", "prune", "mst", "distill", "teacher", "train"],
     "pipeline": ["pipeline", "sequential", "estimate"],

@@ -77,6 +77,8 @@ def problems(plan: Plan, shapes: Mapping[str, tuple[int, int]], recipe: Recipe |
             check_config(config)
         except CompressError as e:
             out.append(str(e))
+    if recipe is not None and recipe.allocate.method == "ggml_baq":
+        return out  # it chooses among ggml types, each fitted to the rows
     if recipe is not None and recipe.allocate.method in ("baq", "evopress"):
         choices = getattr(recipe.allocate.config, "choices", ())
         if not all(isinstance(c, str) and c in ggml.TYPES for c in choices):
@@ -179,7 +181,7 @@ def write_dense(model: nn.Module, tokenizer: Any, out: Path, *, dtype: torch.dty
 
 def _ftype(plan: Plan, shapes: Mapping[str, tuple[int, int]], recipe: Recipe | None) -> str:
     """The recipe's llama.cpp mix, or the one whose base type most of the plan's weights have."""
-    if recipe is not None and recipe.allocate.method == "mix":
+    if recipe is not None and recipe.allocate.method in ("mix", "ggml_baq"):
         return recipe.allocate.config.ftype
     weights: Counter[str] = Counter()
     for n, spec in plan.layers.items():

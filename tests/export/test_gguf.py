@@ -164,14 +164,26 @@ def test_dense_gguf_holds_the_weights(tmp_path: Path, tokenizer: object) -> None
     assert torch.equal(unpermute(decoded(tensors["blk.0.attn_q.weight"]), 4), q.to(torch.bfloat16).float())
 
 
-def test_unknown_architecture_refused_before_calibration(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unknown_architecture_refused_before_calibration(tmp_path: Path, tokenizer: object,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
     from helpers import tiny_opt
 
     d = tmp_path / "opt"
     tiny_opt().save_pretrained(d)
+    tokenizer.save_pretrained(d)
     code, _, err = cli([str(d), "--recipe", "gguf-q4_k_m", "--out", str(tmp_path / "o"), "--eval-windows", "0"],
                        capsys)
     assert code != 0
     line = one_line_error(err)
     assert "opt" in line and "llama.cpp architecture" in line
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_a_type_the_rows_cannot_hold_is_refused_before_calibration(tmp_path: Path, tiny_llama_dir: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """(the tiny Llama's hidden size 64: no row fits a 256-block)"""
+    code, _, err = cli([str(tiny_llama_dir), "--recipe", "gptq-4bit", "--set", "weights.ggml=q4_k", "--out", str(tmp_path / "o"),
+                        "--eval-windows", "0"], capsys)
+    line = one_line_error(err)
+    assert code != 0 and "q4_k" in line and "multiple of 256" in line and "q5_0" in line
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

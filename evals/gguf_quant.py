@@ -1,8 +1,8 @@
 """GGUF benchmark: our rounding inside ggml's own blocks against llama.cpp's own quantizer, scored by llama.cpp.
 
-    python evals/gguf.py                          # every type and row (builds llama.cpp once, see llamacpp.py)
-    python evals/gguf.py --types q4_k_m --rows ours   # some rows again (the others are kept)
-    python evals/gguf.py --render
+    python evals/gguf_quant.py                          # every type and row (builds llama.cpp once, see llamacpp.py)
+    python evals/gguf_quant.py --types q4_k_m --rows ours   # some rows again (the others are kept)
+    python evals/gguf_quant.py --render
 
 For SmolLM2-135M (the pydoc-512 protocol, ../shared/protocol.md), per llama.cpp ftype, each row is one GGUF file:
     llama.cpp            the f32 GGUF from llama.cpp's convert_hf_to_gguf.py -> llama-quantize at the ftype
@@ -10,6 +10,8 @@ For SmolLM2-135M (the pydoc-512 protocol, ../shared/protocol.md), per llama.cpp 
                          protocol's 128 calibration windows, decoded to text)
     ours                 `--recipe gguf-<ftype>`: the same per-tensor types (llama.cpp's mix rules), each block's
                          scales from the type's weighted search on diag(H), then GPTQ with act-order onto them
+    ours baq             `--recipe gguf-baq-<ftype>`: a type per Linear from each type's measured GPTQ loss, at the
+                         bits per weight of llama.cpp's mix (the same budget; the file may come out a little smaller)
 Every file is scored by llama.cpp itself (llama-cpp-python, built from source): perplexity on the 40 protocol
 windows of 512 tokens, fed as the same token ids, each window on its own. Bytes are the file's size; bits per
 weight count every tensor's data (block metadata included) over all weights, as llama.cpp's loader prints.
@@ -33,7 +35,7 @@ from common import EVAL_WINDOWS, SEQLEN, fmt_num, fmt_ppl, merge, report  # noqa
 
 CACHE = HERE / ".cache" / "gguf"
 TYPES = ["q4_k_m", "q3_k_m", "q2_k"]
-ROWS = ["llama.cpp", "llama.cpp imatrix", "ours"]
+ROWS = ["llama.cpp", "llama.cpp imatrix", "ours", "ours baq"]
 
 
 def protocol() -> tuple[object, object, list[list[int]], list[list[int]]]:
@@ -69,8 +71,8 @@ def sources(model: object, tok: object, calib: list[list[int]]) -> dict[str, Pat
     return {"hf": hf, "f32": f32, "text": text, "imatrix": imat}
 
 
-def ours(model: object, tok: object, ftype: str, samples: int) -> tuple[Path, dict]:
-    """`--recipe gguf-<ftype>` through the library, then the GGUF writer; (file, facts)."""
+def ours(model: object, tok: object, name: str, samples: int) -> tuple[Path, dict]:
+    """`--recipe <name>` through the library, then the GGUF writer; (file, facts)."""
     import copy
 
     import compress
@@ -78,14 +80,15 @@ def ours(model: object, tok: object, ftype: str, samples: int) -> tuple[Path, di
     from compress.export import gguf as gguf_export
     from compress.util import peak_rss_mb
 
-    rec = recipe.load(f"gguf-{ftype}", [f"calibrate.samples={samples}"])
+    rec = recipe.load(name, [f"calibrate.samples={samples}"])
     m = copy.deepcopy(model)
     t0 = time.perf_counter()
     result = compress.compress(m, tok, rec)
     secs = time.perf_counter() - t0
-    out = CACHE / f"ours-{ftype}"
+    out = CACHE / name
     path = gguf_export.write(m, tok, result.plan, out, dtype=__import__("torch").float32, recipe=rec)
-    return path, {"compress_seconds": secs, "peak_rss_mb": peak_rss_mb(), "layer_loss": result.total_loss}
+    return path, {"compress_seconds": secs, "peak_rss_mb": peak_rss_mb(), "layer_loss": result.total_loss,
+                  "allocation": result.allocation}
 
 
 def row(label: str, ftype: str, path: Path, windows: list[list[int]], extra: dict | None = None) -> dict:
@@ -119,7 +122,7 @@ def main() -> None:
     ap.add_argument("--types", nargs="*", default=TYPES)
     ap.add_argument("--rows", nargs="*", default=["dense", *ROWS])
     ap.add_argument("--samples", type=int, default=128, help="our calibration windows (the protocol's 128)")
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "gguf")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "gguf_quant")
     ap.add_argument("--render", action="store_true")
     args = ap.parse_args()
     saved = args.out.with_suffix(".json")
@@ -137,8 +140,9 @@ def main() -> None:
             merge(saved, r, order)
         for ftype in args.types:
             for label in [x for x in ROWS if x in args.rows]:
-                if label == "ours":
-                    path, extra = ours(model, tok, ftype, args.samples)
+                if label.startswith("ours"):
+                    name = f"gguf-{'baq-' if label == 'ours baq' else ''}{ftype}"
+                    path, extra = ours(model, tok, name, args.samples)
                 else:
                     imat = src["imatrix"] if label.endswith("imatrix") else None
                     path = CACHE / f"llamacpp-{ftype}{'-imatrix' if imat else ''}.gguf"
