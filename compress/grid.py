@@ -53,6 +53,35 @@ def choose_qparams(x: Tensor, bits: int, symmetric: bool, scale_dtype: torch.dty
     return scale, zero
 
 
+CLIP = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)  # shrink factors of the min-max range that `clip` tries
+
+
+def clip(x: Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype, weight: Tensor | None = None
+         ) -> tuple[Tensor, Tensor]:
+    """The grid of each row of x [N, k] whose range is the min-max range shrunk by the factor in CLIP that minimises
+    the weighted squared rounding error Σ_j weight_j (x_j - x̂_j)² (weight [k]: e.g. diag H, the Hessian's
+    weighting; None: plain), after the scale's storage rounding. Factor 1 is the min-max grid, so the error is
+    never larger than `choose_qparams`'."""
+    x = x.float()
+    w = torch.ones(x.shape[1], device=x.device) if weight is None else weight.float().to(x.device)
+    best_s, best_z = choose_qparams(x, bits, symmetric, scale_dtype)
+    best = _rounding_error(x, best_s, best_z, bits, w)
+    zeros = torch.zeros(x.shape[0], device=x.device)
+    xmin0, xmax0 = torch.minimum(x.min(dim=1).values, zeros), torch.maximum(x.max(dim=1).values, zeros)
+    for a in CLIP[1:]:
+        s, z = choose_qparams(torch.stack([xmin0 * a, xmax0 * a], 1), bits, symmetric, scale_dtype)
+        err = _rounding_error(x, s, z, bits, w)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+def _rounding_error(x: Tensor, scale: Tensor, zero: Tensor, bits: int, w: Tensor) -> Tensor:
+    q = quantize(x, scale[:, None], zero[:, None], maxq(bits))
+    return ((x - dequantize(q, scale[:, None], zero[:, None])) ** 2 * w).sum(dim=1)
+
+
 def quantize(x: Tensor, scale: Tensor, zero: Tensor, qmax: int | Tensor) -> Tensor:
     """Codes (fp32, integer-valued) in [0, qmax] of x on the grid; scale/zero/qmax broadcast against x.
     A zero scale (a single-level column) has only the code `zero`."""
@@ -70,13 +99,21 @@ def per_group(bits: int | Sequence[int], G: int) -> list[int]:
 
 
 def choose_qparams_groups(
-    W: Tensor, bits: int | Sequence[int], group_size: int, symmetric: bool, scale_dtype: torch.dtype
+    W: Tensor, bits: int | Sequence[int], group_size: int, symmetric: bool, scale_dtype: torch.dtype,
+    weight: Tensor | None = None, search: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Min-max grid per group of W [N, K] -> (scale [N, G], zero [N, G]); bits may differ per group."""
+    """Min-max grid per group of W [N, K] -> (scale [N, G], zero [N, G]); bits may differ per group. With `search`,
+    each group's range is `clip`ped under the column weights `weight` [K]."""
     K = W.shape[1]
     gb = per_group(bits, n_groups(K, group_size))
-    params = [choose_qparams(W[:, g * group_size : (g + 1) * group_size], b, symmetric, scale_dtype)
-              for g, b in enumerate(gb)]
+
+    def fit(g: int, b: int) -> tuple[Tensor, Tensor]:
+        cols = slice(g * group_size, (g + 1) * group_size)
+        if search:
+            return clip(W[:, cols], b, symmetric, scale_dtype, None if weight is None else weight[cols])
+        return choose_qparams(W[:, cols], b, symmetric, scale_dtype)
+
+    params = [fit(g, b) for g, b in enumerate(gb)]
     return torch.stack([s for s, _ in params], 1), torch.stack([z for _, z in params], 1)
 
 

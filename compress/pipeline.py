@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from compress import codecs, data, distill, models, moe, parallel, sequential, teacher
+from compress import codecs, data, distill, models, moe, parallel, rotate, sequential, teacher
 from compress.allocate import METHODS as ALLOCATORS
 from compress.allocate.context import Allocation, Context
 from compress.errors import CompressError
@@ -54,6 +54,7 @@ class Result:
     # the uniform model an allocator's prediction is relative to (BAQ's pass 1), to score it end to end
     reference: dict[str, nn.Module] | None = field(default=None, repr=False)
     stages: dict[str, dict[str, float]] = field(default_factory=dict)  # stage -> wall seconds, peak RSS MB at its end
+    rotation: dict[str, Any] = field(default_factory=dict)  # what the rotation changed (untied lm_head, ...)
 
     def avg_bits(self) -> tuple[float, float]:
         return self.plan.avg_bits(self.shapes)
@@ -75,6 +76,7 @@ def make_plan(model: nn.Module, arch: models.Arch, recipe: Recipe) -> Plan:
     otherwise leave the intended layers at the default spec without a word."""
     import fnmatch
 
+    rotate.check(model.config, recipe.rotate)  # a model the rotations do not cover: refused before any work
     layers = {}
     names = [f"{arch.blocks}.{name}" for name, m in models.blocks_of(model, arch).named_modules()
              if isinstance(m, nn.Linear)]
@@ -122,6 +124,11 @@ def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | 
             raise CompressError("a block-by-block run writes each finished block to its work directory: pass one")
     elif moe.unfuse_experts(model):  # fused MoE experts as one Linear pair per expert, before the layout is read
         models.forget(model)
+    rotated: dict[str, Any] = {}
+    if recipe.rotate.method != "none":  # the same model, rotated (compress/rotate.py); deterministic, so a resumed
+        with stage(stages, "rotate"):  # run rotates again and its finished blocks fit
+            rotated = rotate.apply(model, recipe.rotate)
+        models.forget(model)
     arch = models.arch_of(model)
     base = make_plan(model, arch, recipe)
     check_pruned_training(base, recipe.distill)
@@ -145,7 +152,7 @@ def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | 
     plan = final_plan(model, allocation.plan)
     return Result(model, plan, recipe, blocks, windows.describe() if windows is not None else "none (data-free)",
                   time.perf_counter() - t0, peak_rss_mb(), shapes, allocation.summary, rounding, distilled,
-                  allocation.reference, stages)
+                  allocation.reference, stages, rotated)
 
 
 @contextmanager
@@ -158,7 +165,8 @@ def stage(stages: dict[str, dict[str, float]], name: str) -> Iterator[None]:
 
 def check_streamable(recipe: Recipe) -> None:
     """Refuse, before any work, what a block-by-block run cannot do: stages that need the whole model at once."""
-    whole = ([f"allocate.method={recipe.allocate.method}"] if recipe.allocate.method != "uniform" else []) + (
+    whole = ([f"allocate.method={recipe.allocate.method}"] if recipe.allocate.method not in ("uniform", "mix") else
+             []) + ([f"rotate.method={recipe.rotate.method}"] if recipe.rotate.method != "none" else []) + (
         [f"round.method={recipe.round.method}"] if joint(recipe.round.method) else []) + (
         ["distill"] if recipe.distill.steps else [])
     if whole:

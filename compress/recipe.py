@@ -62,6 +62,24 @@ class Calibrate:
 
 
 @dataclass(frozen=True)
+class Rotate:
+    """Orthogonal rotations fused into the weights before anything else (compress/rotate.py)."""
+
+    method: str = "none"  # none | hadamard (randomised Hadamard) | random (Haar orthogonal)
+    seed: int = 0
+    r1: bool = True  # the residual stream (embedding, every Linear that reads or writes it, lm_head)
+    r2: bool = True  # each attention head's values (v_proj rows, o_proj columns)
+
+    def __post_init__(self) -> None:
+        if self.method not in ROTATIONS:
+            raise CompressError(f"recipe value rotate.method={self.method!r} is invalid; choose one of "
+                                f"{', '.join(ROTATIONS)}")
+
+
+ROTATIONS = ("none", "hadamard", "random")
+
+
+@dataclass(frozen=True)
 class Weights:
     bits: int = 4
     group_size: int = 128
@@ -104,6 +122,7 @@ class Recipe:
     name: str = "custom"
     description: str = ""
     calibrate: Calibrate = field(default_factory=Calibrate)
+    rotate: Rotate = field(default_factory=Rotate)
     allocate: Allocate = field(default_factory=Allocate)
     weights: Weights = field(default_factory=Weights)
     round: Round = field(default_factory=Round)

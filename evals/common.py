@@ -50,6 +50,8 @@ def job(spec: dict) -> dict:
     out["rounding"] = result.rounding
     out["distilled"] = result.distilled
     out["widths"] = _width_histogram(result)
+    out["rotation"] = result.rotation
+    out["linear_params"] = sum(N * K for N, K in result.shapes.values())
     if spec.get("save"):  # bytes on disk of the packed checkpoint (weights files only)
         import tempfile
 

@@ -64,6 +64,7 @@ class Config:
     block_size: int = 128  # lazy-update block B
     act_order: bool = False  # process columns by decreasing diag(H), with static groups
     max_damp: float = 10.0  # escalate λ ×10 on a failed Cholesky up to this, then fall back to RTN
+    clip: bool = False  # search each group's range (grid.clip, weights diag H); keep it where GPTQ's loss is lower
 
     def __post_init__(self) -> None:
         if not 0 <= self.damp <= self.max_damp:
@@ -121,7 +122,18 @@ def sweep(WT: Tensor, U: Tensor, B: int, column: Callable[[int, Tensor, Tensor],
 
 
 def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
-    """Quantize lw.W [N, K] with GPTQ on Hessian H [K, K]; returns codes, grid and per-column loss."""
+    """Quantize lw.W [N, K] with GPTQ on Hessian H [K, K]; returns codes, grid and per-column loss. With `clip`, the
+    sweep runs on the min-max grids and on the clipped ones, and the layer keeps the lower loss (never worse)."""
+    if cfg.clip and lw.spec.kind in ("affine", "pruned") and H is not None:
+        plain = _apply(lw, H, cfg, search=False)
+        clipped = _apply(lw, H, cfg, search=True)
+        best = clipped if clipped.info["loss"] < plain.info["loss"] else plain
+        best.info["clipped"] = float(best is clipped)
+        return best
+    return _apply(lw, H, cfg, search=False)
+
+
+def _apply(lw: LayerWeight, H: Tensor | None, cfg: Config, search: bool) -> LayerWeight:
     if H is None:
         raise CompressError("gptq needs calibration data (a Hessian); use method 'rtn' for data-free rounding")
     if not torch.isfinite(H).all():
@@ -141,6 +153,7 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
     dead = torch.diag(H) == 0  # inputs that were always zero: nothing to reconstruct
     H[dead, dead] = 1
     W[:, dead] = 0
+    importance = torch.diag(H).clone() if search else None  # (the clipping search's column weights)
 
     keep = None
     if spec.kind == "pruned":  # prune first (SparseGPT-style: the sweep compensates for the pruned weights)
@@ -161,7 +174,7 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
         S, Z = grid.levels_grid(scale, zero, levels)  # [N, K]
         col_qmax = [levels[c] - 1 for c in col.tolist()]
     elif static:
-        scale, zero = grid.choose_qparams_groups(Wfit, gbits, gs, sym, sdt)  # [N, G]
+        scale, zero = grid.choose_qparams_groups(Wfit, gbits, gs, sym, sdt, importance, search)  # [N, G]
         S, Z = grid.expand(scale, gs, K), grid.expand(zero, gs, K)  # [N, K]
         col_qmax = [grid.maxq(gbits[c // gs]) for c in col.tolist()]
     else:  # dynamic groups: fitted as the loop reaches them
@@ -198,7 +211,8 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
             g = j // gs
             if j % gs == 0:  # fit on W as of the block start (reference behaviour)
                 block = WT[j : j + gs].T if KT is None else (WT[j : j + gs] * KT[j : j + gs]).T
-                scale[:, g], zero[:, g] = grid.choose_qparams(block, gbits[g], sym, sdt)
+                scale[:, g], zero[:, g] = (grid.clip(block, gbits[g], sym, sdt, importance[j : j + gs]) if search
+                                           else grid.choose_qparams(block, gbits[g], sym, sdt))
             s, z, qmax = scale[:, g], zero[:, g], grid.maxq(gbits[g])
         q = torch.round(w / s).add_(z).clamp_(0, qmax)
         if KT is not None:

@@ -182,8 +182,21 @@ def test_unknown_architecture_refused_before_calibration(tmp_path: Path, tokeniz
 def test_a_type_the_rows_cannot_hold_is_refused_before_calibration(tmp_path: Path, tiny_llama_dir: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """(the tiny Llama's hidden size 64: no row fits a 256-block)"""
-    code, _, err = cli([str(tiny_llama_dir), "--recipe", "gptq-4bit", "--set", "weights.ggml=q4_k", "--out", str(tmp_path / "o"),
-                        "--eval-windows", "0"], capsys)
+    code, _, err = cli([str(tiny_llama_dir), "--recipe", "gptq-4bit", "--set", "weights.ggml=q4_k", "--out",
+                        str(tmp_path / "o"), "--eval-windows", "0"], capsys)
     line = one_line_error(err)
     assert code != 0 and "q4_k" in line and "multiple of 256" in line and "q5_0" in line
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_a_ggml_checkpoint_reloads_exactly(q4km: tuple[compress.Result, Path], tmp_path: Path,
+                                           tokenizer: object) -> None:
+    """The compress checkpoint of a gguf-* recipe holds ggml's bytes; from_pretrained gives the same logits."""
+    from helpers import logits
+    from transformers import AutoModelForCausalLM
+
+    res, _ = q4km
+    checkpoint.save(res.model, tokenizer, res.plan, res.recipe, tmp_path, card="test")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(logits(loaded), logits(res.model))
+    assert checkpoint.inspect(tmp_path).plan.layers == res.plan.layers

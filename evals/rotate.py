@@ -1,0 +1,56 @@
+"""Rotation benchmark (issue 21): SmolLM2-135M on the pydoc-512 protocol, GPTQ with and without rotations fused
+into the weights (randomised Hadamard R1 on the residual stream + R2 per attention head; compress/rotate.py).
+
+Rows are GPTQ with act-order (static groups) at w4g128, w3g128, w2g64, plain and rotated; each compression in its
+own process (its own wall time and peak RSS). The rotated model's tied lm_head is untied and kept dense (bf16 on
+disk): "bpw +head" counts those 28.3M parameters at 16 bits over the Linears and the head together, the price
+of R1 on a tied model.
+
+    python evals/rotate.py                      # every row (about 15 min a row on 2 CPU cores)
+    python evals/rotate.py --rows "rotate w3g128"
+    python evals/rotate.py --render
+"""
+
+from __future__ import annotations
+
+from common import cli, fmt_num, fmt_ppl
+
+SETTINGS = {"w4g128": (4, 128), "w3g128": (3, 128), "w2g64": (2, 64)}
+METHODS = {"gptq": "gptq-4bit", "rotate": "rotate-gptq-4bit"}
+ORDER = ["dense"] + [f"{m} {s}" for s in SETTINGS for m in METHODS]
+TARGETS = {"w4g128": 16.73, "w3g128": 18.2, "w2g64": 35.0}  # issue 21: best peer at 4 bits, 1.3x and 2.5x dense
+
+
+def spec_of(label: str) -> dict:
+    if label == "dense":
+        return {"label": label}
+    method, setting = label.split(" ")
+    bits, group = SETTINGS[setting]
+    return {"label": label, "recipe": METHODS[method], "edits": [f"weights.bits={bits}", f"weights.group_size={group}",
+                                                               "round.act_order=true"]}
+
+
+def table(rows: list[dict]) -> str:
+    dense = next((r["ppl"] for r in rows if r["label"] == "dense"), None)
+    lines = ["| setting | method | ppl | × dense | target | KL / token | top-1 | bits (codes / +meta) | bpw +head | "
+             "compress s | peak RSS MB |", "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        if r["label"] == "dense":
+            lines.append(f"| dense | - | {fmt_ppl(r['ppl'])} | 1.000 | - | - | - | 16 | - | - | - |")
+            continue
+        method, setting = r["label"].split(" ")
+        head = (r.get("rotation") or {}).get("untied_lm_head_params", 0)
+        n = r.get("linear_params", 0)
+        plus = (r["bits_total"] * n + 16 * head) / (n + head) if n else float("nan")
+        lines.append(f"| {setting} | {method} | {fmt_ppl(r['ppl'])} | {r['ppl'] / dense:.3f} | {TARGETS[setting]} | "
+                     f"{fmt_num(r.get('kl'), '.4f')} | {fmt_num(r.get('top1'), '.3f')} | "
+                     f"{r['bits_code']:.3f} / {r['bits_total']:.3f} | {plus:.3f} | "
+                     f"{fmt_num(r.get('compress_seconds'), '.0f')} | {fmt_num(r.get('peak_rss_mb'), '.0f')} |"
+                     if dense else "")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    cli(__doc__, ORDER, table, "Rotations fused into the weights (SmolLM2-135M, pydoc-512)",
+        "GPTQ with act-order, plain and after randomised Hadamard rotations (R1 + R2).", __file__, "rotate",
+        spec_of=spec_of)
