@@ -31,6 +31,7 @@ def spec_of(label: str) -> dict:
 
 
 def table(rows: list[dict]) -> str:
+    rows = with_trunk(rows)
     dense = next((r["ppl"] for r in rows if r["label"] == "dense"), None)
     lines = ["| setting | method | ppl | × dense | target | KL / token | top-1 | bits (codes / +meta) | bpw +head | "
              "compress s | peak RSS MB |", "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
@@ -39,6 +40,7 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| dense | - | {fmt_ppl(r['ppl'])} | 1.000 | - | - | - | 16 | - | - | - |")
             continue
         method, setting = r["label"].split(" ")
+        method += " (trunk.json)" if r.get("from_trunk") else ""
         head = (r.get("rotation") or {}).get("untied_lm_head_params", 0)
         n = r.get("linear_params", 0)
         plus = (r["bits_total"] * n + 16 * head) / (n + head) if n else float("nan")
@@ -48,6 +50,22 @@ def table(rows: list[dict]) -> str:
                      f"{fmt_num(r.get('compress_seconds'), '.0f')} | {fmt_num(r.get('peak_rss_mb'), '.0f')} |"
                      if dense else "")
     return "\n".join(lines)
+
+
+def with_trunk(rows: list[dict]) -> list[dict]:
+    """Plain GPTQ rows not measured in this run, taken from evals/results/trunk.json (GPTQ + act-order, the same
+    protocol and code path; marked, and their seconds come from that run's machine)."""
+    import json
+    from pathlib import Path
+
+    have = {r["label"] for r in rows}
+    trunk = Path(__file__).parent / "results" / "trunk.json"
+    old = {r["label"]: r for r in json.loads(trunk.read_text())} if trunk.is_file() else {}
+    out = list(rows)
+    for setting in SETTINGS:
+        if f"gptq {setting}" not in have and f"gptq+act-order {setting}" in old:
+            out.append({**old[f"gptq+act-order {setting}"], "label": f"gptq {setting}", "from_trunk": True})
+    return sorted(out, key=lambda r: ORDER.index(r["label"]) if r["label"] in ORDER else len(ORDER))
 
 
 if __name__ == "__main__":
