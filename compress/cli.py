@@ -434,7 +434,8 @@ def plan_cmd(
     for name in [n for n in base if n.startswith(f"{arch.blocks}.0.")]:
         spec, (N, K) = base[name], tuple(m.get_submodule(name).weight.shape)
         code, total = spec.bits_per_weight(N, K)
-        t.add_row(name.removeprefix(f"{arch.blocks}.0."), f"{N} x {K}", f"{code:.2f} ({total:.2f} with scales)",
+        t.add_row(name.removeprefix(f"{arch.blocks}.0."), f"{N} x {K}",
+                  (f"{spec.ggml}: " if spec.ggml else "") + f"{code:.2f} ({total:.2f} with scales)",
                   str(spec.group_size), _human_bytes(estimate.packed_bytes(spec, N, K)))
     out_console.print(t)
     planned = {f"{n}.weight" for n in base}

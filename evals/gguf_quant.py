@@ -7,7 +7,8 @@
 For SmolLM2-135M (the pydoc-512 protocol, ../shared/protocol.md), per llama.cpp ftype, each row is one GGUF file:
     llama.cpp            the f32 GGUF from llama.cpp's convert_hf_to_gguf.py -> llama-quantize at the ftype
     llama.cpp imatrix    the same with an importance matrix from llama-imatrix on our calibration text (the
-                         protocol's 128 calibration windows, decoded to text)
+                         protocol's 128 calibration windows decoded to text, which llama.cpp's tokenizer makes
+                         127 chunks of 512; llama-imatrix's defaults, so the output matrix has no entry)
     ours                 `--recipe gguf-<ftype>`: the same per-tensor types (llama.cpp's mix rules), each block's
                          scales from the type's weighted search on diag(H), then GPTQ with act-order onto them
     ours baq             `--recipe gguf-baq-<ftype>`: a type per Linear from each type's measured GPTQ loss, at the
@@ -15,8 +16,10 @@ For SmolLM2-135M (the pydoc-512 protocol, ../shared/protocol.md), per llama.cpp 
 Every file is scored by llama.cpp itself (llama-cpp-python, built from source): perplexity on the 40 protocol
 windows of 512 tokens, fed as the same token ids, each window on its own. Bytes are the file's size; bits per
 weight count every tensor's data (block metadata included) over all weights, as llama.cpp's loader prints.
-Both pipelines start from the same fp32 weights (SmolLM2's Q4_1 GGUF dequantized by transformers): llama.cpp
-from an f32 GGUF rather than bf16, so neither starts from a rounded copy. The dense row is that f32 GGUF.
+"compress s" is llama-quantize's time for llama.cpp (the imatrix, about 4 minutes, is not in it) and the whole
+compression (calibration, GPTQ, packing) for ours. Both pipelines start from the same fp32 weights (SmolLM2's
+Q4_1 GGUF dequantized by transformers): llama.cpp from an f32 GGUF rather than bf16, so neither starts from a
+rounded copy. The dense row is that f32 GGUF.
 """
 
 from __future__ import annotations
