@@ -13,6 +13,8 @@ For SmolLM2-135M (the pydoc-512 protocol, ../shared/protocol.md), per llama.cpp 
                          scales from the type's weighted search on diag(H), then GPTQ with act-order onto them
     ours baq             `--recipe gguf-baq-<ftype>`: a type per Linear from each type's measured GPTQ loss, at the
                          bits per weight of llama.cpp's mix (the same budget; the file may come out a little smaller)
+    ours baq*            the same without q4_1 and q5_1: this SmolLM2 is its Q4_1 GGUF dequantized, so those two
+                         types hold it almost exactly, which the measuring allocator finds (the baq row)
 Every file is scored by llama.cpp itself (llama-cpp-python, built from source): perplexity on the 40 protocol
 windows of 512 tokens, fed as the same token ids, each window on its own. Bytes are the file's size; bits per
 weight count every tensor's data (block metadata included) over all weights, as llama.cpp's loader prints.
@@ -38,7 +40,10 @@ from common import EVAL_WINDOWS, SEQLEN, fmt_num, fmt_ppl, merge, report  # noqa
 
 CACHE = HERE / ".cache" / "gguf"
 TYPES = ["q4_k_m", "q3_k_m", "q2_k"]
-ROWS = ["llama.cpp", "llama.cpp imatrix", "ours", "ours baq"]
+ROWS = ["llama.cpp", "llama.cpp imatrix", "ours", "ours baq", "ours baq*"]
+# SmolLM2 here is its Q4_1 GGUF dequantized: q4_1 (and q5_1, which holds every q4_1 grid) reproduce it almost
+# exactly, which a measuring allocator finds; "ours baq*" leaves both out to show the allocation on its own merit
+NOT_SOURCE = "[q2_k, q3_k, q4_0, q4_k, q5_0, q5_k, q6_k, q8_0]"
 
 
 def protocol() -> tuple[object, object, list[list[int]], list[list[int]]]:
@@ -74,8 +79,8 @@ def sources(model: object, tok: object, calib: list[list[int]]) -> dict[str, Pat
     return {"hf": hf, "f32": f32, "text": text, "imatrix": imat}
 
 
-def ours(model: object, tok: object, name: str, samples: int) -> tuple[Path, dict]:
-    """`--recipe <name>` through the library, then the GGUF writer; (file, facts)."""
+def ours(model: object, tok: object, name: str, samples: int, edits: tuple[str, ...] = ()) -> tuple[Path, dict]:
+    """`--recipe <name>` (with `edits`) through the library, then the GGUF writer; (file, facts)."""
     import copy
 
     import compress
@@ -83,12 +88,12 @@ def ours(model: object, tok: object, name: str, samples: int) -> tuple[Path, dic
     from compress.export import gguf as gguf_export
     from compress.util import peak_rss_mb
 
-    rec = recipe.load(name, [f"calibrate.samples={samples}"])
+    rec = recipe.load(name, [f"calibrate.samples={samples}", *edits])
     m = copy.deepcopy(model)
     t0 = time.perf_counter()
     result = compress.compress(m, tok, rec)
     secs = time.perf_counter() - t0
-    out = CACHE / name
+    out = CACHE / (name + ("-x" if edits else ""))
     path = gguf_export.write(m, tok, result.plan, out, dtype=__import__("torch").float32, recipe=rec)
     return path, {"compress_seconds": secs, "peak_rss_mb": peak_rss_mb(), "layer_loss": result.total_loss,
                   "allocation": result.allocation}
@@ -144,8 +149,9 @@ def main() -> None:
         for ftype in args.types:
             for label in [x for x in ROWS if x in args.rows]:
                 if label.startswith("ours"):
-                    name = f"gguf-{'baq-' if label == 'ours baq' else ''}{ftype}"
-                    path, extra = ours(model, tok, name, args.samples)
+                    name = f"gguf-{'baq-' if label.startswith('ours baq') else ''}{ftype}"
+                    edits = (f"allocate.choices={NOT_SOURCE}",) if label == "ours baq*" else ()
+                    path, extra = ours(model, tok, name, args.samples, edits)
                 else:
                     imat = src["imatrix"] if label.endswith("imatrix") else None
                     path = CACHE / f"llamacpp-{ftype}{'-imatrix' if imat else ''}.gguf"
