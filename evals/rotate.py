@@ -37,13 +37,13 @@ def table(rows: list[dict]) -> str:
              "compress s | peak RSS MB |", "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         if r["label"] == "dense":
-            lines.append(f"| dense | - | {fmt_ppl(r['ppl'])} | 1.000 | - | - | - | 16 | - | - | - |")
+            lines.append(f"| dense | - | {fmt_ppl(r['ppl'])} | 1.000 | - | - | - | 32 (fp32) | - | - | - |")
             continue
         method, setting = r["label"].split(" ")
         method += " (trunk.json)" if r.get("from_trunk") else ""
         head = (r.get("rotation") or {}).get("untied_lm_head_params", 0)
         n = r.get("linear_params", 0)
-        plus = (r["bits_total"] * n + 16 * head) / (n + head) if n else float("nan")
+        plus = (r["bits_total"] * n + 16 * head) / (n + head) if n and head else r["bits_total"]
         lines.append(f"| {setting} | {method} | {fmt_ppl(r['ppl'])} | {r['ppl'] / dense:.3f} | {TARGETS[setting]} | "
                      f"{fmt_num(r.get('kl'), '.4f')} | {fmt_num(r.get('top1'), '.3f')} | "
                      f"{r['bits_code']:.3f} / {r['bits_total']:.3f} | {plus:.3f} | "
