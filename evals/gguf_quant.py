@@ -13,8 +13,10 @@ For SmolLM2-135M (the pydoc-512 protocol, ../shared/protocol.md), per llama.cpp 
                          scales from the type's weighted search on diag(H), then GPTQ with act-order onto them
     ours baq             `--recipe gguf-baq-<ftype>`: a type per Linear from each type's measured GPTQ loss, at the
                          bits per weight of llama.cpp's mix (the same budget; the file may come out a little smaller)
-    ours baq*            the same without q4_1 and q5_1: this SmolLM2 is its Q4_1 GGUF dequantized, so those two
-                         types hold it almost exactly, which the measuring allocator finds (the baq row)
+    ours baq*            the same without q4_1 and q5_1 among the choices: this SmolLM2 is its Q4_1 GGUF dequantized,
+                         so those two types hold it almost exactly, which the measuring allocator finds (the baq
+                         row: q4_1 everywhere). Measured caveat: q5_k's shape fallback still brings q5_1 to the
+                         576-wide rows (161 of 210 Linears), so this row is not free of the source grid either
 Every file is scored by llama.cpp itself (llama-cpp-python, built from source): perplexity on the 40 protocol
 windows of 512 tokens, fed as the same token ids, each window on its own. Bytes are the file's size; bits per
 weight count every tensor's data (block metadata included) over all weights, as llama.cpp's loader prints.
