@@ -25,24 +25,25 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def rss_mb() -> float:
-    """Resident memory of this process now, in MiB (Linux VmRSS; the peak elsewhere)."""
+def _status_mib(field: str) -> float | None:
+    """A kB field of /proc/self/status (Linux) in MiB, or None where there is none."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return peak_rss_mb()
+    return None
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now, in MiB (Linux VmRSS; the peak elsewhere)."""
+    now = _status_mib("VmRSS")
+    return peak_rss_mb() if now is None else now
 
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB. Linux's VmHWM, which starts afresh at exec
     (getrusage's ru_maxrss survives exec, so a benchmark child would report its parent's peak)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, the fallback elsewhere
+    peak = _status_mib("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if peak is None else peak  # KiB elsewhere
