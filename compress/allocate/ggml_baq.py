@@ -80,8 +80,8 @@ def allocate(ctx: Context, cfg: Config) -> Allocation:
         assert H is not None
         W = lin.weight.detach().float()
         energy = float(0.5 * torch.einsum("nk,kj,nj->", W, H.float(), W))  # ½·tr(W H Wᵀ)
-        ref = mix.fitted(cfg.reference, K[name]) if mix.fitted(cfg.reference, K[name]) in options[name] else \
-            options[name][len(options[name]) // 2]
+        ref = mix.fitted(cfg.reference, K[name])
+        ref = ref if ref in options[name] else options[name][len(options[name]) // 2]
         kept = None
         errors[name] = {}
         for t in options[name]:

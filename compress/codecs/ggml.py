@@ -57,15 +57,20 @@ def pack(lw: LayerWeight) -> dict[str, Tensor]:
     return {"blocks": ggml.pack(lw.spec.ggml, lw.codes, lw.scale)}
 
 
+def no_zero(params: Tensor) -> Tensor:
+    """The `zero` of a ggml layer: empty [N, B, 0] (the offsets follow from the params)."""
+    return params.new_zeros(*params.shape[:2], 0)
+
+
 def grid(t: Mapping[str, Tensor], spec: LayerSpec, N: int, K: int) -> tuple[Tensor, Tensor]:
     """(params [N, B, P], empty [N, B, 0]): the block headers."""
     _, params = ggml.unpack(spec.ggml, t["blocks"], K)
-    return params, params.new_zeros(*params.shape[:2], 0)
+    return params, no_zero(params)
 
 
 def unpack(t: Mapping[str, Tensor], spec: LayerSpec, N: int, K: int) -> Decoded:
     codes, params = ggml.unpack(spec.ggml, t["blocks"], K)
-    return Decoded(codes, params, params.new_zeros(*params.shape[:2], 0))
+    return Decoded(codes, params, no_zero(params))
 
 
 def dequantize(d: Decoded, spec: LayerSpec, K: int) -> Tensor:

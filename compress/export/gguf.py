@@ -135,19 +135,18 @@ def write(model: nn.Module, tokenizer: Any, plan: Plan, out: Path, *, dtype: tor
         _tokenizer(w, tokenizer, Path(tmp), cfg.vocab_size)
     tied = _tied(model)
     heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    modules = dict(model.named_modules())
     types: Counter[str] = Counter()
-    for name, t in model.state_dict(keep_vars=True).items():
-        owner, _, leaf = name.rpartition(".")
-        m = modules.get(owner)
-        if isinstance(m, CompressedLinear) and leaf != "bias":
-            if leaf not in m.packed() or leaf != next(iter(m.packed())):
-                continue  # one entry per layer (its first buffer stands for it)
+    packed = set()  # state_dict names of the compressed Linears' own buffers (written as their blocks)
+    for owner, m in model.named_modules():
+        if isinstance(m, CompressedLinear):
+            packed |= {f"{owner}.{b}" for b in m.packed()}
             gname = _name(f"{owner}.weight", arch, n_layer)
             kind, data = _packed(m, plan[owner])
             data = _permuted(gname, data, arch, heads, kv_heads)
             w.add_tensor(gname, data.numpy(), raw_dtype=gguf.GGMLQuantizationType[kind.upper()])
             types[kind] += 1
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name in packed:
             continue
         if name == "lm_head.weight" and tied:
             continue

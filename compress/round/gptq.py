@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from compress import ggml, grid, prune
+from compress.codecs import ggml as ggml_codec
 from compress.errors import CompressError
 from compress.plan import LayerWeight
 
@@ -166,7 +167,7 @@ def _apply(lw: LayerWeight, H: Tensor | None, cfg: Config, search: bool) -> Laye
     col = torch.arange(K, device=W.device) if perm is None else perm  # original index of the j-th column
     if typed:  # value = S·q − Z per column (Z an offset, not a code; iq4_nl: S·LEVELS[q])
         scale = ggml.choose(spec.ggml, Wfit, torch.diag(H))  # block headers [N, B, P]
-        zero = scale.new_zeros(*scale.shape[:2], 0)
+        zero = ggml_codec.no_zero(scale)
         S, Z = ggml.columns(spec.ggml, scale, K)  # [N, K]
     elif spec.kind == "levels":  # BAQ's faithful grid: the row's range, a level count per column
         levels = spec.levels or ()

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from compress import ggml, grid, prune
+from compress.codecs import ggml as ggml_codec
 from compress.errors import CompressError
 from compress.plan import LayerWeight
 from compress.round.loss import column_loss
@@ -36,8 +37,7 @@ def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
         return out
     if spec.kind == "ggml":  # the type's own weighted scale search (weights diag H when given), then nearest
         params = ggml.choose(spec.ggml, W, None if H is None else torch.diag(H))
-        out = lw.rounded(codes=ggml.round_nearest(spec.ggml, W, params), scale=params,
-                         zero=params.new_zeros(*params.shape[:2], 0))
+        out = lw.rounded(codes=ggml.round_nearest(spec.ggml, W, params), scale=params, zero=ggml_codec.no_zero(params))
         if H is not None:
             out.loss = column_loss(W, out.dequantize(), H)
         return out
