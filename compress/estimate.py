@@ -8,7 +8,8 @@ The memory model follows the block-by-block driver (compress/sequential.py): wha
 or only what lies outside the blocks when it is read block by block), one block converted to float32, the Hessians
 that live at once (every planned Linear of a block, or the largest true-sequential group), GPTQ's workspace for the
 largest Linear, the calibration hidden states (inputs and outputs of a block, in the model's dtype) and one batch's
-float32 activations inside a block. It is an estimate: evals/any_size.py compares it with measured peaks.
+float32 activations inside a block; GPTAQ (round.asymmetric) doubles the Hessians and the hidden states and
+adds a dense float32 copy of the block. It is an estimate: evals/any_size.py compares it with measured peaks.
 """
 
 from __future__ import annotations
@@ -78,10 +79,12 @@ def estimate(model: nn.Module, arch: models.Arch, plan: Plan, recipe: Recipe, *,
     if c.true_sequential:
         groups = [max(v) * 3 for v in per_block.values()]  # q/k/v share a group: about three of the largest
     hessians = max(groups, default=0) if recipe.round.config.needs_hessian else 0
+    twin = getattr(recipe.round.config, "asymmetric", 0.0) > 0  # GPTAQ: a dense copy of the block, its own stream
+    hessians *= 2 if twin else 1  # (and a cross term D beside each H)
     N, K = max(shapes.values(), key=lambda s: s[0] * s[1])
     rounding = (3 * N * K + 2 * K * K) * FLOAT32  # W, Q and the error in float32; H's inverse and its Cholesky
     needs_data = recipe.round.config.needs_hessian
-    states = 2 * c.samples * c.seqlen * hidden * item if needs_data else 0  # a block's inputs and outputs
+    states = (4 if twin else 2) * c.samples * c.seqlen * hidden * item if needs_data else 0  # a block's ins and outs
     batch = min(c.batch_size, c.samples)
     forward = batch * c.seqlen * (6 * hidden + 3 * widest) * FLOAT32 + batch * heads * c.seqlen**2 * FLOAT32
     parts = {
@@ -89,7 +92,7 @@ def estimate(model: nn.Module, arch: models.Arch, plan: Plan, recipe: Recipe, *,
         "resident model": _bytes(outside) if streamed else _bytes(everything),
         # (a streamed block is read in the model's dtype and converted; a whole float32 model's blocks already are)
         "one block in float32": (block_numel * FLOAT32 if streamed or dtype != torch.float32 else 0)
-        + (block_params if streamed else 0),
+        + (block_params if streamed else 0) + (block_numel * FLOAT32 if twin else 0),
         "Hessians": hessians,
         "rounding workspace": rounding,
         "calibration hidden states": states,

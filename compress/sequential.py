@@ -14,6 +14,7 @@ Methods that need no Hessian (RTN) skip calibration entirely.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import re
@@ -43,22 +44,33 @@ log = logging.getLogger(__name__)
 
 
 class Hessian:
-    """Running H = 2/n Σ x xᵀ over calibration sequences (n counts sequences, as the reference)."""
+    """Running H = 2/n Σ x xᵀ over calibration sequences (n counts sequences, as the reference); with `asymmetric`,
+    also GPTAQ's cross term D = 2/n Σ (x̃ − x) xᵀ, x̃ the same token's input in the dense model (round/gptq.py)."""
 
-    def __init__(self, K: int, device: torch.device) -> None:
+    def __init__(self, K: int, device: torch.device, asymmetric: bool = False) -> None:
         self.H = torch.zeros(K, K, device=device, dtype=torch.float32)
+        self.D = torch.zeros(K, K, device=device, dtype=torch.float32) if asymmetric else None
+        self.paired = asymmetric  # every batch came with its dense twin (routed experts do not: other tokens)
         self.n = 0
         self.tokens = 0  # rows seen (an expert sees only the tokens routed to it)
 
-    def add(self, x: Tensor) -> None:
-        """x [B, T, K] (or [T, K]): the Linear's inputs for B sequences."""
+    def add(self, x: Tensor, dense: Tensor | None = None) -> None:
+        """x [B, T, K] (or [T, K]): the Linear's inputs for B sequences; `dense`: the dense model's, same tokens."""
         b = x.shape[0] if x.dim() == 3 else 1
         x = x.reshape(-1, x.shape[-1]).float()  # [B·T, K]
         self.tokens += x.shape[0]
-        self.H *= self.n / (self.n + b)
+        scale = self.n / (self.n + b)
+        self.H *= scale
         self.n += b
         x = math.sqrt(2 / self.n) * x
         self.H += x.T @ x
+        if self.D is not None:
+            self.D *= scale
+            if dense is None or dense.numel() != x.numel():
+                self.paired = False
+            else:
+                dx = math.sqrt(2 / self.n) * dense.reshape(x.shape).float() - x  # [B·T, K]
+                self.D += dx.T @ x
 
 
 class _Stop(Exception):
@@ -191,12 +203,37 @@ def capture_inputs(model: nn.Module, arch: Arch, windows: Tensor, batch_size: in
 
 
 @contextmanager
-def _hessian_hooks(modules: dict[str, nn.Linear], device: torch.device) -> Iterator[dict[str, Hessian]]:
-    hs = {name: Hessian(m.in_features, device) for name, m in modules.items()}
-    handles = [m.register_forward_hook(lambda _m, inp, _out, h=hs[name]: h.add(inp[0].detach()))
+def _hessian_hooks(modules: dict[str, nn.Linear], device: torch.device,
+                   dense: dict[str, list[Tensor]] | None = None) -> Iterator[dict[str, Hessian]]:
+    """Hooks accumulating each Linear's Hessian; with `dense` (name -> a one-slot list holding the dense twin's
+    input of the current batch, filled by `_capture_hooks`), GPTAQ's cross term too."""
+    hs = {name: Hessian(m.in_features, device, dense is not None) for name, m in modules.items()}
+
+    def hook(name: str, x: Tensor) -> None:
+        twin = dense[name].pop() if dense is not None and dense[name] else None
+        hs[name].add(x.detach(), twin)
+
+    handles = [m.register_forward_hook(lambda _m, inp, _out, name=name: hook(name, inp[0]))
                for name, m in modules.items()]
     try:
         yield hs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def _capture_hooks(modules: dict[str, nn.Module]) -> Iterator[dict[str, list[Tensor]]]:
+    """name -> a one-slot list that receives the Linear's input on each call (the dense twin's, for GPTAQ)."""
+    slots: dict[str, list[Tensor]] = {name: [] for name in modules}
+
+    def hook(name: str, x: Tensor) -> None:
+        slots[name][:] = [x.detach()]
+
+    handles = [m.register_forward_hook(lambda _m, inp, _out, name=name: hook(name, inp[0]))
+               for name, m in modules.items()]
+    try:
+        yield slots
     finally:
         for h in handles:
             h.remove()
@@ -258,12 +295,13 @@ def _run_block(block: nn.Module, hidden: Sequence[Tensor], calls: Sequence[Call]
 
 
 def round_linear(name: str, lin: nn.Linear, H: Tensor | None, spec: Any, method: ModuleType,
-                 cfg: Any) -> tuple[CompressedLinear, LayerReport]:
-    """Round one Linear with `method` and pack it; the pure method never sees modules or devices."""
+                 cfg: Any, D: Tensor | None = None) -> tuple[CompressedLinear, LayerReport]:
+    """Round one Linear with `method` and pack it; the pure method never sees modules or devices. D: GPTAQ's cross
+    term, for a method that takes it."""
     t0 = time.perf_counter()
     lw = LayerWeight(lin.weight.detach().float(), spec)
     try:
-        out = method.apply(lw, H, cfg)
+        out = method.apply(lw, H, cfg) if D is None else method.apply(lw, H, cfg, D=D)
     except CompressError as e:
         raise CompressError(f"{name}: {e}") from e
     loss = float(out.loss.sum()) if out.loss is not None else float("nan")
@@ -286,21 +324,50 @@ def _groups(arch: Arch, prefix: str, linears: dict[str, nn.Linear], true_sequent
     return [g for g in [*groups, rest] if g]
 
 
+@dataclass
+class Twin:
+    """GPTAQ's dense twin of the block in hand: a float32 copy of it before rounding, and the dense model's hidden
+    states entering it (the dense stream runs beside the quantized one, block by block)."""
+
+    block: nn.Module
+    prefix: str
+    hidden: Sequence[Tensor]
+
+
+def _statistics(block: nn.Module, mods: dict[str, nn.Linear], hidden: Sequence[Tensor], calls: Sequence[Call],
+                device: torch.device, twin: Twin | None) -> dict[str, Hessian]:
+    """Each Linear's Hessian over the calibration batches; with a twin, each batch runs through the dense copy first
+    so that every Linear's quantized-model input meets the dense model's input for the same tokens."""
+    if twin is None:
+        with _hessian_hooks(mods, device) as hs:
+            _run_block(block, hidden, calls, device, keep=False)
+        return hs
+    dense_mods = {n: twin.block.get_submodule(n[len(twin.prefix) + 1 :]) for n in mods}
+    with _capture_hooks(dense_mods) as slots, _hessian_hooks(mods, device, slots) as hs:
+        for h, dense_h, call in zip(hidden, twin.hidden, calls, strict=True):
+            _run_block(twin.block, [dense_h], [call], device, keep=False)
+            _run_block(block, [h], [call], device, keep=False)
+    return hs
+
+
 def _round_block(model: nn.Module, block: nn.Module, groups: list[list[str]], plan: Plan, round_layer: RoundLayer,
                  needs_hessian: bool, hidden: Sequence[Tensor], calls: Sequence[Call],
-                 device: torch.device) -> list[LayerReport]:
+                 device: torch.device, twin: Twin | None = None) -> list[LayerReport]:
     """Round the block's Linears group by group; each group's Hessians see the earlier groups compressed."""
     reports = []
     for group in groups:
         mods = {n: model.get_submodule(n) for n in group}
-        hs: dict[str, Hessian] = {}
-        if needs_hessian:
-            with _hessian_hooks(mods, device) as hs:
-                _run_block(block, hidden, calls, device, keep=False)
+        hs: dict[str, Hessian] = _statistics(block, mods, hidden, calls, device, twin) if needs_hessian else {}
         notes = pool_rare_experts(hs) if hs else {}
         for name, lin in mods.items():
             h = hs.pop(name) if hs else None  # each Hessian is freed once its Linear is rounded
-            packed, rep = round_layer(name, lin, None if h is None else h.H, plan[name])
+            if h is not None and h.D is not None and h.paired and name not in notes:
+                packed, rep = round_layer(name, lin, h.H, plan[name], D=h.D)  # type: ignore[call-arg]
+                rep.info["asymmetric"] = 1.0
+            else:
+                packed, rep = round_layer(name, lin, None if h is None else h.H, plan[name])
+                if h is not None and h.D is not None:  # (a routed expert: its dense twin saw other tokens)
+                    rep.info["asymmetric"] = 0.0
             del h
             if name in notes:
                 rep.info["hessian"] = notes[name]
@@ -339,9 +406,11 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
     model ends unchanged and the reports carry what the rounding measured (BAQ's first pass); `kept`, if
     given, receives the rounded modules that were taken out (on the CPU), to score that model later.
     """
+    asymmetric = round_layer is None and getattr(cfg, "asymmetric", 0.0) > 0  # GPTAQ: a dense stream runs beside
     if round_layer is None:
-        def round_layer(name: str, lin: nn.Linear, H: Tensor | None, spec: Any) -> tuple[CompressedLinear, LayerReport]:
-            return round_linear(name, lin, H, spec, method, cfg)
+        def round_layer(name: str, lin: nn.Linear, H: Tensor | None, spec: Any,
+                        D: Tensor | None = None) -> tuple[CompressedLinear, LayerReport]:
+            return round_linear(name, lin, H, spec, method, cfg, D)
     device = torch.device(device)
     blocks = blocks_of(model, arch)
     if cfg.needs_hessian and windows is None:
@@ -355,7 +424,7 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
 
     cap = (capture_inputs(model, arch, windows, batch_size, device, store()) if cfg.needs_hessian
            else Captured([], []))
-    hidden = cap.hidden
+    hidden = dense_hidden = cap.hidden  # (the dense stream: GPTAQ's; the same states until block 0 is rounded)
     reports = []
     for i, block in enumerate(blocks):
         t0 = time.perf_counter()
@@ -363,9 +432,11 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
         dtype = next(block.parameters()).dtype
         linears = block_linears(block, prefix, plan)
         state = resume(i) if resume is not None else None
-        if state is None and source is not None:
+        if source is not None and (state is None or asymmetric):  # (GPTAQ's dense stream needs the dense block)
             source.fetch(i)
             linears = block_linears(block, prefix, plan)
+        twin = (Twin(copy.deepcopy(block).to(device, torch.float32), prefix, dense_hidden)
+                if asymmetric and (state is None or i + 1 < len(blocks)) else None)
         layer_reports: list[LayerReport] = []
         if state is not None:
             swap_linears(model, Plan({n: saved_spec(plan[n], state, n[len(prefix) + 1 :]) for n in linears}))
@@ -374,11 +445,17 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
         if state is None:
             groups = _groups(arch, prefix, linears, true_sequential)
             layer_reports = _round_block(model, block, groups, plan, round_layer, cfg.needs_hessian, hidden,
-                                         cap.calls[i] if cap.calls else [], device)
+                                         cap.calls[i] if cap.calls else [], device, twin)
         if cfg.needs_hessian and i + 1 < len(blocks):
             done, hidden = hidden, _run_block(block, hidden, cap.calls[i], device, keep=True, outs=store())
+            if twin is not None:
+                dense_done, dense_hidden = dense_hidden, _run_block(twin.block, dense_hidden, cap.calls[i], device,
+                                                                    keep=True, outs=store())
+                if isinstance(dense_done, Spill) and dense_done is not done:
+                    dense_done.close()
             if isinstance(done, Spill):
                 done.close()
+        twin = None  # (frees the dense copy before the next block's)
         if restore:
             for name, lin in linears.items():
                 if kept is not None:
@@ -394,8 +471,9 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
         reports.append(rep)
         if progress is not None:
             progress(rep)
-    if isinstance(hidden, Spill):
-        hidden.close()
+    for states in {id(hidden): hidden, id(dense_hidden): dense_hidden}.values():
+        if isinstance(states, Spill):
+            states.close()
     return reports
 
 

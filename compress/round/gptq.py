@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -66,10 +66,14 @@ class Config:
     act_order: bool = False  # process columns by decreasing diag(H), with static groups
     max_damp: float = 10.0  # escalate λ ×10 on a failed Cholesky up to this, then fall back to RTN
     clip: bool = False  # search each group's range (grid.clip, weights diag H); keep it where GPTQ's loss is lower
+    asymmetric: float = 0.0  # GPTAQ's α: round toward the dense model's outputs (`toward_dense`); 0 = plain GPTQ
 
     def __post_init__(self) -> None:
         if not 0 <= self.damp <= self.max_damp:
             raise CompressError(f"gptq damp={self.damp} is invalid; use a value in [0, max_damp={self.max_damp}]")
+        if not 0 <= self.asymmetric <= 1:
+            raise CompressError(f"gptq asymmetric={self.asymmetric} is invalid; use a value in [0, 1] (0.25 is "
+                                "GPTAQ's reference, 0 turns it off)")
         if self.block_size < 1:
             raise CompressError(f"gptq block_size={self.block_size} is invalid; use a positive integer (128)")
 
@@ -97,6 +101,26 @@ def inverse_cholesky(H: Tensor, damp: float, max_damp: float) -> tuple[Tensor | 
         damp = min(max(damp * 10, 1e-4), max_damp)
 
 
+def toward_dense(W: Tensor, H: Tensor, D: Tensor, alpha: float, damp: float) -> Tensor:
+    """GPTAQ's target (Li et al., ICML 2025, "asymmetric calibration"): the weights whose outputs on the quantized
+    model's inputs X best match the dense layer's outputs on the dense model's inputs X̃ = X + ΔX.
+
+    Per row w [1, K]:  ‖q Xᵀ − w X̃ᵀ‖² = (q − w*) H (q − w*)ᵀ + const,   w* = w + w D H⁻¹,
+    with H = 2/n Σ x xᵀ and D = 2/n Σ Δx xᵀ [K, K] (Δx = x̃ − x, same scaling). So GPTQ run on W* with the same H
+    is the OBQ sweep of the asymmetric objective; the error the earlier blocks' quantization left in this layer's
+    inputs is corrected here instead of reproduced. α scales the correction (1: the least-squares one; the
+    reference uses 0.25, a shrinkage against fitting calibration noise); H is damped as the sweep damps it.
+    W [N, K], H [K, K], D [K, K] -> W* [N, K] (float32).
+    """
+    K = H.shape[0]
+    damped = H.float() + damp * torch.diag(H).float().mean() * torch.eye(K, device=H.device)
+    L, info = torch.linalg.cholesky_ex(damped)
+    if info != 0:  # no usable inverse: the plain target (GPTQ's own escalation handles the sweep)
+        return W.float()
+    correction = torch.cholesky_solve((W.float() @ D.float()).T, L).T  # W D (H + λI)⁻¹  (H symmetric)
+    return W.float() + alpha * correction
+
+
 def sweep(WT: Tensor, U: Tensor, B: int, column: Callable[[int, Tensor, Tensor], Tensor]) -> Tensor:
     """The OBQ column sweep shared by every GPTQ-style method (GPTQ, PB-LLM's GPTQ-PB).
 
@@ -122,9 +146,13 @@ def sweep(WT: Tensor, U: Tensor, B: int, column: Callable[[int, Tensor, Tensor],
     return ErrT
 
 
-def apply(lw: LayerWeight, H: Tensor | None, cfg: Config) -> LayerWeight:
+def apply(lw: LayerWeight, H: Tensor | None, cfg: Config, D: Tensor | None = None) -> LayerWeight:
     """Quantize lw.W [N, K] with GPTQ on Hessian H [K, K]; returns codes, grid and per-column loss. With `clip`, the
-    sweep runs on the min-max grids and on the clipped ones, and the layer keeps the lower loss (never worse)."""
+    sweep runs on the min-max grids and on the clipped ones, and the layer keeps the lower loss (never worse).
+    With `asymmetric` and D (the dense-minus-quantized input cross term, `toward_dense`), it rounds GPTAQ's target
+    instead of W; the loss is then the asymmetric objective's (up to a constant)."""
+    if D is not None and cfg.asymmetric > 0 and H is not None:
+        lw = replace(lw, W=toward_dense(lw.W, H, D, cfg.asymmetric, cfg.damp))
     if cfg.clip and lw.spec.kind in ("affine", "pruned") and H is not None:
         plain = _apply(lw, H, cfg, search=False)
         clipped = _apply(lw, H, cfg, search=True)

@@ -135,3 +135,44 @@ def test_clipping_search_never_raises_the_layer_loss(bits: int, group: int, act:
     err = [float(((x - grid.dequantize(grid.quantize(x, s[:, None], z[:, None], grid.maxq(bits)), s[:, None],
                                        z[:, None])) ** 2 * torch.diag(H)[:64]).sum()) for s, z in ((s0, z0), (s1, z1))]
     assert err[1] < err[0]  # the search's own objective: strictly lower on heavy tails
+
+
+def asymmetric_problem(K: int = 192, n: int = 1024, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Quantized-model inputs X [n, K] and the dense model's X̃ = X + ΔX for the same tokens (ΔX: the error that the
+    earlier layers' quantization left, correlated with X as it is in a model), a weight W, and H, D as the driver
+    accumulates them."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, K, generator=g) @ (torch.eye(K) + 0.3 * torch.randn(K, K, generator=g) / K**0.5)
+    dX = 0.2 * X @ (torch.randn(K, K, generator=g) / K**0.5) + 0.05 * torch.randn(n, K, generator=g)
+    W = torch.randn(32, K, generator=g)
+    return X, X + dX, W, 2 * X.T @ X / n, 2 * dX.T @ X / n
+
+
+def asymmetric_loss(Q: torch.Tensor, W: torch.Tensor, X: torch.Tensor, dense: torch.Tensor) -> float:
+    """What GPTAQ minimises: the quantized layer on the quantized model's inputs against the dense layer on the dense
+    model's inputs, ‖X Qᵀ − X̃ Wᵀ‖²."""
+    return float(((X @ Q.T - dense @ W.T) ** 2).sum())
+
+
+def test_gptaq_target_is_the_least_squares_weight_on_the_dense_outputs() -> None:
+    X, dense, W, H, D = asymmetric_problem()
+    target = gptq.toward_dense(W, H, D, alpha=1.0, damp=0.0)
+    exact = torch.linalg.lstsq(X.double(), (dense @ W.T).double()).solution.T  # argmin_V ‖X Vᵀ − X̃ Wᵀ‖
+    assert torch.allclose(target.double(), exact, atol=1e-3)
+    assert torch.equal(gptq.toward_dense(W, H, torch.zeros_like(D), 1.0, 0.01), W)  # no input error: plain GPTQ
+
+
+@pytest.mark.parametrize(("bits", "group", "act_order"), [(4, 64, True), (3, 64, False), (2, 64, True), (3, -1, False)])
+def test_gptaq_lowers_the_asymmetric_loss_below_gptq(bits: int, group: int, act_order: bool) -> None:
+    """GPTAQ ≤ GPTQ on the loss against the dense model's outputs, same Hessian and grid settings; at α = 0 it is
+    GPTQ bit for bit."""
+    X, dense, W, H, D = asymmetric_problem(seed=bits)
+    spec = LayerSpec(bits=bits, group_size=group)
+    plain = gptq.apply(LayerWeight(W, spec), H, gptq.Config(act_order=act_order))
+    off = gptq.apply(LayerWeight(W, spec), H, gptq.Config(act_order=act_order), D=D)
+    assert torch.equal(off.codes, plain.codes)
+    losses = {alpha: asymmetric_loss(gptq.apply(LayerWeight(W, spec), H, gptq.Config(act_order=act_order,
+                                                asymmetric=alpha), D=D).dequantize(), W, X, dense)
+              for alpha in (0.25, 1.0)}
+    base = asymmetric_loss(plain.dequantize(), W, X, dense)
+    assert losses[1.0] < losses[0.25] < base
