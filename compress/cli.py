@@ -117,6 +117,7 @@ class BlockTable:
 
     COLUMNS = (("block", 6, "right"), ("linears", 7, "right"), ("loss", 10, "right"), ("worst linear", 30, "left"),
                ("damp", 6, "right"), ("s", 7, "right"), ("ETA", 7, "right"))
+    RECON = (("output error (recon)", 21, "right"),)  # shown when the recipe reconstructs blocks
 
     def __init__(self, total: int) -> None:
         self.total = total
@@ -125,9 +126,9 @@ class BlockTable:
         self.task = self.bar.add_task("blocks", total=total)
         self.stage, self.done_fresh, self.seconds = None, 0, 0.0
 
-    def _table(self, header: bool) -> Table:
+    def _table(self, header: bool, recon: bool = False) -> Table:
         t = Table(show_header=header, box=None, pad_edge=False)
-        for name, width, just in self.COLUMNS:
+        for name, width, just in self.COLUMNS + (self.RECON if recon else ()):
             t.add_column(name, width=width, justify=just, no_wrap=True)
         return t
 
@@ -136,9 +137,11 @@ class BlockTable:
             self.stage, self.done_fresh, self.seconds = rep.stage, 0, 0.0
             self.bar.update(self.task, description=rep.stage, completed=0, total=rep.total)
             console.print(f"[bold]{rep.stage}[/]")
-            console.print(self._table(header=True))
+            console.print(self._table(header=True, recon="recon_before" in rep.info))
         self.bar.update(self.task, completed=rep.index + 1)
-        row = self._table(header=False)
+        recon = "recon_before" in rep.info
+        row = self._table(header=False, recon=recon)
+        extra = (f"{rep.info['recon_before']:.3g} → {rep.info['recon_after']:.3g}",) if recon else ()
         if rep.resumed:
             row.add_row(str(rep.index), "-", "-", "resumed from .partial", "-", f"{rep.seconds:.1f}", "")
         else:
@@ -150,7 +153,7 @@ class BlockTable:
             row.add_row(
                 str(rep.index), str(len(rep.layers)), f"{rep.loss:.4g}",
                 f"{'.'.join(worst.name.split('.')[-2:])} {worst.loss:.3g}" if worst else "-",
-                f"{damp:g}" if damp else "-", f"{rep.seconds:.1f}", f"{eta:.0f}s")
+                f"{damp:g}" if damp else "-", f"{rep.seconds:.1f}", f"{eta:.0f}s", *extra)
         console.print(row)
 
 

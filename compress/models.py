@@ -347,3 +347,19 @@ def disk_bytes(ref: ModelRef) -> int | None:
     if folder.is_dir():
         return sum(f.stat().st_size for pat in ("*.safetensors", "*.bin") for f in folder.glob(pat))
     return None
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move the tensors nested in tuples/lists/dicts (a block's captured arguments) to `device`."""
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple | list):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def block_output(out: Any) -> Tensor:
+    """A decoder block's hidden states out of whatever it returns (a tensor, or a tuple led by one)."""
+    return out[0] if isinstance(out, tuple) else out

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from compress import codecs, data, distill, models, moe, parallel, rotate, sequential, teacher
+from compress import codecs, data, distill, models, moe, parallel, reconstruct, rotate, sequential, teacher
 from compress.allocate import METHODS as ALLOCATORS
 from compress.allocate.context import Allocation, Context
 from compress.errors import CompressError
@@ -132,6 +132,7 @@ def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | 
     arch = models.arch_of(model)
     base = make_plan(model, arch, recipe)
     check_pruned_training(base, recipe.distill)
+    reconstruct.check(recipe, base)  # (what it cannot train: refused before calibration)
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in base}
     with stage(stages, "calibrate"):
         windows = calibrate(model, tokenizer, recipe)
@@ -246,12 +247,17 @@ def round_model(model: nn.Module, arch: models.Arch, allocation: Allocation, ids
         assert allocation.weights is not None
         return sequential.assemble(model, plan, allocation.weights, progress=progress), {}
     n = len(models.blocks_of(model, arch))
+    rc = recipe.reconstruct
+    train_block = None
+    if rc.epochs:
+        def train_block(block: nn.Module, inputs: Any, targets: Any, calls: Any) -> tuple[float, float]:
+            return reconstruct.train_block(block, inputs, targets, calls, rc, torch.device(device))
     blocks = sequential.run(model, arch, plan, METHODS[rnd.method], rnd.config, ids, batch_size=c.batch_size,
                             true_sequential=c.true_sequential, device=device,
                             resume=None if workdir is None else saved_blocks(model, arch, plan, workdir),
                             on_block_done=None if workdir is None else lambda i, b: workdir.save_block(i, b, n),
                             progress=progress, source=source, max_memory=int(c.max_memory * 1e9),
-                            spill_dir=None if workdir is None else workdir.dir / "hidden")
+                            spill_dir=None if workdir is None else workdir.dir / "hidden", reconstruct=train_block)
     return blocks, {}
 
 

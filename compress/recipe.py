@@ -80,6 +80,20 @@ ROTATIONS = ("none", "hadamard", "random")
 
 
 @dataclass(frozen=True)
+class Reconstruct:
+    """Block-wise training of each rounded block toward the dense block's outputs (compress/reconstruct.py)."""
+
+    epochs: int = 0  # passes over the windows per block; 0 = no reconstruction
+    samples: int = 0  # train on the first this many calibration windows (0: all of them)
+    lr: float = 1e-3  # AdamW learning rate of the latent weights (cosine decay to 0 over each block's steps)
+    scale_lr: float = 1e-4  # ... and of the group scales
+    seed: int = 0  # the order of the windows
+
+    def __post_init__(self) -> None:
+        require("reconstruct", self, positive=("lr", "scale_lr"), non_negative=("epochs", "samples", "seed"))
+
+
+@dataclass(frozen=True)
 class Weights:
     bits: int = 4
     group_size: int = 128
@@ -123,6 +137,7 @@ class Recipe:
     description: str = ""
     calibrate: Calibrate = field(default_factory=Calibrate)
     rotate: Rotate = field(default_factory=Rotate)
+    reconstruct: Reconstruct = field(default_factory=Reconstruct)
     allocate: Allocate = field(default_factory=Allocate)
     weights: Weights = field(default_factory=Weights)
     round: Round = field(default_factory=Round)

@@ -32,6 +32,7 @@ class BlockReport:
     layers: list[LayerReport]
     resumed: bool = False
     stage: str = "round"  # which pass produced it (e.g. "baq pass 1", "level database", "round")
+    info: dict[str, float] = field(default_factory=dict)  # the block's own measures (reconstruction's output error)
 
     @property
     def loss(self) -> float:

@@ -33,9 +33,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from compress import codecs
+from compress import codecs, models
 from compress.errors import CompressError
-from compress.models import Arch, blocks_of
+from compress.models import Arch, block_output, blocks_of
 from compress.nn import CompressedLinear, set_module, swap_linears
 from compress.plan import LayerSpec, LayerWeight, Plan
 from compress.reports import BlockReport, LayerReport, Progress, RoundLayer
@@ -78,6 +78,8 @@ class _Stop(Exception):
 
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]  # what a block is called with besides its hidden states
+# (block, its inputs, the dense block's outputs, calls) -> block output error (before, after); trains the block
+Reconstruct = Callable[[nn.Module, Sequence[Tensor], Sequence[Tensor], Sequence[Call]], tuple[float, float]]
 
 
 class Spill:
@@ -162,17 +164,6 @@ class _Catcher(nn.Module):
         if self.last:
             raise _Stop
         return h
-
-
-def _to(obj: Any, device: torch.device) -> Any:
-    """Move the tensors nested in tuples/lists/dicts of a block's keyword arguments."""
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple | list):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
 
 
 @torch.no_grad()
@@ -275,17 +266,14 @@ def pool_rare_experts(hs: dict[str, Hessian]) -> dict[str, str]:
     return notes
 
 
-def _block_output(out: Any) -> Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
 def _run_block(block: nn.Module, hidden: Sequence[Tensor], calls: Sequence[Call], device: torch.device,
                keep: bool, outs: list[Tensor] | Spill | None = None) -> list[Tensor] | Spill:
     """Run block on every captured batch in float32; return the outputs (in the inputs' dtype, into `outs` if
     given) if keep."""
     outs = [] if outs is None else outs
     for h, (args, kw) in zip(hidden, calls, strict=True):
-        y = _block_output(block(h.to(device, torch.float32), *_to(args, device), **_to(kw, device)))
+        y = block_output(block(h.to(device, torch.float32), *models.to_device(args, device),
+                                  **models.to_device(kw, device)))
         if not torch.isfinite(y).all():
             raise CompressError("a block produced NaN/inf activations during calibration; load the model in "
                                 "float32 (--dtype float32) or check the calibration data")
@@ -391,7 +379,8 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
         on_block_done: Callable[[int, nn.Module], None] | None = None,
         progress: Progress | None = None, round_layer: RoundLayer | None = None,
         restore: bool = False, stage: str = "round", kept: dict[str, nn.Module] | None = None,
-        source: Any = None, max_memory: int = 0, spill_dir: Path | None = None) -> list[BlockReport]:
+        source: Any = None, max_memory: int = 0, spill_dir: Path | None = None,
+        reconstruct: Reconstruct | None = None) -> list[BlockReport]:
     """Compress every Linear in `plan`, block by block; the model is modified in place.
 
     With a `source` (compress/lazy.py) the blocks are on the meta device: each is fetched from the shards when its
@@ -402,11 +391,14 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
     `resume(i)` may return the saved state of an already finished block i (it is loaded, not recomputed);
     `on_block_done(i, block)` is called after each newly compressed block (to save it).
     `round_layer` replaces the default (round with `method`/`cfg` and pack), e.g. to build a level database.
+    `reconstruct(block, inputs, targets, calls) -> (error before, after)` trains each freshly rounded block toward
+    the dense block's outputs (compress/reconstruct.py), the dense stream running beside the quantized one.
     `restore=True` puts every dense Linear back after its block has produced the next block's inputs: the
     model ends unchanged and the reports carry what the rounding measured (BAQ's first pass); `kept`, if
     given, receives the rounded modules that were taken out (on the CPU), to score that model later.
     """
     asymmetric = round_layer is None and getattr(cfg, "asymmetric", 0.0) > 0  # GPTAQ: a dense stream runs beside
+    dense_stream = asymmetric or reconstruct is not None
     if round_layer is None:
         def round_layer(name: str, lin: nn.Linear, H: Tensor | None, spec: Any,
                         D: Tensor | None = None) -> tuple[CompressedLinear, LayerReport]:
@@ -432,11 +424,11 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
         dtype = next(block.parameters()).dtype
         linears = block_linears(block, prefix, plan)
         state = resume(i) if resume is not None else None
-        if source is not None and (state is None or asymmetric):  # (GPTAQ's dense stream needs the dense block)
+        if source is not None and (state is None or dense_stream):  # (the dense stream needs the dense block)
             source.fetch(i)
             linears = block_linears(block, prefix, plan)
         twin = (Twin(copy.deepcopy(block).to(device, torch.float32), prefix, dense_hidden)
-                if asymmetric and (state is None or i + 1 < len(blocks)) else None)
+                if dense_stream and (state is None or i + 1 < len(blocks)) else None)
         layer_reports: list[LayerReport] = []
         if state is not None:
             swap_linears(model, Plan({n: saved_spec(plan[n], state, n[len(prefix) + 1 :]) for n in linears}))
@@ -445,16 +437,23 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
         if state is None:
             groups = _groups(arch, prefix, linears, true_sequential)
             layer_reports = _round_block(model, block, groups, plan, round_layer, cfg.needs_hessian, hidden,
-                                         cap.calls[i] if cap.calls else [], device, twin)
+                                         cap.calls[i] if cap.calls else [], device, twin if asymmetric else None)
+        dense_out = None  # the dense block's outputs on the dense stream: the next dense states, and the targets
+        if twin is not None and cfg.needs_hessian:
+            dense_out = _run_block(twin.block, dense_hidden, cap.calls[i], device, keep=True, outs=store())
+        info: dict[str, float] = {}
+        if reconstruct is not None and state is None and dense_out is not None:
+            info["recon_before"], info["recon_after"] = reconstruct(block, hidden, dense_out, cap.calls[i])
         if cfg.needs_hessian and i + 1 < len(blocks):
             done, hidden = hidden, _run_block(block, hidden, cap.calls[i], device, keep=True, outs=store())
-            if twin is not None:
-                dense_done, dense_hidden = dense_hidden, _run_block(twin.block, dense_hidden, cap.calls[i], device,
-                                                                    keep=True, outs=store())
+            if dense_out is not None:
+                dense_done, dense_hidden = dense_hidden, dense_out
                 if isinstance(dense_done, Spill) and dense_done is not done:
                     dense_done.close()
             if isinstance(done, Spill):
                 done.close()
+        elif isinstance(dense_out, Spill):
+            dense_out.close()
         twin = None  # (frees the dense copy before the next block's)
         if restore:
             for name, lin in linears.items():
@@ -467,7 +466,7 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
         if source is not None:
             source.release(i)
         rep = BlockReport(i, len(blocks), time.perf_counter() - t0, layer_reports, resumed=state is not None,
-                          stage=stage)
+                          stage=stage, info=info)
         reports.append(rep)
         if progress is not None:
             progress(rep)

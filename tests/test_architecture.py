@@ -13,7 +13,7 @@ LAYERS = {  # module (or package prefix) -> layer; a module may import its own l
     "core": ["errors", "plan", "format", "grid", "codecs", "reports", "recipe", "models", "data", "parallel", "util",
              "digest", "interrupt", "moe", "lazy", "ggml", "mix"],
     "runtime": ["nn", "hf", "checkpoint", "verify", "workdir", "kernels", "export", "__init__"],
-    "methods": ["round", "allocate", "prune", "mst", "distill", "teacher", "train", "rotate"],
+    "methods": ["round", "allocate", "prune", "mst", "distill", "teacher", "train", "rotate", "reconstruct"],
     "pipeline": ["pipeline", "sequential", "estimate"],
     "face": ["cli", "card", "suite", "evaluate", "tasks", "baselines", "__main__"],
 }

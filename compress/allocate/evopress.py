@@ -80,6 +80,7 @@ class Config:
     # grid, rounding and choices (e.g. the same model searched at several targets); None = the run's workdir.
     database: str | None = None
     needs_calibration: ClassVar[bool] = True  # a fact of the allocator, not a recipe knob
+    rounds: ClassVar[bool] = True  # its level database already holds every Linear's codes (no sequential pass)
 
     def __post_init__(self) -> None:
         c = sorted(self.choices)

@@ -418,12 +418,16 @@ def six_blocks(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -
     return d
 
 
+@pytest.mark.parametrize("extra", [[], ["--set", "round.asymmetric=0.25", "--set", "reconstruct.epochs=2"]],
+                         ids=["gptq", "gptaq+reconstruct"])
 def test_a_gptq_run_killed_after_its_first_block_resumes_to_the_same_checkpoint(six_blocks: Path, tmp_path: Path,
-                                                                                verdict: Verdict) -> None:
+                                                                                verdict: Verdict,
+                                                                                extra: list[str]) -> None:
     """SIGKILL (no clean-up runs) once block 0 is on disk; a garbled block file and a stale temporary file are
-    planted (what a damaged disk or a kill mid-write leaves); the re-run equals an uninterrupted run."""
+    planted (what a damaged disk or a kill mid-write leaves); the re-run equals an uninterrupted run. With GPTAQ
+    and block reconstruction the resumed run rebuilds the dense stream through the finished blocks."""
     base = [sys.executable, "-m", "compress", str(six_blocks), "--recipe", "gptq-4bit", *FAST, *RANDOM,
-            "--threads", "1"]
+            "--threads", "1", *extra]
     env = {**os.environ, "COLUMNS": "200"}
     subprocess.run([*base, "--out", str(tmp_path / "straight")], env=env, check=True, capture_output=True)
     killed = tmp_path / "killed"

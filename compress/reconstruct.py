@@ -1,0 +1,184 @@
+"""Block-wise reconstruction after rounding (EfficientQAT's Block-AP, Chen et al. 2024): train each rounded block
+so that it reproduces the dense block.
+
+For block i, with X the quantized model's hidden states entering it and Y the dense block's outputs on the dense
+model's hidden states (the same tokens; sequential.Twin runs that stream):
+
+    minimise  mean ‖block_q(X) − Y‖²   over every packed Linear's weights and group scales
+    block_q:  Ŵ = s · (clamp(⌊w/s⌉ + z, 0, qmax) − z)      ⌊·⌉ straight-through, z and qmax fixed
+
+The latent weights w start at the rounding's own decoded weights (GPTQ's codes: training starts from its
+result, not from round-to-nearest) and the scales s at the stored ones; AdamW with separate learning rates for
+weights and scales, cosine decay, the windows of each epoch in a seeded order. The trained block is re-rounded
+onto the stored grid (codes from w with the scale as stored, in its storage dtype), and kept only if its mean
+output error over the training windows is lower than before training: reconstruction never makes a block worse
+on the data it saw. Norms, biases and dense parameters stay as they are.
+
+    train_block(block, inputs, targets, calls, cfg, device) -> (error before, error after)
+
+Only affine group-wise layers train (the grids every runtime serves); other kinds are refused by `check` when the
+plan is made. A block is trained whole or not at all, and it is written to the work directory only when done,
+so a killed run recomputes that block from the same start and ends where an uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from compress import grid, train
+from compress.errors import CompressError
+from compress.models import block_output, to_device
+from compress.nn import CompressedLinear, set_module
+from compress.plan import LayerWeight, Plan
+from compress.recipe import Recipe, Reconstruct
+from compress.round import joint
+
+log = logging.getLogger(__name__)
+Config = Reconstruct
+KINDS = ("affine",)
+
+
+def check(recipe: Recipe, plan: Plan) -> None:
+    """Refuse, before any calibration, what the reconstruction cannot train: layers of other kinds, and roundings
+    that do not go block by block through the calibration driver."""
+    if not recipe.reconstruct.epochs:
+        return
+    other = sorted({spec.kind for spec in plan.layers.values() if spec.kind not in KINDS})
+    if other:
+        raise CompressError(f"reconstruct trains affine group-wise layers; this plan also has {', '.join(other)} "
+                            "layers: set reconstruct.epochs=0 or use an affine grid (weights.bits/group_size)")
+    if joint(recipe.round.method) or not recipe.round.config.needs_hessian:
+        raise CompressError(f"reconstruct follows a calibrated block-by-block rounding (gptq); round.method="
+                            f"{recipe.round.method} has none: use round.method=gptq or set reconstruct.epochs=0")
+    if getattr(recipe.allocate.config, "rounds", False):
+        raise CompressError(f"reconstruct follows a block-by-block rounding; allocate.method={recipe.allocate.method}"
+                            " rounds every Linear itself: use another allocator or set reconstruct.epochs=0")
+
+
+class _Round(torch.autograd.Function):
+    """⌊x⌉ in the forward, the identity gradient in the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        return g
+
+
+class APLinear(nn.Module):
+    """A packed affine layer under training: latent weights w [N, K] and group scales s [N, G] as fp32 Parameters,
+    zero points and widths fixed; the forward decodes w on the trained grid (straight-through rounding)."""
+
+    def __init__(self, m: CompressedLinear) -> None:
+        super().__init__()
+        self.packed = m
+        K = m.in_features
+        self.gw = m.spec.group_width(K)
+        self.weight = nn.Parameter(m.dequantize().float())
+        self.scale = nn.Parameter(m.scale.detach().float().clone())  # [N, G]
+        self.register_buffer("zero", grid.expand(m.zero_points().float(), self.gw, K))  # [N, K]
+        bits = torch.tensor([m.spec.group_bits(K)], dtype=torch.float32, device=self.weight.device)
+        self.register_buffer("qmax", grid.expand(bits.exp2() - 1, self.gw, K))  # [1, K]
+
+    def decoded(self) -> Tensor:
+        s = grid.expand(self.scale, self.gw, self.packed.in_features).clamp_min(1e-8)  # [N, K]
+        q = torch.minimum((_Round.apply(self.weight / s) + self.zero).clamp_min(0), self.qmax)
+        return s * (q - self.zero)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = self.packed.bias
+        return F.linear(x, self.decoded().to(x.dtype), None if b is None else b.to(x.dtype))
+
+    @torch.no_grad()
+    def pack(self) -> CompressedLinear:
+        """The packed layer holding the trained codes and scales (scales in their storage dtype, codes rounded
+        with exactly those scales)."""
+        m = self.packed
+        K = m.in_features
+        stored = self.scale.detach().clamp_min(1e-8).to(m.scale.dtype)  # [N, G]
+        s = grid.expand(stored.float(), self.gw, K)
+        codes = torch.minimum((torch.round(self.weight / s) + self.zero).clamp_min(0), self.qmax).to(torch.uint8)
+        zero = m.zero_points()
+        for name, t in m.codec.pack(LayerWeight(self.weight.detach(), m.spec, codes, stored, zero)).items():
+            getattr(m, name).copy_(t)
+        m._drop_kernel_state()
+        return m
+
+
+def _output(block: nn.Module, x: Tensor, call: tuple[tuple[Any, ...], dict[str, Any]], device: torch.device) -> Tensor:
+    args, kw = call
+    return block_output(block(x.to(device, torch.float32), *to_device(args, device), **to_device(kw, device)))
+
+
+@torch.no_grad()
+def _error(block: nn.Module, inputs: Sequence[Tensor], targets: Sequence[Tensor], calls: Sequence[Any],
+           device: torch.device) -> float:
+    """Mean squared error of the block's outputs against the targets, over every window (float64 sum)."""
+    total, count = 0.0, 0
+    for x, y, call in zip(inputs, targets, calls, strict=True):
+        total += float(((_output(block, x, call, device) - y.to(device, torch.float32)) ** 2).double().sum())
+        count += y.numel()
+    return total / max(count, 1)
+
+
+def train_block(block: nn.Module, inputs: Sequence[Tensor], targets: Sequence[Tensor], calls: Sequence[Any],
+                cfg: Config, device: torch.device, say: Callable[[str], None] | None = None) -> tuple[float, float]:
+    """Train the packed Linears of `block` (float32, on `device`) toward `targets` from `inputs` (per calibration
+    batch: [B, T, H] each, with the block's other arguments `calls`); returns the mean output error before and
+    after (after = before when the training did not lower it and the block was left as it was)."""
+    if cfg.samples:  # the first `samples` windows, in whole calibration batches
+        b = math.ceil(cfg.samples / max(1, inputs[0].shape[0]))
+        inputs, targets, calls = inputs[:b], targets[:b], calls[:b]
+    before = _error(block, inputs, targets, calls, device)
+    packed = {n: m for n, m in block.named_modules() if isinstance(m, CompressedLinear)}
+    if not packed or not cfg.epochs:
+        return before, before
+    saved = {n: {k: t.clone() for k, t in m.packed().items()} for n, m in packed.items()}
+    frozen = [p for p in block.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    wrapped = {n: APLinear(m) for n, m in packed.items()}
+    for n, w in wrapped.items():
+        set_module(block, n, w)
+    weights = [w.weight for w in wrapped.values()]
+    scales = [w.scale for w in wrapped.values()]
+    opt = torch.optim.AdamW([{"params": weights, "lr": cfg.lr}, {"params": scales, "lr": cfg.scale_lr}],
+                            weight_decay=0.0)
+    base = [g["lr"] for g in opt.param_groups]
+    n = len(inputs)
+    steps = cfg.epochs * n
+    try:
+        with torch.enable_grad():
+            for step in range(steps):
+                for g, lr in zip(opt.param_groups, base, strict=True):
+                    g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                (j,) = train.step_windows(step, 1, n, cfg.seed)
+                loss = F.mse_loss(_output(block, inputs[j], calls[j], device), targets[j].to(device, torch.float32))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    finally:
+        for name, w in wrapped.items():
+            set_module(block, name, w.pack())
+        for p in frozen:
+            p.requires_grad_(True)
+    after = _error(block, inputs, targets, calls, device)
+    if not after < before:  # no gain on the windows it trained on: the block as it was rounded
+        with torch.no_grad():
+            for name, m in packed.items():
+                for k, t in saved[name].items():
+                    getattr(m, k).copy_(t)
+                m._drop_kernel_state()
+        after = before
+    if say is not None:
+        say(f"reconstruct: output error {before:.4g} -> {after:.4g} ({steps} steps)")
+    return before, after
