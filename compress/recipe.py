@@ -85,12 +85,14 @@ class Reconstruct:
 
     epochs: int = 0  # passes over the windows per block; 0 = no reconstruction
     samples: int = 0  # train on the first this many calibration windows (0: all of them)
+    batch_size: int = 1  # windows per optimiser step
     lr: float = 1e-3  # AdamW learning rate of the latent weights (cosine decay to 0 over each block's steps)
     scale_lr: float = 1e-4  # ... and of the group scales
     seed: int = 0  # the order of the windows
 
     def __post_init__(self) -> None:
-        require("reconstruct", self, positive=("lr", "scale_lr"), non_negative=("epochs", "samples", "seed"))
+        require("reconstruct", self, positive=("lr", "scale_lr", "batch_size"),
+                non_negative=("epochs", "samples", "seed"))
 
 
 @dataclass(frozen=True)

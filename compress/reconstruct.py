@@ -9,8 +9,8 @@ model's hidden states (the same tokens; sequential.Twin runs that stream):
 
 The latent weights w start at the rounding's own decoded weights (GPTQ's codes: training starts from its
 result, not from round-to-nearest) and the scales s at the stored ones; AdamW with separate learning rates for
-weights and scales, cosine decay, the windows of each epoch in a seeded order. The trained block is re-rounded
-onto the stored grid (codes from w with the scale as stored, in its storage dtype), and kept only if its mean
+weights and scales, cosine decay, `batch_size` windows a step, in a seeded order each epoch. The trained block is
+re-rounded onto the stored grid (codes from w with the scale as stored, in its storage dtype), and kept only if its mean
 output error over the training windows is lower than before training: reconstruction never makes a block worse
 on the data it saw. Norms, biases and dense parameters stay as they are.
 
@@ -119,6 +119,18 @@ def _output(block: nn.Module, x: Tensor, call: tuple[tuple[Any, ...], dict[str, 
     return block_output(block(x.to(device, torch.float32), *to_device(args, device), **to_device(kw, device)))
 
 
+def _rows(obj: Any, B: int, rows: slice) -> Any:
+    """A calibration batch's block arguments cut to some of its B windows: every tensor of two or more dimensions
+    whose first one is B (masks, position ids, rotary tables per window); broadcast ones ([1, ...]) stay whole."""
+    if isinstance(obj, Tensor):
+        return obj[rows] if obj.dim() >= 2 and obj.shape[0] == B and B > 1 else obj
+    if isinstance(obj, tuple | list):
+        return type(obj)(_rows(o, B, rows) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _rows(v, B, rows) for k, v in obj.items()}
+    return obj
+
+
 @torch.no_grad()
 def _error(block: nn.Module, inputs: Sequence[Tensor], targets: Sequence[Tensor], calls: Sequence[Any],
            device: torch.device) -> float:
@@ -139,6 +151,7 @@ def train_block(block: nn.Module, inputs: Sequence[Tensor], targets: Sequence[Te
         b = math.ceil(cfg.samples / max(1, inputs[0].shape[0]))
         inputs, targets, calls = inputs[:b], targets[:b], calls[:b]
     before = _error(block, inputs, targets, calls, device)
+    pieces = [(i, j) for i, x in enumerate(inputs) for j in range(0, x.shape[0], cfg.batch_size)]  # optimiser steps
     packed = {n: m for n, m in block.named_modules() if isinstance(m, CompressedLinear)}
     if not packed or not cfg.epochs:
         return before, before
@@ -154,15 +167,19 @@ def train_block(block: nn.Module, inputs: Sequence[Tensor], targets: Sequence[Te
     opt = torch.optim.AdamW([{"params": weights, "lr": cfg.lr}, {"params": scales, "lr": cfg.scale_lr}],
                             weight_decay=0.0)
     base = [g["lr"] for g in opt.param_groups]
-    n = len(inputs)
+    n = len(pieces)
     steps = cfg.epochs * n
     try:
         with torch.enable_grad():
             for step in range(steps):
                 for g, lr in zip(opt.param_groups, base, strict=True):
                     g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-                (j,) = train.step_windows(step, 1, n, cfg.seed)
-                loss = F.mse_loss(_output(block, inputs[j], calls[j], device), targets[j].to(device, torch.float32))
+                (k,) = train.step_windows(step, 1, n, cfg.seed)
+                i, j = pieces[k]
+                rows = slice(j, j + cfg.batch_size)
+                B = inputs[i].shape[0]
+                out = _output(block, inputs[i][rows], _rows(calls[i], B, rows), device)
+                loss = F.mse_loss(out, targets[i][rows].to(device, torch.float32))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -75,3 +75,25 @@ def test_what_it_cannot_train_is_refused_before_calibration(name: str, edits: tu
     m = tiny_llama(num_hidden_layers=1)
     with pytest.raises(CompressError, match=what):
         run(m, name, (*edits, "reconstruct.epochs=1", "calibrate.dataset=nonexistent"))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_a_step_on_some_windows_of_a_batch_sees_what_the_whole_batch_run_sees(family: str) -> None:
+    """The block's arguments cut to some windows (masks, positions, rotary tables; Gemma 3's sliding-window
+    blocks) give those windows' outputs of the whole batch."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from compress import models, sequential
+    from compress.reconstruct import _output, _rows
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(family, hidden_size=64, intermediate_size=96, num_hidden_layers=1, head_dim=16,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=256, sliding_window=4)
+    m = AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(3, 200, (4, 12), generator=torch.Generator().manual_seed(0))
+    cap = sequential.capture_inputs(m, models.arch_of(m), ids, 4, torch.device("cpu"))
+    block, x, call = models.blocks_of(m, models.arch_of(m))[0].float(), cap.hidden[0].float(), cap.calls[0][0]
+    with torch.no_grad():
+        whole = _output(block, x, call, torch.device("cpu"))
+        part = _output(block, x[1:3], _rows(call, 4, slice(1, 3)), torch.device("cpu"))
+    assert torch.allclose(part, whole[1:3], atol=1e-5)
