@@ -10,9 +10,10 @@ model's hidden states (the same tokens; sequential.Twin runs that stream):
 The latent weights w start at the rounding's own decoded weights (GPTQ's codes: training starts from its
 result, not from round-to-nearest) and the scales s at the stored ones; AdamW with separate learning rates for
 weights and scales, cosine decay, `batch_size` windows a step, in a seeded order each epoch. The trained block is
-re-rounded onto the stored grid (codes from w with the scale as stored, in its storage dtype), and kept only if its mean
-output error over the training windows is lower than before training: reconstruction never makes a block worse
-on the data it saw. Norms, biases and dense parameters stay as they are.
+re-rounded onto the stored grid (codes from w with the scale as stored, in its storage dtype), at the epoch whose
+mean output error over the training windows was lowest, and kept only if that error is lower than before
+training: reconstruction never makes a block worse on the data it saw. Norms, biases and dense parameters stay as
+they are.
 
     train_block(block, inputs, targets, calls, cfg, device) -> (error before, error after)
 
@@ -169,6 +170,7 @@ def train_block(block: nn.Module, inputs: Sequence[Tensor], targets: Sequence[Te
     base = [g["lr"] for g in opt.param_groups]
     n = len(pieces)
     steps = cfg.epochs * n
+    best, kept = before, [p.detach().clone() for p in (*weights, *scales)]
     try:
         with torch.enable_grad():
             for step in range(steps):
@@ -183,6 +185,13 @@ def train_block(block: nn.Module, inputs: Sequence[Tensor], targets: Sequence[Te
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if (step + 1) % n == 0:  # an epoch's end: keep the best weights and scales seen so far
+                    err = _error(block, inputs, targets, calls, device)
+                    if err < best:
+                        best, kept = err, [p.detach().clone() for p in (*weights, *scales)]
+        with torch.no_grad():
+            for p, k in zip((*weights, *scales), kept, strict=True):
+                p.copy_(k)
     finally:
         for name, w in wrapped.items():
             set_module(block, name, w.pack())

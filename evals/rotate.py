@@ -1,13 +1,15 @@
-"""Rotation benchmark (issue 21): SmolLM2-135M on the pydoc-512 protocol, GPTQ with and without rotations fused
-into the weights (randomised Hadamard R1 on the residual stream + R2 per attention head; compress/rotate.py).
+"""Rotation, GPTAQ, clipping and block reconstruction benchmark (issue 21): SmolLM2-135M on the pydoc-512 protocol.
 
-Rows are GPTQ with act-order (static groups) at w4g128, w3g128, w2g64, plain and rotated; each compression in its
-own process (its own wall time and peak RSS). The rotated model's tied lm_head is untied and kept dense (bf16 on
-disk): "bpw +head" counts those 28.3M parameters at 16 bits over the Linears and the head together, the price
+Rows are GPTQ with act-order (static groups) at w4g128, w3g128, w2g64: plain; then each addition alone —
+randomised Hadamard rotations fused into the weights (R1 on the residual stream + R2 per attention head;
+compress/rotate.py), GPTAQ's asymmetric calibration (round.asymmetric, α 0.25), the clipping search
+(round.clip), block-wise reconstruction (reconstruct: RECON below) — and all of them together. Each compression in
+its own process (its own wall time and peak RSS). The rotated model's tied lm_head is untied and kept dense (bf16
+on disk): "bpw +head" counts those 28.3M parameters at 16 bits over the Linears and the head together, the price
 of R1 on a tied model.
 
-    python evals/rotate.py                      # every row (about 15 min a row on 2 CPU cores)
-    python evals/rotate.py --rows "rotate w3g128"
+    python evals/rotate.py                      # every row (7 to 25 min a row on 2 CPU cores)
+    python evals/rotate.py --rows "rotate w3g128" "all w3g128"
     python evals/rotate.py --render
 """
 
@@ -16,7 +18,17 @@ from __future__ import annotations
 from common import cli, fmt_num, fmt_ppl
 
 SETTINGS = {"w4g128": (4, 128), "w3g128": (3, 128), "w2g64": (2, 64)}
-METHODS = {"gptq": "gptq-4bit", "rotate": "rotate-gptq-4bit"}
+GPTAQ = ["round.asymmetric=0.25"]
+CLIP = ["round.clip=true"]
+RECON = ["reconstruct.epochs=2", "reconstruct.samples=32", "reconstruct.lr=3e-4"]
+METHODS = {  # label -> (recipe, edits on top of the setting's)
+    "gptq": ("gptq-4bit", []),
+    "rotate": ("rotate-gptq-4bit", []),
+    "gptaq": ("gptq-4bit", GPTAQ),
+    "clip": ("gptq-4bit", CLIP),
+    "recon": ("gptq-4bit", RECON),
+    "all": ("rotate-gptq-4bit", [*GPTAQ, *CLIP, *RECON]),
+}
 ORDER = ["dense"] + [f"{m} {s}" for s in SETTINGS for m in METHODS]
 TARGETS = {"w4g128": 16.73, "w3g128": 18.2, "w2g64": 35.0}  # issue 21: best peer at 4 bits, 1.3x and 2.5x dense
 
@@ -26,8 +38,9 @@ def spec_of(label: str) -> dict:
         return {"label": label}
     method, setting = label.split(" ")
     bits, group = SETTINGS[setting]
-    return {"label": label, "recipe": METHODS[method], "edits": [f"weights.bits={bits}", f"weights.group_size={group}",
-                                                               "round.act_order=true"]}
+    name, extra = METHODS[method]
+    return {"label": label, "recipe": name, "edits": [f"weights.bits={bits}", f"weights.group_size={group}",
+                                                       "round.act_order=true", *extra]}
 
 
 def table(rows: list[dict]) -> str:
@@ -70,5 +83,6 @@ def with_trunk(rows: list[dict]) -> list[dict]:
 
 if __name__ == "__main__":
     cli(__doc__, ORDER, table, "Rotations fused into the weights (SmolLM2-135M, pydoc-512)",
-        "GPTQ with act-order, plain and after randomised Hadamard rotations (R1 + R2).", __file__, "rotate",
+        "GPTQ with act-order, plain; with randomised Hadamard rotations (R1 + R2), GPTAQ, the clipping search or block "
+        "reconstruction added alone; and all together.", __file__, "rotate",
         spec_of=spec_of)
