@@ -20,7 +20,7 @@ from common import cli, fmt_num, fmt_ppl
 SETTINGS = {"w4g128": (4, 128), "w3g128": (3, 128), "w2g64": (2, 64)}
 GPTAQ = ["round.asymmetric=0.25"]
 CLIP = ["round.clip=true"]
-RECON = ["reconstruct.epochs=2", "reconstruct.samples=32", "reconstruct.lr=3e-4"]
+RECON = ["reconstruct.epochs=4", "reconstruct.samples=32"]  # 128 steps of one window a block
 METHODS = {  # label -> (recipe, edits on top of the setting's)
     "gptq": ("gptq-4bit", []),
     "rotate": ("rotate-gptq-4bit", []),
