@@ -194,23 +194,29 @@ def capture_inputs(model: nn.Module, arch: Arch, windows: Tensor, batch_size: in
 
 
 @contextmanager
+def _input_hooks(modules: dict[str, nn.Module], on_input: Callable[[str, Tensor], None]) -> Iterator[None]:
+    """Call on_input(name, x) with each module's input on every forward while the context is open."""
+    handles = [m.register_forward_hook(lambda _m, inp, _out, name=name: on_input(name, inp[0].detach()))
+               for name, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
 def _hessian_hooks(modules: dict[str, nn.Linear], device: torch.device,
                    dense: dict[str, list[Tensor]] | None = None) -> Iterator[dict[str, Hessian]]:
     """Hooks accumulating each Linear's Hessian; with `dense` (name -> a one-slot list holding the dense twin's
     input of the current batch, filled by `_capture_hooks`), GPTAQ's cross term too."""
     hs = {name: Hessian(m.in_features, device, dense is not None) for name, m in modules.items()}
 
-    def hook(name: str, x: Tensor) -> None:
-        twin = dense[name].pop() if dense is not None and dense[name] else None
-        hs[name].add(x.detach(), twin)
+    def add(name: str, x: Tensor) -> None:
+        hs[name].add(x, dense[name].pop() if dense is not None and dense[name] else None)
 
-    handles = [m.register_forward_hook(lambda _m, inp, _out, name=name: hook(name, inp[0]))
-               for name, m in modules.items()]
-    try:
+    with _input_hooks(modules, add):
         yield hs
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextmanager
@@ -218,16 +224,11 @@ def _capture_hooks(modules: dict[str, nn.Module]) -> Iterator[dict[str, list[Ten
     """name -> a one-slot list that receives the Linear's input on each call (the dense twin's, for GPTAQ)."""
     slots: dict[str, list[Tensor]] = {name: [] for name in modules}
 
-    def hook(name: str, x: Tensor) -> None:
-        slots[name][:] = [x.detach()]
+    def keep(name: str, x: Tensor) -> None:
+        slots[name][:] = [x]
 
-    handles = [m.register_forward_hook(lambda _m, inp, _out, name=name: hook(name, inp[0]))
-               for name, m in modules.items()]
-    try:
+    with _input_hooks(modules, keep):
         yield slots
-    finally:
-        for h in handles:
-            h.remove()
 
 
 MIN_EXPERT_TOKENS = 32  # an expert's Linear that saw fewer calibration tokens takes its siblings' pooled Hessian
