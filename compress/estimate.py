@@ -115,12 +115,18 @@ def seconds(model: nn.Module, arch: models.Arch, plan: Plan, recipe: Recipe, sou
             windows: int = 1) -> float:
     """The rounding stage's expected wall seconds, from a measured probe of block 0 (compress/sequential.py
     `probe`: its forward on `windows` random windows, and its Linears rounded): per block, the rounding plus one
-    forward per calibration window for each Hessian pass and for the hand-off to the next block."""
+    forward per calibration window for each Hessian pass and for the hand-off to the next block (twice with
+    GPTAQ's dense twin), and the reconstruction's training steps and error passes."""
     from compress import sequential
     from compress.round import METHODS
 
     c, rnd = recipe.calibrate, recipe.round
     forward, rounding = sequential.probe(model, arch, plan, METHODS[rnd.method], rnd.config, windows, c.seqlen,
                                          source)
-    passes = ((len(arch.sequential) if c.true_sequential else 1) + 1) if rnd.config.needs_hessian else 0
-    return len(models.blocks_of(model, arch)) * (rounding + forward * c.samples * passes)
+    groups = len(arch.sequential) if c.true_sequential else 1
+    passes = groups + 1 if rnd.config.needs_hessian else 0
+    rc, asymmetric = recipe.reconstruct, getattr(rnd.config, "asymmetric", 0.0) > 0
+    passes += (groups if asymmetric else 0) + (1 if asymmetric or rc.epochs else 0)  # GPTAQ's / Block-AP's twin
+    # reconstruction: a training step costs about three forwards, plus an error pass per epoch and one each side
+    recon = forward * min(rc.samples or c.samples, c.samples) * (4 * rc.epochs + 2) if rc.epochs else 0.0
+    return len(models.blocks_of(model, arch)) * (rounding + forward * c.samples * passes + recon)
