@@ -39,6 +39,7 @@ from compress.models import Arch, block_output, blocks_of
 from compress.nn import CompressedLinear, set_module, swap_linears
 from compress.plan import LayerSpec, LayerWeight, Plan
 from compress.reports import BlockReport, LayerReport, Progress, RoundLayer
+from compress.util import trim_memory
 
 log = logging.getLogger(__name__)
 
@@ -363,6 +364,7 @@ def _round_block(model: nn.Module, block: nn.Module, groups: list[list[str]], pl
             set_module(model, name, packed)
             reports.append(rep)
         hs.clear()  # free this group's Hessians before the next group's
+        trim_memory()
     return reports
 
 
@@ -466,6 +468,7 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
             on_block_done(i, block)
         if source is not None:
             source.release(i)
+        trim_memory()  # (the freed block, Hessians and workspaces back to the OS: the peak stays flat over depth)
         rep = BlockReport(i, len(blocks), time.perf_counter() - t0, layer_reports, resumed=state is not None,
                           stage=stage, info=info)
         reports.append(rep)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import resource
 from collections.abc import Callable
@@ -47,3 +49,21 @@ def peak_rss_mb() -> float:
     (getrusage's ru_maxrss survives exec, so a benchmark child would report its parent's peak)."""
     peak = _status_mib("VmHWM")
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if peak is None else peak  # KiB elsewhere
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+def trim_memory() -> None:
+    """Give the heap memory freed so far back to the OS (glibc's malloc_trim; nothing elsewhere). glibc keeps freed
+    chunks below its mmap threshold (which grows to 32 MB as large tensors are freed) in its heap, so a long
+    block-by-block run's resident memory creeps up block after block: a 7B-shaped model's peak went from 5.5 GB at
+    two blocks to 6.9 GB at 32 without this; with a trim after each block it stays flat (evals/any_size.py)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
