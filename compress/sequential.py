@@ -51,7 +51,7 @@ class Hessian:
     def __init__(self, K: int, device: torch.device, asymmetric: bool = False) -> None:
         self.H = torch.zeros(K, K, device=device, dtype=torch.float32)
         self.D = torch.zeros(K, K, device=device, dtype=torch.float32) if asymmetric else None
-        self.paired = asymmetric  # every batch came with its dense twin (routed experts do not: other tokens)
+        self.paired = asymmetric  # every batch came with its dense twin
         self.n = 0
         self.tokens = 0  # rows seen (an expert sees only the tokens routed to it)
 
@@ -211,10 +211,10 @@ def _hessian_hooks(modules: dict[str, nn.Linear], device: torch.device,
                    dense: dict[str, list[Tensor]] | None = None) -> Iterator[dict[str, Hessian]]:
     """Hooks accumulating each Linear's Hessian; with `dense` (name -> a one-slot list holding the dense twin's
     input of the current batch, filled by `_capture_hooks`), GPTAQ's cross term too."""
-    hs = {name: Hessian(m.in_features, device, dense is not None) for name, m in modules.items()}
+    hs = {name: Hessian(m.in_features, device, dense is not None and name in dense) for name, m in modules.items()}
 
     def add(name: str, x: Tensor) -> None:
-        hs[name].add(x, dense[name].pop() if dense is not None and dense[name] else None)
+        hs[name].add(x, dense[name].pop() if dense is not None and dense.get(name) else None)
 
     with _input_hooks(modules, add):
         yield hs
@@ -332,9 +332,12 @@ def _statistics(block: nn.Module, mods: dict[str, nn.Linear], hidden: Sequence[T
         with _hessian_hooks(mods, device) as hs:
             _run_block(block, hidden, calls, device, keep=False)
         return hs
-    dense_mods = {n: twin.block.get_submodule(n[len(twin.prefix) + 1 :]) for n in mods}
+    # (a routed expert sees other tokens in the two streams: no token-by-token pairing, so no cross term)
+    dense_mods = {n: twin.block.get_submodule(n[len(twin.prefix) + 1 :]) for n in mods if _expert_role(n) is None}
     with _capture_hooks(dense_mods) as slots, _hessian_hooks(mods, device, slots) as hs:
         for h, dense_h, call in zip(hidden, twin.hidden, calls, strict=True):
+            for slot in slots.values():  # (an expert the dense stream routed nothing to this batch has no twin)
+                slot.clear()
             _run_block(twin.block, [dense_h], [call], device, keep=False)
             _run_block(block, [h], [call], device, keep=False)
     return hs
@@ -356,7 +359,7 @@ def _round_block(model: nn.Module, block: nn.Module, groups: list[list[str]], pl
                 rep.info["asymmetric"] = 1.0
             else:
                 packed, rep = round_layer(name, lin, None if h is None else h.H, plan[name])
-                if h is not None and h.D is not None:  # (a routed expert: its dense twin saw other tokens)
+                if twin is not None:  # (a routed expert: plain GPTQ, said in its report)
                     rep.info["asymmetric"] = 0.0
             del h
             if name in notes:

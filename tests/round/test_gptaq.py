@@ -87,3 +87,19 @@ def test_gptaq_compresses_with_true_sequential_and_spill_and_reloads(tmp_path: A
     assert any(not torch.equal(sa[k], plain.state_dict()[k]) for k in sa)  # the cross term changed codes
     checkpoint.save(a, None, res.plan, res.recipe, tmp_path, card="card")
     assert torch.equal(logits(compress.load(tmp_path)), logits(a))
+
+
+def test_routed_experts_fall_back_to_plain_gptq_and_say_so() -> None:
+    """An MoE block's experts may see other tokens in the dense stream than in the quantized one: no pairing, so their
+    Linears are rounded by plain GPTQ (asymmetric 0 in their reports); attention still gets GPTAQ."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("mixtral", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=256, num_local_experts=4,
+                               num_experts_per_tok=2)
+    m = AutoModelForCausalLM.from_config(cfg).eval()
+    res = run(m, "gptq-4bit", ("round.asymmetric=0.25",))
+    reports = {r.name: r.info["asymmetric"] for blk in res.blocks for r in blk.layers}
+    assert all(v == 1.0 for n, v in reports.items() if "self_attn" in n)
+    assert all(v == 0.0 for n, v in reports.items() if ".experts." in n)
