@@ -115,6 +115,21 @@ class APLinear(nn.Module):
         return m
 
 
+class _First(Sequence):
+    """The first n items of a sequence (a list, or a Spill of hidden states on disk), each read when indexed."""
+
+    def __init__(self, items: Sequence[Tensor], n: int) -> None:
+        self.items, self.n = items, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Tensor:  # type: ignore[override]
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return self.items[i % self.n]
+
+
 def _output(block: nn.Module, x: Tensor, call: tuple[tuple[Any, ...], dict[str, Any]], device: torch.device) -> Tensor:
     args, kw = call
     return block_output(block(x.to(device, torch.float32), *to_device(args, device), **to_device(kw, device)))
@@ -148,9 +163,9 @@ def train_block(block: nn.Module, inputs: Sequence[Tensor], targets: Sequence[Te
     """Train the packed Linears of `block` (float32, on `device`) toward `targets` from `inputs` (per calibration
     batch: [B, T, H] each, with the block's other arguments `calls`); returns the mean output error before and
     after (after = before when the training did not lower it and the block was left as it was)."""
-    if cfg.samples:  # the first `samples` windows, in whole calibration batches
-        b = math.ceil(cfg.samples / max(1, inputs[0].shape[0]))
-        inputs, targets, calls = inputs[:b], targets[:b], calls[:b]
+    if cfg.samples:  # the first `samples` windows, in whole calibration batches (read lazily: they may be spilled)
+        b = min(len(inputs), math.ceil(cfg.samples / max(1, inputs[0].shape[0])))
+        inputs, targets, calls = _First(inputs, b), _First(targets, b), calls[:b]
     before = _error(block, inputs, targets, calls, device)
     pieces = [(i, j) for i, x in enumerate(inputs) for j in range(0, x.shape[0], cfg.batch_size)]  # optimiser steps
     packed = {n: m for n, m in block.named_modules() if isinstance(m, CompressedLinear)}
