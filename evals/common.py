@@ -78,6 +78,18 @@ def _width_histogram(result: Result) -> dict[str, float]:
     return {str(w): c / total for w, c in sorted(counts.items())}
 
 
+def grid_spec(label: str, methods: dict[str, tuple[str, list[str]]],
+              settings: dict[str, tuple[int, int]]) -> dict:
+    """The job of a "METHOD SETTING" row of a methods x settings grid: the method's recipe and edits, then the
+    setting's width and group size ("dense" is the dense row)."""
+    if label == "dense":
+        return {"label": label}
+    method, setting = label.split(" ")
+    name, edits = methods[method]
+    bits, group = settings[setting]
+    return {"label": label, "recipe": name, "edits": [*edits, f"weights.bits={bits}", f"weights.group_size={group}"]}
+
+
 def run_job(spec: dict, script: str) -> dict:
     p = subprocess.run([sys.executable, script, "--job", json.dumps(spec)], capture_output=True, text=True)
     if p.returncode != 0:

@@ -15,32 +15,27 @@ of R1 on a tied model.
 
 from __future__ import annotations
 
-from common import cli, fmt_num, fmt_ppl
+from common import cli, fmt_num, fmt_ppl, grid_spec
 
 SETTINGS = {"w4g128": (4, 128), "w3g128": (3, 128), "w2g64": (2, 64)}
+ACT = ["round.act_order=true"]  # every row: act-order with static groups
 GPTAQ = ["round.asymmetric=0.25"]
 CLIP = ["round.clip=true"]
 RECON = ["reconstruct.epochs=4", "reconstruct.samples=32"]  # 128 steps of one window a block
 METHODS = {  # label -> (recipe, edits on top of the setting's)
-    "gptq": ("gptq-4bit", []),
-    "rotate": ("rotate-gptq-4bit", []),
-    "gptaq": ("gptq-4bit", GPTAQ),
-    "clip": ("gptq-4bit", CLIP),
-    "recon": ("gptq-4bit", RECON),
-    "all": ("rotate-gptq-4bit", [*GPTAQ, *CLIP, *RECON]),
+    "gptq": ("gptq-4bit", ACT),
+    "rotate": ("rotate-gptq-4bit", ACT),
+    "gptaq": ("gptq-4bit", [*ACT, *GPTAQ]),
+    "clip": ("gptq-4bit", [*ACT, *CLIP]),
+    "recon": ("gptq-4bit", [*ACT, *RECON]),
+    "all": ("rotate-gptq-4bit", [*ACT, *GPTAQ, *CLIP, *RECON]),
 }
 ORDER = ["dense"] + [f"{m} {s}" for s in SETTINGS for m in METHODS]
 TARGETS = {"w4g128": 16.73, "w3g128": 18.2, "w2g64": 35.0}  # issue 21: best peer at 4 bits, 1.3x and 2.5x dense
 
 
 def spec_of(label: str) -> dict:
-    if label == "dense":
-        return {"label": label}
-    method, setting = label.split(" ")
-    bits, group = SETTINGS[setting]
-    name, extra = METHODS[method]
-    return {"label": label, "recipe": name, "edits": [f"weights.bits={bits}", f"weights.group_size={group}",
-                                                       "round.act_order=true", *extra]}
+    return grid_spec(label, METHODS, SETTINGS)
 
 
 def table(rows: list[dict]) -> str:

@@ -12,7 +12,7 @@ token 30720 on (windows 60..187, disjoint). Prints a table and writes evals/resu
 
 from __future__ import annotations
 
-from common import cli, fmt_num, fmt_ppl
+from common import cli, fmt_num, fmt_ppl, grid_spec
 
 SETTINGS = {"w4g128": (4, 128), "w3g128": (3, 128), "w2g64": (2, 64)}
 METHODS = {
@@ -28,12 +28,7 @@ ORDER = ["dense"] + [f"{m} {s}" for s in SETTINGS for m in METHODS]
 
 
 def spec_of(label: str) -> dict:
-    if label == "dense":
-        return {"label": label}
-    method, setting = label.split(" ")
-    name, edits = METHODS[method]
-    bits, group = SETTINGS[setting]
-    return {"label": label, "recipe": name, "edits": [*edits, f"weights.bits={bits}", f"weights.group_size={group}"]}
+    return grid_spec(label, METHODS, SETTINGS)
 
 
 def table(rows: list[dict]) -> str:
