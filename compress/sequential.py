@@ -445,7 +445,7 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
             layer_reports = _round_block(model, block, groups, plan, round_layer, cfg.needs_hessian, hidden,
                                          cap.calls[i] if cap.calls else [], device, twin if asymmetric else None)
         dense_out = None  # the dense block's outputs on the dense stream: the next dense states, and the targets
-        if twin is not None and cfg.needs_hessian:
+        if twin is not None and cfg.needs_hessian and (reconstruct is not None or i + 1 < len(blocks)):
             dense_out = _run_block(twin.block, dense_hidden, cap.calls[i], device, keep=True, outs=store())
         info: dict[str, float] = {}
         if reconstruct is not None and state is None and dense_out is not None:
