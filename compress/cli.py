@@ -273,7 +273,8 @@ def compress_cmd(
     if format_:
         export.check_target(out.with_name(f"{out.name}-{format_}"), format_, force)
     console.print(f"[bold]compress[/] {escape(ref.display)} · recipe [cyan]{escape(rec.name)}[/]: "
-                  f"{escape(rec.description)}", emoji=False)
+                  f"{escape(rec.description)}" + (f" Edited: {escape(', '.join(edits))}." if edits else ""),
+                  emoji=False)  # (the description is the recipe file's text: the edits say what differs from it)
     from compress.util import rss_mb
 
     before = rss_mb()

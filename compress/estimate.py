@@ -81,9 +81,10 @@ def estimate(model: nn.Module, arch: models.Arch, plan: Plan, recipe: Recipe, *,
     hessians = max(groups, default=0) if recipe.round.config.needs_hessian else 0
     twin = getattr(recipe.round.config, "asymmetric", 0.0) > 0  # GPTAQ: a dense copy of the block, its own stream
     hessians *= 2 if twin else 1  # (and a cross term D beside each H)
-    # W, Q and the error in float32, H's inverse and its Cholesky: the largest over the Linears (a wide input, as a
-    # down_proj's, costs more than an equally large Linear with a narrow one)
-    rounding = max((3 * N * K + 2 * K * K) * FLOAT32 for N, K in shapes.values())
+    # GPTQ's float32 [N, K] and [K, K] work (compress/round/gptq.py): W, its grids' scales and zeros and W's permuted
+    # copy beside the damped Hessian and its Cholesky factor; then the sweep's W, Q, error, scales and zeros beside
+    # the factor of the inverse. The largest over the Linears (a wide input, as a down_proj's, costs the most).
+    rounding = max(max(4 * N * K + 2 * K * K, 5 * N * K + K * K) * FLOAT32 for N, K in shapes.values())
     needs_data = recipe.round.config.needs_hessian
     states = (4 if twin else 2) * c.samples * c.seqlen * hidden * item if needs_data else 0  # a block's ins and outs
     batch = min(c.batch_size, c.samples)

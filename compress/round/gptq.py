@@ -78,24 +78,29 @@ class Config:
             raise CompressError(f"gptq block_size={self.block_size} is invalid; use a positive integer (128)")
 
 
-def inverse_cholesky(H: Tensor, damp: float, max_damp: float) -> tuple[Tensor | None, float]:
-    """Upper Cholesky factor U of (H + λI)⁻¹, escalating damp ×10 until both factorisations succeed.
+def inverse_cholesky(H: Tensor, damp: float, max_damp: float, diag: Tensor | None = None,
+                     perm: Tensor | None = None) -> tuple[Tensor | None, float]:
+    """Upper Cholesky factor U of (H' + λI)⁻¹, escalating damp ×10 until both factorisations succeed. H' is H with
+    its rows and columns in `perm` order (default: as given) and its diagonal replaced by `diag` (in that order;
+    default: H's own). H is only read: the one [K, K] copy made is damped, factorised and then overwritten by the
+    inverse, so at most three [K, K] matrices are alive at once, H included (the 13B down_proj's are 0.76 GB each).
 
     Returns (U, damp used), or (None, damp) when even max_damp fails (the caller falls back to RTN).
     """
-    mean_diag = torch.diag(H).mean()
-    while True:  # (at most three [K, K] matrices alive at once, H included: the 13B down_proj's are 0.76 GB each)
-        damped = H.clone()
-        damped.diagonal().add_(damp * mean_diag)  # H + λI
+    diag = torch.diag(H) if diag is None else diag
+    mean_diag = diag.mean()
+    while True:
+        damped = H.clone() if perm is None else H[perm[:, None], perm]
+        damped.diagonal().copy_(diag).add_(damp * mean_diag)  # H' + λI
         L, info = torch.linalg.cholesky_ex(damped)
-        del damped
         if info == 0:
-            inverse = torch.cholesky_inverse(L)
+            torch.cholesky_inverse(L, out=damped)  # (H' + λI)⁻¹, in the copy's memory
             del L
-            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
+            U, info = torch.linalg.cholesky_ex(damped, upper=True)
+            del damped
             if info == 0 and torch.isfinite(U).all():
                 return U, damp
+        del damped
         if damp >= max_damp:
             return None, damp
         damp = min(max(damp * 10, 1e-4), max_damp)
@@ -112,8 +117,8 @@ def toward_dense(W: Tensor, H: Tensor, D: Tensor, alpha: float, damp: float) -> 
     reference uses 0.25, a shrinkage against fitting calibration noise); H is damped as the sweep damps it.
     W [N, K], H [K, K], D [K, K] -> W* [N, K] (float32).
     """
-    K = H.shape[0]
-    damped = H.float() + damp * torch.diag(H).float().mean() * torch.eye(K, device=H.device)
+    damped = H.float().clone()
+    damped.diagonal().add_(damp * torch.diag(H).float().mean())  # H + λI
     L, info = torch.linalg.cholesky_ex(damped)
     if info != 0:  # no usable inverse: the plain target (GPTQ's own escalation handles the sweep)
         return W.float()
@@ -173,28 +178,29 @@ def _apply(lw: LayerWeight, H: Tensor | None, cfg: Config, search: bool) -> Laye
     spec = lw.spec
     W = lw.W.float().clone()  # [N, K]
     N, K = W.shape
-    H = H.float().clone()  # [K, K]
+    H = H.float()  # [K, K], the caller's: only read (a copy of it is factorised), so it is not copied here
     sym, sdt = spec.symmetric, spec.torch_scale_dtype
     gs = spec.group_width(K)
     G = grid.n_groups(K, gs)
     gbits = spec.group_bits(K)  # width of each group (one value unless the plan mixes widths)
 
-    dead = torch.diag(H) == 0  # inputs that were always zero: nothing to reconstruct
-    H[dead, dead] = 1
+    diag = torch.diag(H).clone()  # [K]
+    dead = diag == 0  # inputs that were always zero: nothing to reconstruct
+    diag[dead] = 1  # (their H row and column are zero: a unit diagonal keeps the factorisation defined)
     W[:, dead] = 0
-    importance = torch.diag(H).clone() if search else None  # (the clipping search's column weights)
+    importance = diag if search else None  # (the clipping search's column weights)
 
     keep = None
     if spec.kind == "pruned":  # prune first (SparseGPT-style: the sweep compensates for the pruned weights)
-        keep = prune.choose(W, spec, torch.diag(H), lambda: inverse_cholesky(H, cfg.damp, cfg.max_damp)[0])
+        keep = prune.choose(W, spec, diag, lambda: inverse_cholesky(H, cfg.damp, cfg.max_damp, diag)[0])
     Wfit = W if keep is None else W * keep  # grids are fitted on what is kept
 
     typed = spec.kind == "ggml"  # a ggml type's grid: its own scale search, then frozen (no dynamic groups)
     static = cfg.act_order or spec.group_size == -1 or typed
-    perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else None
+    perm = torch.argsort(diag, descending=True) if cfg.act_order else None
     col = torch.arange(K, device=W.device) if perm is None else perm  # original index of the j-th column
     if typed:  # value = S·q − Z per column (Z an offset, not a code; iq4_nl: S·LEVELS[q])
-        scale = ggml.choose(spec.ggml, Wfit, torch.diag(H))  # block headers [N, B, P]
+        scale = ggml.choose(spec.ggml, Wfit, diag)  # block headers [N, B, P]
         zero = ggml_codec.no_zero(scale)
         S, Z = ggml.columns(spec.ggml, scale, K)  # [N, K]
     elif spec.kind == "levels":  # BAQ's faithful grid: the row's range, a level count per column
@@ -215,9 +221,9 @@ def _apply(lw: LayerWeight, H: Tensor | None, cfg: Config, search: bool) -> Laye
         ZT = Z[:, col].T.contiguous()
         del S, Z  # (memory: each [N, K] float32)
     if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
+        W = W[:, perm]
 
-    U, damp = inverse_cholesky(H, cfg.damp, cfg.max_damp)
+    U, damp = inverse_cholesky(H, cfg.damp, cfg.max_damp, diag if perm is None else diag[perm], perm)
     H = Wfit = None  # (memory: only H's Cholesky factor and W's permuted copy are used from here on)
     info = {"damp": damp}
     if U is None:  # numerically hopeless: RTN is still a valid rounding, and we say so
