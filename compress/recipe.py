@@ -86,8 +86,8 @@ class Reconstruct:
     epochs: int = 0  # passes over the windows per block; 0 = no reconstruction
     samples: int = 0  # train on the first this many calibration windows (0: all of them)
     batch_size: int = 1  # windows per optimiser step
-    lr: float = 1e-3  # AdamW learning rate of the latent weights (cosine decay to 0 over each block's steps)
-    scale_lr: float = 1e-5  # ... and of the group scales (1e-3 undid every block of SmolLM2 at w3)
+    lr: float = 2e-2  # AdamW rate of the latent weights, in grid steps (cosine decay to 0 over each block's steps)
+    scale_lr: float = 1e-3  # ... and of the group scales, relative to the rounding's scales
     seed: int = 0  # the order of the windows
 
     def __post_init__(self) -> None:

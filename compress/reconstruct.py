@@ -8,9 +8,10 @@ model's hidden states (the same tokens; sequential.Twin runs that stream):
     block_q:  Ŵ = s · (clamp(⌊w/s⌉ + z, 0, qmax) − z)      ⌊·⌉ straight-through, z and qmax fixed
 
 The latent weights w start at the rounding's own decoded weights (GPTQ's codes: training starts from its
-result, not from round-to-nearest) and the scales s at the stored ones; AdamW with separate learning rates for
-weights and scales, cosine decay, `batch_size` windows a step, in a seeded order each epoch. The trained block is
-re-rounded onto the stored grid (codes from w with the scale as stored, in its storage dtype), at the epoch whose
+result, not from round-to-nearest) and the scales s at the stored ones, both measured in each group's grid step
+(APLinear); AdamW with separate learning rates for weights and scales, cosine decay, `batch_size` windows a step,
+in a seeded order each epoch. The trained block is re-rounded onto the stored grid (codes from w with the scale as
+stored, in its storage dtype: the training already sees the scales in that dtype), at the epoch whose
 mean output error over the training windows was lowest, and kept only if that error is lower than before
 training: reconstruction never makes a block worse on the data it saw. Norms, biases and dense parameters stay as
 they are.
@@ -76,24 +77,48 @@ class _Round(torch.autograd.Function):
 
 
 class APLinear(nn.Module):
-    """A packed affine layer under training: latent weights w [N, K] and group scales s [N, G] as fp32 Parameters,
-    zero points and widths fixed; the forward decodes w on the trained grid (straight-through rounding)."""
+    """A packed affine layer under training: latent weights w = u·s₀ and group scales s = σ·s₀ with u [N, K] and
+    σ [N, G] fp32 Parameters, zero points and widths fixed; the forward decodes w on the trained grid
+    (straight-through rounding).
+
+    Both are in units of each group's initial grid step s₀: Adam moves every parameter by about the learning rate
+    per step whatever its gradient's size, so in these units `lr` is a fraction of a grid step, and `scale_lr` a
+    relative change of the scale, in every layer alike (in raw units one rate is many grid steps of a layer with
+    small weights and a fraction of one elsewhere: SmolLM2's first block got 60x worse after one epoch at 1e-3)."""
 
     def __init__(self, m: CompressedLinear) -> None:
         super().__init__()
         self.packed = m
         K = m.in_features
         self.gw = m.spec.group_width(K)
-        self.weight = nn.Parameter(m.dequantize().float())
-        self.scale = nn.Parameter(m.scale.detach().float().clone())  # [N, G]
+        s0 = m.scale.detach().float().clamp_min(1e-8)  # [N, G]
+        self.register_buffer("s0", s0)
+        self.register_buffer("step", grid.expand(s0, self.gw, K))  # [N, K]
+        self.latent = nn.Parameter(m.dequantize().float() / self.step)  # [N, K] in grid steps
+        self.ratio = nn.Parameter(torch.ones_like(s0))  # [N, G] the scales relative to the rounding's
         self.register_buffer("zero", grid.expand(m.zero_points().float(), self.gw, K))  # [N, K]
-        bits = torch.tensor([m.spec.group_bits(K)], dtype=torch.float32, device=self.weight.device)
+        bits = torch.tensor([m.spec.group_bits(K)], dtype=torch.float32, device=s0.device)
         self.register_buffer("qmax", grid.expand(bits.exp2() - 1, self.gw, K))  # [1, K]
 
+    @property
+    def weight(self) -> Tensor:
+        return self.latent * self.step  # [N, K]
+
+    def stored(self) -> Tensor:
+        """The group scales as they will be stored [N, G]: positive, in the storage dtype (straight-through), so
+        that what trains is exactly what `pack` writes."""
+        s = (self.ratio * self.s0).clamp_min(1e-8)
+        return s + (s.to(self.packed.scale.dtype).float() - s).detach()
+
+    def codes(self, s: Tensor) -> Tensor:
+        """Codes of the latent weights on the grid of scales s [N, K] (a group whose stored scale is 0 decodes to 0
+        whatever its codes)."""
+        q = _Round.apply(self.weight / s.where(s > 0, torch.ones_like(s))) + self.zero
+        return torch.minimum(q.clamp_min(0), self.qmax)
+
     def decoded(self) -> Tensor:
-        s = grid.expand(self.scale, self.gw, self.packed.in_features).clamp_min(1e-8)  # [N, K]
-        q = torch.minimum((_Round.apply(self.weight / s) + self.zero).clamp_min(0), self.qmax)
-        return s * (q - self.zero)
+        s = grid.expand(self.stored(), self.gw, self.packed.in_features)  # [N, K]
+        return s * (self.codes(s) - self.zero)
 
     def forward(self, x: Tensor) -> Tensor:
         b = self.packed.bias
@@ -104,10 +129,8 @@ class APLinear(nn.Module):
         """The packed layer holding the trained codes and scales (scales in their storage dtype, codes rounded
         with exactly those scales)."""
         m = self.packed
-        K = m.in_features
-        stored = self.scale.detach().clamp_min(1e-8).to(m.scale.dtype)  # [N, G]
-        s = grid.expand(stored.float(), self.gw, K)
-        codes = torch.minimum((torch.round(self.weight / s) + self.zero).clamp_min(0), self.qmax).to(torch.uint8)
+        stored = self.stored().to(m.scale.dtype)  # [N, G]
+        codes = self.codes(grid.expand(stored.float(), self.gw, m.in_features)).to(torch.uint8)
         zero = m.zero_points()
         for name, t in m.codec.pack(LayerWeight(self.weight.detach(), m.spec, codes, stored, zero)).items():
             getattr(m, name).copy_(t)
@@ -178,8 +201,8 @@ def train_block(block: nn.Module, inputs: Sequence[Tensor], targets: Sequence[Te
     wrapped = {n: APLinear(m) for n, m in packed.items()}
     for n, w in wrapped.items():
         set_module(block, n, w)
-    weights = [w.weight for w in wrapped.values()]
-    scales = [w.scale for w in wrapped.values()]
+    weights = [w.latent for w in wrapped.values()]
+    scales = [w.ratio for w in wrapped.values()]
     opt = torch.optim.AdamW([{"params": weights, "lr": cfg.lr}, {"params": scales, "lr": cfg.scale_lr}],
                             weight_decay=0.0)
     base = [g["lr"] for g in opt.param_groups]

@@ -12,7 +12,9 @@ from helpers import logits, run, tiny_llama
 from compress import checkpoint, recipe
 from compress.errors import CompressError
 from compress.nn import CompressedLinear
+from compress.plan import LayerSpec, LayerWeight
 from compress.reconstruct import APLinear, train_block
+from compress.round import rtn
 
 EDITS = ("calibrate.batch_size=2", "calibrate.samples=16")
 
@@ -29,6 +31,39 @@ def test_training_starts_at_the_rounded_weights_and_packs_back_exactly() -> None
     assert all(torch.equal(before[k], t) for k, t in lin.packed().items())
 
 
+class _Block(torch.nn.Module):
+    """A one-Linear 'block' (train_block calls block(x, *args, **kwargs))."""
+
+    def __init__(self, lin: torch.nn.Module) -> None:
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def test_the_rates_are_in_grid_steps_so_a_rescaled_layer_trains_the_same() -> None:
+    """Weights x4 and inputs /4 give the same outputs; with the latent weights and scales measured in grid steps the
+    training sees the same gradients step for step, so it ends at the same codes with 4x the scales: one learning
+    rate suits layers of any magnitude (in raw units a fixed rate is 4x more grid steps in the smaller layer)."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(24, 64, generator=g)
+    xs = [torch.randn(2, 8, 64, generator=g) for _ in range(3)]
+    ys = [x @ W.T + 0.05 * torch.randn(2, 8, 24, generator=g) for x in xs]  # (targets the grid cannot hit)
+    trained = []
+    for c in (1.0, 4.0):
+        spec = LayerSpec(bits=3, group_size=32)
+        lin = CompressedLinear.from_weight(rtn.apply(LayerWeight(W * c, spec), None, rtn.Config()))
+        block = _Block(lin)
+        before, after = train_block(block, [x / c for x in xs], ys, [((), {})] * 3,
+                                    recipe.Reconstruct(epochs=3, lr=0.05, scale_lr=0.01), torch.device("cpu"))
+        assert after < before
+        trained.append((lin.codes().clone(), lin.scale.float().clone()))
+    (q1, s1), (q4, s4) = trained
+    assert torch.equal(q1, q4)
+    assert torch.equal(s1 * 4, s4)
+
+
 def test_each_block_ends_no_worse_and_the_model_closer_to_the_dense_one(tmp_path) -> None:
     """Every block's output error against the dense block is at most what the rounding left (lower on most);
     the reconstructed model is nearer the dense model's logits on windows it did not train on; the checkpoint
@@ -37,7 +72,7 @@ def test_each_block_ends_no_worse_and_the_model_closer_to_the_dense_one(tmp_path
     plain, recon = copy.deepcopy(dense), copy.deepcopy(dense)
     edits = ("calibrate.batch_size=2", "calibrate.samples=64")  # (16 windows of 32 random tokens overfit)
     run(plain, "gptq-2bit", edits)
-    res = run(recon, "gptq-2bit", (*edits, "reconstruct.epochs=4", "reconstruct.lr=1e-4"))
+    res = run(recon, "gptq-2bit", (*edits, "reconstruct.epochs=4"))
     errs = [(b.info["recon_before"], b.info["recon_after"]) for b in res.blocks]
     assert all(after <= before for before, after in errs)
     assert sum(after < before for before, after in errs) >= 2

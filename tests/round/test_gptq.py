@@ -90,6 +90,35 @@ def test_dead_inputs_are_zeroed() -> None:
     assert torch.equal(q.dequantize()[:, 5], torch.zeros(4))
 
 
+@pytest.mark.parametrize("act_order", [False, True], ids=["natural", "act-order"])
+@pytest.mark.parametrize("clip", [False, True], ids=["minmax", "clip"])
+def test_the_hessian_is_only_read(act_order: bool, clip: bool) -> None:
+    """GPTQ factorises a copy (the caller's H, which may be shared by several Linears, is never written), dead
+    inputs included."""
+    H = correlated_hessian(64)
+    H[5, :], H[:, 5] = 0, 0
+    before = H.clone()
+    gptq.apply(LayerWeight(torch.randn(8, 64), LayerSpec(bits=3, group_size=32)), H,
+               gptq.Config(act_order=act_order, clip=clip))
+    assert torch.equal(H, before)
+
+
+def test_the_permuted_factor_is_the_factor_of_the_permuted_hessian() -> None:
+    """inverse_cholesky(H, diag=d[perm], perm) is the factor of H[perm][:, perm] with d[perm] on its diagonal, bit for
+    bit, from one gather instead of two copies."""
+    H = correlated_hessian(48)
+    perm = torch.randperm(48, generator=torch.Generator().manual_seed(0))
+    d = torch.diag(H).clone()
+    d[7] = 1.0
+    Hp = H[perm][:, perm]
+    Hp.diagonal().copy_(d[perm])
+    U1, damp1 = gptq.inverse_cholesky(Hp, 0.01, 1.0)
+    U2, damp2 = gptq.inverse_cholesky(H, 0.01, 1.0, d[perm], perm)
+    assert damp1 == damp2 and torch.equal(U1, U2)
+    L = torch.linalg.cholesky(Hp + 0.01 * d.mean() * torch.eye(48))  # U is chol_upper((H' + λI)⁻¹)
+    torch.testing.assert_close(U1.T @ U1, torch.cholesky_inverse(L), rtol=1e-4, atol=1e-5)
+
+
 def test_act_order_restores_the_original_column_layout() -> None:
     H = torch.diag(torch.arange(1, 65, dtype=torch.float32))  # act-order = reversed columns
     W = torch.randn(4, 64)
