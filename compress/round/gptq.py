@@ -97,7 +97,6 @@ def inverse_cholesky(H: Tensor, damp: float, max_damp: float, diag: Tensor | Non
             torch.cholesky_inverse(L, out=damped)  # (H' + λI)⁻¹, in the copy's memory
             del L
             U, info = torch.linalg.cholesky_ex(damped, upper=True)
-            del damped
             if info == 0 and torch.isfinite(U).all():
                 return U, damp
         del damped

@@ -135,6 +135,20 @@ def test_singular_hessian_escalates_damping() -> None:
     assert torch.isfinite(q.dequantize()).all()
 
 
+def test_a_failed_factorisation_of_the_inverse_escalates_damping(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second factorisation (of the inverse) failing once raises the damping like the first one failing."""
+    real, calls = torch.linalg.cholesky_ex, []
+
+    def flaky(A: torch.Tensor, upper: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        L, info = real(A, upper=upper)
+        calls.append(upper)
+        return (L, torch.tensor(1)) if upper and calls.count(True) == 1 else (L, info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", flaky)
+    U, damp = gptq.inverse_cholesky(correlated_hessian(32), 0.01, 1.0)
+    assert U is not None and damp == 0.1 and calls.count(True) == 2
+
+
 def test_non_finite_hessian_is_a_clear_error() -> None:
     H = correlated_hessian(32)
     H[3, 3] = float("nan")
