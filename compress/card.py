@@ -74,7 +74,7 @@ def model_card(ref: ModelRef, result: Result, quick: Reference | None, checked: 
         "| | |",
         "|---|---|",
         f"| source model | `{ref.source}`{' / ' + ref.gguf_file if ref.gguf_file else ''} |",
-        f"| compressed Linears | {len(result.plan)} (embeddings, lm_head and norms stay dense) |",
+        f"| compressed Linears | {len(result.plan)} ({_dense_parts(result)}) |",
         f"| average bits per weight, codes only | {code:.3f} |",
         f"| average bits per weight, with scales and zeros | {total:.3f} |",
         f"| calibration | {result.calibration} |",
@@ -128,3 +128,14 @@ def model_card(ref: ModelRef, result: Result, quick: Reference | None, checked: 
                   "| layer | loss |", "|---|---|"]
         lines += [f"| `{r.name}` | {r.loss:.4g} |" for r in worst]
     return "\n".join(lines) + "\n"
+
+
+def _dense_parts(result: Result) -> str:
+    """What stays dense, with the output head's story: rounded (weights.lm_head), or untied by the rotation."""
+    if result.plan.head is not None:
+        return f"{result.plan.head} rounded too; embeddings and norms stay dense"
+    untied = result.rotation.get("untied_lm_head_params")
+    if untied:
+        return (f"embeddings, norms and lm_head stay dense; the rotation untied lm_head from the embedding: "
+                f"+{untied / 1e6:.1f}M dense parameters, which weights.lm_head=true would round")
+    return "embeddings, lm_head and norms stay dense"

@@ -161,6 +161,7 @@ def allocation_table(plan: Plan, shapes: dict[str, tuple[int, int]], prefix: str
     """Blocks x Linear kinds; a cell is the Linear's width, or one digit per group along K when widths mix."""
     kinds: list[str] = []
     cells: dict[str, dict[str, str]] = {}
+    plan = plan.without(plan.head)  # (the output head keeps the recipe's spec: the summary names it)
     for name, spec in plan.layers.items():
         block, _, kind = name.removeprefix(prefix + ".").partition(".")
         kinds += [kind] if kind not in kinds else []

@@ -68,7 +68,7 @@ def estimate(model: nn.Module, arch: models.Arch, plan: Plan, recipe: Recipe, *,
     dtype = next(model.parameters()).dtype
     item = torch.empty((), dtype=dtype).element_size()
     hidden = int(getattr(model.config, "hidden_size", 0) or max(K for _, K in shapes.values()))
-    widest = max(max(N, K) for N, K in shapes.values())
+    widest = max((max(N, K) for n, (N, K) in shapes.items() if n != plan.head), default=hidden)  # in a block
     heads = int(getattr(model.config, "num_attention_heads", 1) or 1)
 
     # the Hessians alive at once: one block's planned Linears (all, or per true-sequential group)

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -84,6 +84,10 @@ def make_plan(model: nn.Module, arch: models.Arch, recipe: Recipe) -> Plan:
         spec = recipe.layer_spec(fqn)
         if spec is not None:
             layers[fqn] = spec
+    head = output_head(model, recipe)
+    if head is not None and (spec := recipe.layer_spec(head)) is not None:
+        layers[head] = spec
+        names.append(head)
     unused = [o.match for o in recipe.overrides if not any(fnmatch.fnmatchcase(n, o.match) for n in names)]
     if unused:
         log.warning("overrides that match no Linear of the model (they change nothing): %s; Linears are named "
@@ -97,6 +101,31 @@ def make_plan(model: nn.Module, arch: models.Arch, recipe: Recipe) -> Plan:
         if spec.kind == "ggml":
             codecs.ggml.check_shape(spec, model.get_submodule(fqn).weight.shape[1])
     return Plan(layers)
+
+
+def output_head(model: nn.Module, recipe: Recipe) -> str | None:
+    """The name of the output head when the recipe rounds it (weights.lm_head), after checking that it can: a
+    Linear of its own (a tied head would be stored twice: dense as the embedding, packed as the head), rounded by
+    the block-by-block pass (not a joint rounding or EvoPress's database, which cover the blocks only)."""
+    if not recipe.weights.lm_head:
+        return None
+    head = model.get_output_embeddings()
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    if not isinstance(head, nn.Linear) or name is None:
+        raise CompressError(f"weights.lm_head: {type(model).__name__} has no Linear output head to round; set "
+                            "weights.lm_head=false")
+    untied_by_rotation = recipe.rotate.method != "none" and recipe.rotate.r1
+    if head.weight is model.get_input_embeddings().weight and not untied_by_rotation:
+        raise CompressError(f"weights.lm_head: {name} is tied to the input embedding, so a packed head would store "
+                            "the vocabulary twice (dense as the embedding, packed as the head); leave "
+                            "weights.lm_head=false, or rotate (rotate.method=hadamard unties the head anyway)")
+    why = ([f"round.method={recipe.round.method} rounds the whole model jointly"] if joint(recipe.round.method)
+           else []) + ([f"allocate.method={recipe.allocate.method} rounds from its level database"]
+                       if recipe.allocate.method == "evopress" else [])
+    if why:
+        raise CompressError(f"weights.lm_head: {why[0]}, over the blocks' Linears only; set weights.lm_head=false "
+                            "or use the block-by-block rounding (gptq, rtn) with uniform or baq allocation")
+    return name
 
 
 @dataclass
@@ -144,7 +173,12 @@ def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | 
     if kd is not None and recipe.distill.train == "weights":  # pruned training (ISS-P): prune first, then round
         distilled, kd = run_distill(model, kd, recipe.distill, workdir, device, say), None
     with stage(stages, "allocate"):
-        allocation = allocate(context(model, arch, base, ids, recipe, device, workdir, progress, say), workdir)
+        # (the head, if planned, keeps the recipe's spec: allocators weigh the blocks' Linears against each other)
+        allocation = allocate(context(model, arch, base.without(base.head), ids, recipe, device, workdir, progress,
+                                      say), workdir)
+        if base.head is not None:
+            allocation = replace(allocation, plan=Plan({**allocation.plan.layers,
+                                                                    base.head: base[base.head]}))
     with stage(stages, "round"):
         blocks, rounding = round_model(model, arch, allocation, ids, recipe, device, workdir, progress, say, source)
     if kd is not None:
@@ -166,10 +200,12 @@ def stage(stages: dict[str, dict[str, float]], name: str) -> Iterator[None]:
 
 def check_streamable(recipe: Recipe) -> None:
     """Refuse, before any work, what a block-by-block run cannot do: stages that need the whole model at once."""
-    whole = ([f"allocate.method={recipe.allocate.method}"] if recipe.allocate.method not in ("uniform", "mix") else
-             []) + ([f"rotate.method={recipe.rotate.method}"] if recipe.rotate.method != "none" else []) + (
-        [f"round.method={recipe.round.method}"] if joint(recipe.round.method) else []) + (
-        ["distill"] if recipe.distill.steps else [])
+    whole = [what for what, needed in (
+        (f"allocate.method={recipe.allocate.method}", recipe.allocate.method not in ("uniform", "mix")),
+        (f"rotate.method={recipe.rotate.method}", recipe.rotate.method != "none"),
+        (f"round.method={recipe.round.method}", joint(recipe.round.method)),
+        ("distill", bool(recipe.distill.steps)),
+        ("weights.lm_head", recipe.weights.lm_head)) if needed]
     if whole:
         raise CompressError(f"recipe {recipe.name} needs the whole model in memory ({', '.join(whole)}), but this "
                             "model is read block by block; use a sequential recipe (gptq-*, rtn-*, pbllm-*) or a "

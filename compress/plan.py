@@ -191,6 +191,15 @@ class Plan:
     def __getitem__(self, name: str) -> LayerSpec:
         return self.layers[name]
 
+    @property
+    def head(self) -> str | None:
+        """The planned Linear outside the blocks (the output head, weights.lm_head), if any: a block's Linears
+        have dotted names below the block list, the head is a top-level module."""
+        return next((n for n in self.layers if "." not in n), None)
+
+    def without(self, name: str | None) -> Plan:
+        return Plan({n: s for n, s in self.layers.items() if n != name})
+
     def avg_bits(self, shapes: Mapping[str, tuple[int, int]]) -> tuple[float, float]:
         """Average (code bits, bits with scales/zeros) per weight over the planned Linears,
         weighted by element count. `shapes` maps name -> (N, K)."""

@@ -107,6 +107,9 @@ class Weights:
     pattern: str = "unstructured"  # or n:m, e.g. 2:4
     prune: str = "magnitude"  # magnitude | wanda | obs (SparseGPT's score; GPTQ compensates either way)
     ggml: str = ""  # store in this ggml block type (q4_k, q6_k, q8_0, ...): its grid replaces bits/group_size/...
+    # also round the output head (the Linear named "lm_head", spec after overrides) after the last block, on its
+    # own inputs: for untied heads (a rotated model's, or a model whose embeddings are not tied)
+    lm_head: bool = False
 
 
 @dataclass(frozen=True)

@@ -424,9 +424,11 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
            else Captured([], []))
     hidden = dense_hidden = cap.hidden  # (the dense stream: GPTAQ's; the same states until block 0 is rounded)
     reports = []
+    head = plan.head  # the output head (weights.lm_head): rounded after the last block, on the last block's outputs
     for i, block in enumerate(blocks):
         t0 = time.perf_counter()
         prefix = f"{arch.blocks}.{i}"
+        more = i + 1 < len(blocks) or head is not None  # something reads this block's outputs
         dtype = next(block.parameters()).dtype
         linears = block_linears(block, prefix, plan)
         state = resume(i) if resume is not None else None
@@ -434,7 +436,7 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
             source.fetch(i)
             linears = block_linears(block, prefix, plan)
         twin = (Twin(copy.deepcopy(block).to(device, torch.float32), prefix, dense_hidden)
-                if dense_stream and (state is None or i + 1 < len(blocks)) else None)
+                if dense_stream and (state is None or more) else None)
         layer_reports: list[LayerReport] = []
         if state is not None:
             swap_linears(model, Plan({n: saved_spec(plan[n], state, n[len(prefix) + 1 :]) for n in linears}))
@@ -445,12 +447,12 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
             layer_reports = _round_block(model, block, groups, plan, round_layer, cfg.needs_hessian, hidden,
                                          cap.calls[i] if cap.calls else [], device, twin if asymmetric else None)
         dense_out = None  # the dense block's outputs on the dense stream: the next dense states, and the targets
-        if twin is not None and cfg.needs_hessian and (reconstruct is not None or i + 1 < len(blocks)):
+        if twin is not None and cfg.needs_hessian and (reconstruct is not None or more):
             dense_out = _run_block(twin.block, dense_hidden, cap.calls[i], device, keep=True, outs=store())
         info: dict[str, float] = {}
         if reconstruct is not None and state is None and dense_out is not None:
             info["recon_before"], info["recon_after"] = reconstruct(block, hidden, dense_out, cap.calls[i])
-        if cfg.needs_hessian and i + 1 < len(blocks):
+        if cfg.needs_hessian and more:
             done, hidden = hidden, _run_block(block, hidden, cap.calls[i], device, keep=True, outs=store())
             if dense_out is not None:
                 dense_done, dense_hidden = dense_hidden, dense_out
@@ -477,10 +479,103 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
         reports.append(rep)
         if progress is not None:
             progress(rep)
+    if head is not None:
+        t0 = time.perf_counter()
+        dense = model.get_submodule(head)
+        rep_head = _round_head(model, arch, head, plan, round_layer, hidden if cfg.needs_hessian else None,
+                               dense_hidden if asymmetric else None, windows, batch_size, device)
+        if restore:
+            if kept is not None:
+                kept[head] = model.get_submodule(head)
+            set_module(model, head, dense)
+        rep = BlockReport(0, 1, time.perf_counter() - t0, [rep_head], stage=f"{stage}: output head")
+        reports.append(rep)
+        if progress is not None:
+            progress(rep)
     for states in {id(hidden): hidden, id(dense_hidden): dense_hidden}.values():
         if isinstance(states, Spill):
             states.close()
     return reports
+
+
+class _Replay(nn.Module):
+    """Stands in for one block while the model's code after the blocks runs: passes the hidden states through, and
+    the last one hands over the last block's outputs computed earlier (`out`, one batch)."""
+
+    def __init__(self, block: nn.Module, out: list[Tensor] | None) -> None:
+        super().__init__()
+        self.__dict__["_block"] = block
+        self.out = out
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_block"], name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        h = args[0] if args else kwargs["hidden_states"]
+        return self.out[0].to(h.device, h.dtype) if self.out is not None else h
+
+
+@torch.no_grad()
+def head_inputs(model: nn.Module, arch: Arch, streams: Sequence[Sequence[Tensor]], windows: Tensor, batch_size: int,
+                device: torch.device) -> Iterator[list[Tensor]]:
+    """The output head's inputs [B, T, K] for each calibration batch, one per stream of last-block outputs
+    (`streams`: [stream][batch][B, T, d], e.g. the rounded and the dense model's): the model's own code after the
+    blocks (final norm, any projection) runs with every block a stand-in, and the head's input is taken as it is
+    called (the head itself does not run)."""
+    parent_name, _, attr = arch.blocks.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    blocks = getattr(parent, attr)
+    slot: list[Tensor] = []
+    got: list[Tensor] = []
+
+    def catch(_m: nn.Module, args: tuple[Tensor, ...]) -> None:
+        got.append(args[0].detach())
+        raise _Stop
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(catch)
+    setattr(parent, attr, nn.ModuleList([_Replay(b, slot if i == len(blocks) - 1 else None)
+                                         for i, b in enumerate(blocks)]))
+    try:
+        model.to(device)  # (the blocks are detached: embeddings, norms and the head move)
+        for b, start in enumerate(range(0, windows.shape[0], batch_size)):
+            for k, final in enumerate(streams):
+                slot[:] = [final[b]]
+                with suppress(_Stop):
+                    model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+                if len(got) != k + 1:
+                    raise CompressError("the model did not call its output head once after its blocks; "
+                                        "weights.lm_head cannot be calibrated for it (set weights.lm_head=false)")
+            yield got[:]
+            got.clear()
+    finally:
+        handle.remove()
+        model.to("cpu")
+        setattr(parent, attr, blocks)
+
+
+def _round_head(model: nn.Module, arch: Arch, name: str, plan: Plan, round_layer: RoundLayer,
+                final: Sequence[Tensor] | None, dense_final: Sequence[Tensor] | None, windows: Tensor | None,
+                batch_size: int, device: torch.device) -> LayerReport:
+    """Round the output head on its own inputs (the final norm of the last rounded block's outputs); with the dense
+    stream's outputs too, GPTAQ's cross term. Data-free methods get no Hessian."""
+    lin = model.get_submodule(name)
+    h = None
+    if final is not None:
+        assert windows is not None
+        h = Hessian(lin.in_features, device, dense_final is not None)
+        streams = [final] if dense_final is None else [final, dense_final]
+        for xs in head_inputs(model, arch, streams, windows, batch_size, device):
+            h.add(xs[0], xs[1] if len(xs) > 1 else None)
+    if h is not None and h.D is not None and h.paired:
+        packed, rep = round_layer(name, lin, h.H, plan[name], D=h.D)  # type: ignore[call-arg]
+        rep.info["asymmetric"] = 1.0
+    else:
+        packed, rep = round_layer(name, lin, None if h is None else h.H, plan[name])
+    set_module(model, name, packed.to(lin.weight.dtype))
+    return rep
 
 
 @torch.no_grad()

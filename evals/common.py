@@ -51,7 +51,8 @@ def job(spec: dict) -> dict:
     out["distilled"] = result.distilled
     out["widths"] = _width_histogram(result)
     out["rotation"] = result.rotation
-    out["linear_params"] = sum(N * K for N, K in result.shapes.values())
+    out["linear_params"] = sum(N * K for N, K in result.shapes.values())  # (the output head's too when it is planned)
+    out["head_planned"] = result.plan.head is not None
     if spec.get("save"):  # bytes on disk of the packed checkpoint (weights files only)
         import tempfile
 

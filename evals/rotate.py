@@ -6,7 +6,8 @@ compress/rotate.py), GPTAQ's asymmetric calibration (round.asymmetric, α 0.25),
 (round.clip), block-wise reconstruction (reconstruct: RECON below) — and all of them together. Each compression in
 its own process (its own wall time and peak RSS). The rotated model's tied lm_head is untied and kept dense (bf16
 on disk): "bpw +head" counts those 28.3M parameters at 16 bits over the Linears and the head together, the price
-of R1 on a tied model.
+of R1 on a tied model; the "+head" rows round the head too (weights.lm_head, GPTQ w4g128 on its own inputs), and
+their bits count it.
 
     python evals/rotate.py                      # every row (7 to 25 min a row on 2 CPU cores)
     python evals/rotate.py --rows "rotate w3g128" "all w3g128"
@@ -22,6 +23,7 @@ ACT = ["round.act_order=true"]  # every row: act-order with static groups
 GPTAQ = ["round.asymmetric=0.25"]
 CLIP = ["round.clip=true"]
 RECON = ["reconstruct.epochs=4", "reconstruct.samples=32"]  # 128 steps of one window a block
+HEAD = ["weights.lm_head=true", "overrides=[{match: lm_head, bits: 4, group_size: 128}]"]  # untied head, w4g128
 METHODS = {  # label -> (recipe, edits on top of the setting's)
     "gptq": ("gptq-4bit", ACT),
     "rotate": ("rotate-gptq-4bit", ACT),
@@ -29,6 +31,8 @@ METHODS = {  # label -> (recipe, edits on top of the setting's)
     "clip": ("gptq-4bit", [*ACT, *CLIP]),
     "recon": ("gptq-4bit", [*ACT, *RECON]),
     "all": ("rotate-gptq-4bit", [*ACT, *GPTAQ, *CLIP, *RECON]),
+    "rotate+head": ("rotate-gptq-4bit", [*ACT, *HEAD]),
+    "all+head": ("rotate-gptq-4bit", [*ACT, *GPTAQ, *CLIP, *RECON, *HEAD]),
 }
 ORDER = ["dense"] + [f"{m} {s}" for s in SETTINGS for m in METHODS]
 TARGETS = {"w4g128": 16.73, "w3g128": 18.2, "w2g64": 35.0}  # issue 21: best peer at 4 bits, 1.3x and 2.5x dense
@@ -51,7 +55,8 @@ def table(rows: list[dict]) -> str:
         method += " (trunk.json)" if r.get("from_trunk") else ""
         head = (r.get("rotation") or {}).get("untied_lm_head_params", 0)
         n = r.get("linear_params", 0)
-        plus = (r["bits_total"] * n + 16 * head) / (n + head) if n and head else r["bits_total"]
+        plus = (r["bits_total"] * n + 16 * head) / (n + head) if n and head and not r.get("head_planned") else (
+            r["bits_total"])  # (a planned head is in bits_total already)
         lines.append(f"| {setting} | {method} | {fmt_ppl(r['ppl'])} | {r['ppl'] / dense:.3f} | {TARGETS[setting]} | "
                      f"{fmt_num(r.get('kl'), '.4f')} | {fmt_num(r.get('top1'), '.3f')} | "
                      f"{r['bits_code']:.3f} / {r['bits_total']:.3f} | {plus:.3f} | "

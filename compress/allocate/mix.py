@@ -37,7 +37,9 @@ def types(model: nn.Module, names: Iterable[str], ftype: str) -> dict[str, str]:
         gname = mix.gguf_name(f"{name}.weight", arch, n_layer) or ""
         i = int(gname.split(".")[1]) if gname.startswith("blk.") else 0
         K = model.get_submodule(name).weight.shape[1]
-        out[name] = mix.fitted(mix.layer_type(ftype, mix.category(gname), i, shape), K)
+        cat = mix.category(gname)
+        out[name] = (mix.output_type(ftype, K) if cat == "output"  # (a rounded head: weights.lm_head)
+                     else mix.fitted(mix.layer_type(ftype, cat, i, shape), K))
     return out
 
 

@@ -167,6 +167,9 @@ def problems(plan: Plan, shapes: Mapping[str, tuple[int, int]], recipe: Recipe |
                    f"schemes (e.g. {unfused[0][1]})",
             "give them one scheme: allocate evopress with tie: true, or one override matching all of them")
 
+    if plan.head is not None:  # (vLLM quantizes LinearBase layers only: its ParallelLMHead would not load packed)
+        add(plan.head, "vLLM serves a compressed-tensors output head only dense (its lm_head is no quantizable "
+                       "Linear there)", "weights.lm_head=false, or export --format gptq or gguf")
     if recipe is not None:
         where = f"recipe {recipe.name}"
         method, cfg = recipe.allocate.method, recipe.allocate.config

@@ -29,7 +29,7 @@ no v1 form. `write()` shifts such a group's codes and zero up by one when its co
 and otherwise refuses the layer, naming it (fix: a symmetric grid, or the compressed-tensors export).
 
 quantization_config (in config.json):
-    {quant_method: "gptq", bits, group_size, sym, desc_act: false, lm_head: false,
+    {quant_method: "gptq", bits, group_size, sym, desc_act: false, lm_head: <is the output head planned>,
      format: "gptq", checkpoint_format: "gptq", pack_dtype: "int32", meta: {quantizer: ["compress:<version>"]},
      dynamic: {...}, modules_in_block_to_quantize: [[...]]}
 The top level is the most common setting (by weights); Linears that differ get an entry in GPTQModel's
@@ -420,13 +420,13 @@ def quantization_config(plan: Plan, shapes: Mapping[str, tuple[int, int]], dense
             dynamic[f"+:{_key(unit)}"] = {"bits": s[0], "group_size": s[1], "sym": s[2]}
     qc: dict[str, Any] = {
         "quant_method": "gptq", "bits": base[0], "group_size": base[1], "sym": base[2], "desc_act": False,
-        "lm_head": False, "format": "gptq", "checkpoint_format": "gptq", "pack_dtype": "int32",
+        "lm_head": plan.head is not None, "format": "gptq", "checkpoint_format": "gptq", "pack_dtype": "int32",
         "meta": {"quantizer": [f"compress:{__version__}"], "static_groups": True},
     }
     if dynamic:
         qc["dynamic"] = dynamic
     if dense:
-        qc["modules_in_block_to_quantize"] = [[n for n in names if n in plan]]
+        qc["modules_in_block_to_quantize"] = [[n for n in names if n in plan and n != plan.head]]
     return qc
 
 
