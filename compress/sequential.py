@@ -140,21 +140,28 @@ class Captured:
     calls: list[list[Call]]  # [block][batch] positional arguments after the hidden states, keyword arguments
 
 
-class _Catcher(nn.Module):
-    """Stands in for one block during the capture pass: records its call and passes the hidden states through
-    (the next stand-in records what the model computes for its block); the last one stops the forward. Attributes
-    the model reads off its layers (e.g. `attention_type`) come from the block it stands in for."""
+class _StandIn(nn.Module):
+    """Takes one block's place in the model's layer loop; attributes the model reads off its layers (e.g.
+    `attention_type`) come from the block it stands in for."""
 
-    def __init__(self, block: nn.Module, calls: list[Call], hidden: list[Tensor] | Spill | None, last: bool) -> None:
+    def __init__(self, block: nn.Module) -> None:
         super().__init__()
         self.__dict__["_block"] = block  # not registered: the stand-in owns no parameters
-        self.calls, self.hidden, self.last = calls, hidden, last
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.__dict__["_block"], name)
+
+
+class _Catcher(_StandIn):
+    """Stands in for one block during the capture pass: records its call and passes the hidden states through
+    (the next stand-in records what the model computes for its block); the last one stops the forward."""
+
+    def __init__(self, block: nn.Module, calls: list[Call], hidden: list[Tensor] | Spill | None, last: bool) -> None:
+        super().__init__(block)
+        self.calls, self.hidden, self.last = calls, hidden, last
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         h, args = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
@@ -498,20 +505,13 @@ def run(model: nn.Module, arch: Arch, plan: Plan, method: ModuleType, cfg: Any, 
     return reports
 
 
-class _Replay(nn.Module):
+class _Replay(_StandIn):
     """Stands in for one block while the model's code after the blocks runs: passes the hidden states through, and
     the last one hands over the last block's outputs computed earlier (`out`, one batch)."""
 
     def __init__(self, block: nn.Module, out: list[Tensor] | None) -> None:
-        super().__init__()
-        self.__dict__["_block"] = block
+        super().__init__(block)
         self.out = out
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["_block"], name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         h = args[0] if args else kwargs["hidden_states"]
