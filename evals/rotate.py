@@ -33,6 +33,8 @@ METHODS = {  # label -> (recipe, edits on top of the setting's)
     "all": ("rotate-gptq-4bit", [*ACT, *GPTAQ, *CLIP, *RECON]),
     "rotate+head": ("rotate-gptq-4bit", [*ACT, *HEAD]),
     "all+head": ("rotate-gptq-4bit", [*ACT, *GPTAQ, *CLIP, *RECON, *HEAD]),
+    # twice the reconstruction's windows (256 steps a block): whether more data closes the 2-bit gap
+    "all-64win": ("rotate-gptq-4bit", [*ACT, *GPTAQ, *CLIP, "reconstruct.epochs=4", "reconstruct.samples=64"]),
 }
 ORDER = ["dense"] + [f"{m} {s}" for s in SETTINGS for m in METHODS]
 TARGETS = {"w4g128": 16.73, "w3g128": 18.2, "w2g64": 35.0}  # issue 21: best peer at 4 bits, 1.3x and 2.5x dense
