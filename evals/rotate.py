@@ -23,18 +23,20 @@ ACT = ["round.act_order=true"]  # every row: act-order with static groups
 GPTAQ = ["round.asymmetric=0.25"]
 CLIP = ["round.clip=true"]
 RECON = ["reconstruct.epochs=4", "reconstruct.samples=32"]  # 128 steps of one window a block
+DENSE_HEAD = ["weights.lm_head=false", "overrides=[]"]  # the rotate-* recipes round the head: these rows keep it dense
 HEAD = ["weights.lm_head=true", "overrides=[{match: lm_head, bits: 4, group_size: 128}]"]  # untied head, w4g128
 METHODS = {  # label -> (recipe, edits on top of the setting's)
     "gptq": ("gptq-4bit", ACT),
-    "rotate": ("rotate-gptq-4bit", ACT),
+    "rotate": ("rotate-gptq-4bit", [*ACT, *DENSE_HEAD]),
     "gptaq": ("gptq-4bit", [*ACT, *GPTAQ]),
     "clip": ("gptq-4bit", [*ACT, *CLIP]),
     "recon": ("gptq-4bit", [*ACT, *RECON]),
-    "all": ("rotate-gptq-4bit", [*ACT, *GPTAQ, *CLIP, *RECON]),
+    "all": ("rotate-gptq-4bit", [*ACT, *GPTAQ, *CLIP, *RECON, *DENSE_HEAD]),
     "rotate+head": ("rotate-gptq-4bit", [*ACT, *HEAD]),
     "all+head": ("rotate-gptq-4bit", [*ACT, *GPTAQ, *CLIP, *RECON, *HEAD]),
     # twice the reconstruction's windows (256 steps a block): whether more data closes the 2-bit gap
-    "all-64win": ("rotate-gptq-4bit", [*ACT, *GPTAQ, *CLIP, "reconstruct.epochs=4", "reconstruct.samples=64"]),
+    "all-64win": ("rotate-gptq-4bit", [*ACT, *GPTAQ, *CLIP, "reconstruct.epochs=4", "reconstruct.samples=64",
+                                       *DENSE_HEAD]),
 }
 ORDER = ["dense"] + [f"{m} {s}" for s in SETTINGS for m in METHODS]
 TARGETS = {"w4g128": 16.73, "w3g128": 18.2, "w2g64": 35.0}  # issue 21: best peer at 4 bits, 1.3x and 2.5x dense
