@@ -119,11 +119,11 @@ def output_head(model: nn.Module, recipe: Recipe) -> str | None:
         raise CompressError(f"weights.lm_head: {name} is tied to the input embedding, so a packed head would store "
                             "the vocabulary twice (dense as the embedding, packed as the head); leave "
                             "weights.lm_head=false, or rotate (rotate.method=hadamard unties the head anyway)")
-    why = ([f"round.method={recipe.round.method} rounds the whole model jointly"] if joint(recipe.round.method)
-           else []) + ([f"allocate.method={recipe.allocate.method} rounds from its level database"]
-                       if recipe.allocate.method == "evopress" else [])
-    if why:
-        raise CompressError(f"weights.lm_head: {why[0]}, over the blocks' Linears only; set weights.lm_head=false "
+    why = (f"round.method={recipe.round.method} rounds the whole model jointly" if joint(recipe.round.method) else
+           f"allocate.method={recipe.allocate.method} rounds from its level database"
+           if recipe.allocate.method == "evopress" else None)
+    if why is not None:
+        raise CompressError(f"weights.lm_head: {why}, over the blocks' Linears only; set weights.lm_head=false "
                             "or use the block-by-block rounding (gptq, rtn) with uniform or baq allocation")
     return name
 
@@ -177,8 +177,7 @@ def compress(model: nn.Module, tokenizer: Any, recipe: Recipe, *, device: str | 
         allocation = allocate(context(model, arch, base.without(base.head), ids, recipe, device, workdir, progress,
                                       say), workdir)
         if base.head is not None:
-            allocation = replace(allocation, plan=Plan({**allocation.plan.layers,
-                                                                    base.head: base[base.head]}))
+            allocation = replace(allocation, plan=Plan({**allocation.plan.layers, base.head: base[base.head]}))
     with stage(stages, "round"):
         blocks, rounding = round_model(model, arch, allocation, ids, recipe, device, workdir, progress, say, source)
     if kd is not None:

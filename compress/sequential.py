@@ -361,13 +361,8 @@ def _round_block(model: nn.Module, block: nn.Module, groups: list[list[str]], pl
         notes = pool_rare_experts(hs) if hs else {}
         for name, lin in mods.items():
             h = hs.pop(name) if hs else None  # each Hessian is freed once its Linear is rounded
-            if h is not None and h.D is not None and h.paired and name not in notes:
-                packed, rep = round_layer(name, lin, h.H, plan[name], D=h.D)  # type: ignore[call-arg]
-                rep.info["asymmetric"] = 1.0
-            else:
-                packed, rep = round_layer(name, lin, None if h is None else h.H, plan[name])
-                if twin is not None:  # (a routed expert: plain GPTQ, said in its report)
-                    rep.info["asymmetric"] = 0.0
+            # (a routed expert, or one on its siblings' pooled Hessian: plain GPTQ, said in its report)
+            packed, rep = _round_on(round_layer, name, lin, h, plan[name], twin is not None, pooled=name in notes)
             del h
             if name in notes:
                 rep.info["hessian"] = notes[name]
@@ -376,6 +371,20 @@ def _round_block(model: nn.Module, block: nn.Module, groups: list[list[str]], pl
         hs.clear()  # free this group's Hessians before the next group's
         trim_memory()
     return reports
+
+
+def _round_on(round_layer: RoundLayer, name: str, lin: nn.Linear, h: Hessian | None, spec: LayerSpec,
+              dense_stream: bool, pooled: bool = False) -> tuple[CompressedLinear, LayerReport]:
+    """Round one Linear on its Hessian, with GPTAQ's cross term where every batch had its dense twin and the Hessian
+    is its own (not pooled); with a dense stream, the report says which (info["asymmetric"])."""
+    if h is not None and h.D is not None and h.paired and not pooled:
+        packed, rep = round_layer(name, lin, h.H, spec, D=h.D)  # type: ignore[call-arg]
+        rep.info["asymmetric"] = 1.0
+    else:
+        packed, rep = round_layer(name, lin, None if h is None else h.H, spec)
+        if dense_stream:
+            rep.info["asymmetric"] = 0.0
+    return packed, rep
 
 
 def saved_spec(spec: LayerSpec, state: dict[str, Tensor], rel: str) -> LayerSpec:
@@ -569,11 +578,7 @@ def _round_head(model: nn.Module, arch: Arch, name: str, plan: Plan, round_layer
         streams = [final] if dense_final is None else [final, dense_final]
         for xs in head_inputs(model, arch, streams, windows, batch_size, device):
             h.add(xs[0], xs[1] if len(xs) > 1 else None)
-    if h is not None and h.D is not None and h.paired:
-        packed, rep = round_layer(name, lin, h.H, plan[name], D=h.D)  # type: ignore[call-arg]
-        rep.info["asymmetric"] = 1.0
-    else:
-        packed, rep = round_layer(name, lin, None if h is None else h.H, plan[name])
+    packed, rep = _round_on(round_layer, name, lin, h, plan[name], dense_final is not None)
     set_module(model, name, packed.to(lin.weight.dtype))
     return rep
 
