@@ -24,6 +24,8 @@ GPTAQ = ["round.asymmetric=0.25"]
 CLIP = ["round.clip=true"]
 RECON = ["reconstruct.epochs=4", "reconstruct.samples=32"]  # 128 steps of one window a block
 DENSE_HEAD = ["weights.lm_head=false", "overrides=[]"]  # the rotate-* recipes round the head: these rows keep it dense
+DISTILL = ("distill={steps: 16, windows_per_step: 4, batch_size: 2, lr: 1.0e-3, warmup: 4, train: scales, "
+           "topk: 256}")  # 64 of the 128 calibration windows, once each
 HEAD = ["weights.lm_head=true", "overrides=[{match: lm_head, bits: 4, group_size: 128}]"]  # untied head, w4g128
 METHODS = {  # label -> (recipe, edits on top of the setting's)
     "gptq": ("gptq-4bit", ACT),
@@ -37,13 +39,25 @@ METHODS = {  # label -> (recipe, edits on top of the setting's)
     # twice the reconstruction's windows (256 steps a block): whether more data closes the 2-bit gap
     "all-64win": ("rotate-gptq-4bit", [*ACT, *GPTAQ, *CLIP, "reconstruct.epochs=4", "reconstruct.samples=64",
                                        *DENSE_HEAD]),
+    # then the scales trained end to end toward the dense model's next-token distributions (EfficientQAT's E2E-QP)
+    "all+distill": ("rotate-gptq-4bit", [*ACT, *GPTAQ, *CLIP, *RECON, *DENSE_HEAD, DISTILL]),
+    # BAQ's widths per group of 128 over {2, 3, 4, 8} at the setting's total bits per weight (spec_of), then all four
+    "all-baq": ("rotate-baq-3bit-recon", [*ACT, *GPTAQ, *CLIP, *RECON, *DENSE_HEAD]),
 }
 ORDER = ["dense"] + [f"{m} {s}" for s in SETTINGS for m in METHODS]
 TARGETS = {"w4g128": 16.73, "w3g128": 18.2, "w2g64": 35.0}  # issue 21: best peer at 4 bits, 1.3x and 2.5x dense
 
 
+META_G128 = 0.203125  # bits of an fp16 scale + a zero point over a group of 128 (26 / 128, as the rows measure)
+TOTALS = {"w4g128": 4 + META_G128, "w3g128": 3 + META_G128, "w2g64": 2.375}  # the uniform grids' bits per weight
+
+
 def spec_of(label: str) -> dict:
-    return grid_spec(label, METHODS, SETTINGS)
+    spec = grid_spec(label, METHODS, SETTINGS)
+    if label.startswith("all-baq "):  # the allocation's groups are 128 wide, at the uniform grid's total bits
+        code = TOTALS[label.split(" ")[1]] - META_G128  # w2g64: 2.172 code bits, the rest as 3 (4, 8) bits
+        spec["edits"] += ["weights.group_size=128", f"allocate.target_bits={code:.4f}"]
+    return spec
 
 
 def table(rows: list[dict]) -> str:
