@@ -53,6 +53,7 @@ def job(spec: dict) -> dict:
     out["rotation"] = result.rotation
     out["linear_params"] = sum(N * K for N, K in result.shapes.values())  # (the output head's too when it is planned)
     out["head_planned"] = result.plan.head is not None
+    out["stages"] = result.stages  # each stage's wall seconds and the peak RSS at its end
     out["blocks"] = [{"index": b.index, "stage": b.stage, "loss": b.loss, **b.info} for b in result.blocks]  # per block
     if spec.get("save"):  # bytes on disk of the packed checkpoint (weights files only)
         import tempfile
