@@ -8,8 +8,10 @@ The memory model follows the block-by-block driver (compress/sequential.py): wha
 or only what lies outside the blocks when it is read block by block), one block converted to float32, the Hessians
 that live at once (every planned Linear of a block, or the largest true-sequential group), GPTQ's workspace for the
 largest Linear, the calibration hidden states (inputs and outputs of a block, in the model's dtype) and one batch's
-float32 activations inside a block; GPTAQ (round.asymmetric) doubles the Hessians and the hidden states and
-adds a dense float32 copy of the block. It is an estimate: evals/any_size.py compares it with measured peaks.
+float32 activations inside a block; GPTAQ (round.asymmetric) doubles the Hessians, and GPTAQ or the reconstruction
+doubles the hidden states and adds a dense float32 copy of the block (its own stream); the reconstruction adds one
+block's training state. A rotation that unties a tied head (R1) adds that head's copy, resident and on disk.
+It is an estimate: evals/any_size.py compares it with measured peaks.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def estimate(model: nn.Module, arch: models.Arch, plan: Plan, recipe: Recipe, *,
     outside = [t for n, t in [*model.named_parameters(), *model.named_buffers()] if not n.startswith(arch.blocks + ".")]
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in plan}
     c = recipe.calibrate
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     dtype = next(model.parameters()).dtype
     item = torch.empty((), dtype=dtype).element_size()
     hidden = int(getattr(model.config, "hidden_size", 0) or max(K for _, K in shapes.values()))
@@ -79,8 +82,10 @@ def estimate(model: nn.Module, arch: models.Arch, plan: Plan, recipe: Recipe, *,
     if c.true_sequential:
         groups = [max(v) * 3 for v in per_block.values()]  # q/k/v share a group: about three of the largest
     hessians = max(groups, default=0) if recipe.round.config.needs_hessian else 0
-    twin = getattr(recipe.round.config, "asymmetric", 0.0) > 0  # GPTAQ: a dense copy of the block, its own stream
-    hessians *= 2 if twin else 1  # (and a cross term D beside each H)
+    asymmetric = getattr(recipe.round.config, "asymmetric", 0.0) > 0
+    hessians *= 2 if asymmetric else 1  # GPTAQ: a cross term D beside each H
+    # GPTAQ and the reconstruction run a dense copy of the block beside the rounded one, on its own hidden states
+    twin = asymmetric or recipe.reconstruct.epochs > 0
     # GPTQ's float32 [N, K] and [K, K] work (compress/round/gptq.py): W, its grids' scales and zeros and W's permuted
     # copy beside the damped Hessian and its Cholesky factor; then the sweep's W, Q, error, scales and zeros beside
     # the factor of the inverse. The largest over the Linears (a wide input, as a down_proj's, costs the most).
@@ -89,9 +94,18 @@ def estimate(model: nn.Module, arch: models.Arch, plan: Plan, recipe: Recipe, *,
     states = (4 if twin else 2) * c.samples * c.seqlen * hidden * item if needs_data else 0  # a block's ins and outs
     batch = min(c.batch_size, c.samples)
     forward = batch * c.seqlen * (6 * hidden + 3 * widest) * FLOAT32 + batch * heads * c.seqlen**2 * FLOAT32
+    # R1 unties a tied head (compress/rotate.py): a second copy of the embedding, resident and on disk
+    head = model.get_output_embeddings()
+    head_key = next((f"{n}.weight" for n, m in model.named_modules() if m is head), None)
+    untied = {head_key} & tied if recipe.rotate.method != "none" and recipe.rotate.r1 else set()
+    head_bytes = head.weight.numel() * item if untied else 0
+    # the reconstruction trains one block at a time: fp32 latent weights, their gradients and AdamW's two moments,
+    # and one step's activations kept for the backward pass (and their gradients)
+    rc = recipe.reconstruct
+    training = 4 * block_numel * FLOAT32 + 2 * forward * rc.batch_size // batch if rc.epochs else 0
     parts = {
         "python, torch and transformers": int((baseline_mb if baseline_mb is not None else rss_mb()) * 2**20),
-        "resident model": _bytes(outside) if streamed else _bytes(everything),
+        "resident model": (_bytes(outside) if streamed else _bytes(everything)) + head_bytes,
         # (a streamed block is read in the model's dtype and converted; a whole float32 model's blocks already are)
         "one block in float32": (block_numel * FLOAT32 if streamed or dtype != torch.float32 else 0)
         + (block_params if streamed else 0) + (block_numel * FLOAT32 if twin else 0),
@@ -99,16 +113,16 @@ def estimate(model: nn.Module, arch: models.Arch, plan: Plan, recipe: Recipe, *,
         "rounding workspace": rounding,
         "calibration hidden states": states,
         "one batch through a block": forward if needs_data else 0,
+        "reconstruction": training,
     }
     save = torch.empty((), dtype=save_dtype or dtype).element_size()
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     weights = {f"{n}.weight" for n in plan}
     dense = sum(t.numel() * (save if t.is_floating_point() else t.element_size())
-                for k, t in model.state_dict().items() if k not in tied and k not in weights)
+                for k, t in model.state_dict().items() if (k not in tied or k in untied) and k not in weights)
     n_tensors = len(model.state_dict()) + sum(len(codecs.of(plan[n]).buffers(plan[n], *shapes[n])) for n in plan)
     header = n_tensors * HEADER_BYTES  # each tensor's name, dtype, shape and offsets in the safetensors header
     output = dense + sum(packed_bytes(plan[n], *shapes[n]) for n in plan) + header
-    gpu = block_numel * FLOAT32 + hessians + rounding + states + (forward if needs_data else 0)
+    gpu = block_numel * FLOAT32 + hessians + rounding + states + (forward if needs_data else 0) + training
     return Estimate(streamed, parts, gpu, output, output)
 
 

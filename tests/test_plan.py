@@ -50,6 +50,24 @@ def test_the_disk_estimate_is_the_checkpoint_size(bf16_dir: Path, tmp_path: Path
     assert abs(est.output - on_disk) <= 0.05 * on_disk  # tensors exact, headers estimated
 
 
+def test_the_disk_estimate_counts_the_head_a_rotation_unties(bf16_dir: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    edits = ["weights.group_size=32", "weights.lm_head=false", "overrides=[]"]
+    m, _ = models.load(models.resolve(str(bf16_dir)))
+    arch = models.arch_of(m)
+    plain, rotated = (recipe.load(r, edits) for r in ("gptq-4bit", "rotate-gptq-4bit"))
+    before, est = (estimate.estimate(m, arch, make_plan(m, arch, r), r, streamed=False, baseline_mb=0)
+                   for r in (plain, rotated))
+    head = m.get_output_embeddings().weight
+    assert est.parts["resident model"] - before.parts["resident model"] == head.numel() * head.element_size()
+    code, _, err = cli([str(bf16_dir), "--recipe", "rotate-gptq-4bit", "--out", str(tmp_path / "out"), *FAST,
+                        *[a for e in edits for a in ("--set", e)]], capsys)
+    assert code == 0, err
+    on_disk = checkpoint.disk_bytes(tmp_path / "out")
+    assert abs(est.output - on_disk) <= 0.05 * on_disk  # the untied head is on disk, dense
+    assert est.output - before.output >= 0.9 * head.numel() * 2  # (bf16)
+
+
 def test_a_run_that_would_not_fit_is_refused_before_calibration(bf16_dir: Path, tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str],
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
