@@ -89,10 +89,17 @@ class Reconstruct:
     lr: float = 2e-2  # AdamW rate of the latent weights, in grid steps (cosine decay to 0 over each block's steps)
     scale_lr: float = 1e-3  # ... and of the group scales, relative to the rounding's scales
     seed: int = 0  # the order of the windows
+    # mse: the mean squared error of the block's outputs (EfficientQAT's); token: each token's squared error over
+    # its target's squared norm, averaged over tokens (what the next RMSNorm sees: a pre-norm model reads every
+    # token's hidden state divided by its norm, and the attention sink's hidden state, 85-98 % of the squared
+    # norm in SmolLM2's middle blocks, would otherwise be nearly all the loss)
+    loss: str = "mse"
 
     def __post_init__(self) -> None:
         require("reconstruct", self, positive=("lr", "scale_lr", "batch_size"),
                 non_negative=("epochs", "samples", "seed"))
+        if self.loss not in ("mse", "token"):
+            raise CompressError(f"reconstruct loss={self.loss!r} is invalid; choose mse or token")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ For block i, with X the quantized model's hidden states entering it and Y the de
 model's hidden states (the same tokens; sequential.Twin runs that stream):
 
     minimise  mean ‖block_q(X) − Y‖²   over every packed Linear's weights and group scales
+              (loss=token: mean over tokens t of ‖block_q(X)_t − Y_t‖² / ‖Y_t‖², each token's relative error)
     block_q:  Ŵ = s · (clamp(⌊w/s⌉ + z, 0, qmax) − z)      ⌊·⌉ straight-through, z and qmax fixed
 
 The latent weights w start at the rounding's own decoded weights (GPTQ's codes: training starts from its
@@ -170,14 +171,24 @@ def _rows(obj: Any, B: int, rows: slice) -> Any:
     return obj
 
 
+def errors(out: Tensor, y: Tensor, loss: str) -> Tensor:
+    """The per-element (mse) or per-token (token) errors of block outputs `out` against targets `y` [B, T, H]:
+    (out − y)² [B, T, H], or ‖out_t − y_t‖² / ‖y_t‖² [B, T]; the loss is their mean."""
+    d = (out - y) ** 2
+    if loss == "mse":
+        return d
+    return d.sum(-1) / (y * y).sum(-1).clamp_min(torch.finfo(y.dtype).tiny)
+
+
 @torch.no_grad()
 def _error(block: nn.Module, inputs: Sequence[Tensor], targets: Sequence[Tensor], calls: Sequence[Any],
-           device: torch.device) -> float:
-    """Mean squared error of the block's outputs against the targets, over every window (float64 sum)."""
+           device: torch.device, loss: str) -> float:
+    """The loss of the block's outputs against the targets over every window (float64 sum)."""
     total, count = 0.0, 0
     for x, y, call in zip(inputs, targets, calls, strict=True):
-        total += float(((_output(block, x, call, device) - y.to(device, torch.float32)) ** 2).double().sum())
-        count += y.numel()
+        e = errors(_output(block, x, call, device), y.to(device, torch.float32), loss)
+        total += float(e.double().sum())
+        count += e.numel()
     return total / max(count, 1)
 
 
@@ -189,7 +200,7 @@ def train_block(block: nn.Module, inputs: Sequence[Tensor], targets: Sequence[Te
     if cfg.samples:  # the first `samples` windows, in whole calibration batches (read lazily: they may be spilled)
         b = min(len(inputs), math.ceil(cfg.samples / max(1, inputs[0].shape[0])))
         inputs, targets, calls = _First(inputs, b), _First(targets, b), calls[:b]
-    before = _error(block, inputs, targets, calls, device)
+    before = _error(block, inputs, targets, calls, device, cfg.loss)
     pieces = [(i, j) for i, x in enumerate(inputs) for j in range(0, x.shape[0], cfg.batch_size)]  # optimiser steps
     packed = {n: m for n, m in block.named_modules() if isinstance(m, CompressedLinear)}
     if not packed or not cfg.epochs:
@@ -219,12 +230,12 @@ def train_block(block: nn.Module, inputs: Sequence[Tensor], targets: Sequence[Te
                 rows = slice(j, j + cfg.batch_size)
                 B = inputs[i].shape[0]
                 out = _output(block, inputs[i][rows], _rows(calls[i], B, rows), device)
-                loss = F.mse_loss(out, targets[i][rows].to(device, torch.float32))
+                loss = errors(out, targets[i][rows].to(device, torch.float32), cfg.loss).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 if (step + 1) % n == 0:  # an epoch's end: keep the best weights and scales seen so far
-                    err = _error(block, inputs, targets, calls, device)
+                    err = _error(block, inputs, targets, calls, device, cfg.loss)
                     if err < best:
                         best, kept = err, [p.detach().clone() for p in (*weights, *scales)]
         with torch.no_grad():
@@ -235,7 +246,7 @@ def train_block(block: nn.Module, inputs: Sequence[Tensor], targets: Sequence[Te
             set_module(block, name, w.pack())
         for p in frozen:
             p.requires_grad_(True)
-    after = _error(block, inputs, targets, calls, device)
+    after = _error(block, inputs, targets, calls, device, cfg.loss)
     if not after < before:  # no gain on the windows it trained on: the block as it was rounded
         with torch.no_grad():
             for name, m in packed.items():

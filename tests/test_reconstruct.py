@@ -13,7 +13,7 @@ from compress import checkpoint, recipe
 from compress.errors import CompressError
 from compress.nn import CompressedLinear
 from compress.plan import LayerSpec, LayerWeight
-from compress.reconstruct import APLinear, train_block
+from compress.reconstruct import APLinear, errors, train_block
 from compress.round import rtn
 
 EDITS = ("calibrate.batch_size=2", "calibrate.samples=16")
@@ -82,6 +82,39 @@ def test_each_block_ends_no_worse_and_the_model_closer_to_the_dense_one(tmp_path
     from compress import load
 
     assert torch.equal(logits(load(tmp_path)), logits(recon))
+
+
+def test_the_token_loss_weighs_every_token_alike() -> None:
+    """loss=token is each token's relative error: scaling a token's output and target together leaves it unchanged
+    (an attention sink with 100x the norm counts as much as any token), where the plain MSE grows 10^4-fold."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 8, 16, generator=g)
+    out = y + 0.1 * torch.randn(y.shape, generator=g)
+    c = torch.ones(2, 8, 1)
+    c[:, 0] = 100.0
+    assert torch.allclose(errors(out * c, y * c, "token"), errors(out, y, "token"))
+    assert errors(out * c, y * c, "mse").mean() > 100 * errors(out, y, "mse").mean()
+
+
+def test_the_token_loss_fits_the_ordinary_tokens_beside_a_massive_one() -> None:
+    """Inputs whose first token is 100x the others (as the attention sink's hidden state): trained on the MSE the
+    block fits that one token; trained on the token loss it fits the others better."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(24, 64, generator=g)
+    xs = [torch.randn(2, 8, 64, generator=g) for _ in range(4)]
+    for x in xs:
+        x[:, 0] *= 100.0
+    ys = [x @ W.T for x in xs]
+    rest = []
+    for loss in ("mse", "token"):
+        lin = CompressedLinear.from_weight(rtn.apply(LayerWeight(W, LayerSpec(bits=2, group_size=32)), None,
+                                                     rtn.Config()))
+        train_block(_Block(lin), xs, ys, [((), {})] * 4, recipe.Reconstruct(epochs=8, lr=0.05, loss=loss),
+                    torch.device("cpu"))
+        with torch.no_grad():
+            rest.append(sum(float(errors(lin(x)[:, 1:], y[:, 1:], "token").mean())
+                            for x, y in zip(xs, ys, strict=True)))
+    assert rest[1] < rest[0]
 
 
 def test_a_training_that_does_not_help_leaves_the_block_as_rounded() -> None:
