@@ -41,6 +41,8 @@ METHODS = {  # label -> (recipe, edits on top of the setting's)
                                        *DENSE_HEAD]),
     # the reconstruction's loss per token, relative to the target's norm (reconstruct.loss=token)
     "all-token": ("rotate-gptq-4bit", [*ACT, *GPTAQ, *CLIP, *RECON, "reconstruct.loss=token", *DENSE_HEAD]),
+    "all-token-64win": ("rotate-gptq-4bit", [*ACT, *GPTAQ, *CLIP, "reconstruct.epochs=4", "reconstruct.samples=64",
+                                             "reconstruct.loss=token", *DENSE_HEAD]),
     # then the scales trained end to end toward the dense model's next-token distributions (EfficientQAT's E2E-QP)
     "all+distill": ("rotate-gptq-4bit", [*ACT, *GPTAQ, *CLIP, *RECON, *DENSE_HEAD, DISTILL]),
     # BAQ's widths per group of 128 over {2, 3, 4, 8} at the setting's total bits per weight (spec_of), then all four
