@@ -45,6 +45,8 @@ METHODS = {  # label -> (recipe, edits on top of the setting's)
                                              "reconstruct.loss=token", *DENSE_HEAD]),
     # then the scales trained end to end toward the dense model's next-token distributions (EfficientQAT's E2E-QP)
     "all+distill": ("rotate-gptq-4bit", [*ACT, *GPTAQ, *CLIP, *RECON, *DENSE_HEAD, DISTILL]),
+    "all-64win+distill": ("rotate-gptq-4bit", [*ACT, *GPTAQ, *CLIP, "reconstruct.epochs=4", "reconstruct.samples=64",
+                                               *DENSE_HEAD, DISTILL]),
     # BAQ's widths per group of 128 over {2, 3, 4, 8} at the setting's total bits per weight (spec_of), then all four
     "all-baq": ("rotate-baq-3bit-recon", [*ACT, *GPTAQ, *CLIP, *RECON, *DENSE_HEAD]),
 }
