@@ -93,7 +93,7 @@ class Reconstruct:
     # its target's squared norm, averaged over tokens (what the next RMSNorm sees: a pre-norm model reads every
     # token's hidden state divided by its norm, and the attention sink's hidden state, 85-98 % of the squared
     # norm in SmolLM2's middle blocks, would otherwise be nearly all the loss). Measured on SmolLM2 at w2g64 with
-    # rotation, GPTAQ and clipping (evals/rotate.py): token 47.1 ppl, mse 42.4 — the sink's own error matters more.
+    # rotation, GPTAQ and clipping (evals/rotate.py): token 47.1 ppl, mse 42.4.
     loss: str = "mse"
 
     def __post_init__(self) -> None:
