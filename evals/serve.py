@@ -215,7 +215,7 @@ def measure(row: str, clients: list[str]) -> list[dict]:
     ref = load_file(ids_file)["logits"]
     rows, greedy = [], None
     for fmt, export in exports.items():
-        for name in clients:
+        for name in sorted(clients, key=lambda n: n == "vllm"):  # (transformers first: vLLM's greedy is held to it)
             if (fmt == "gptq") != (name == "transformers-gptq") and name != "vllm":
                 continue
             label = {"format": fmt, "client": name.split("-")[0], "row": row, "bits": bits}

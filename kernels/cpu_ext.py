@@ -23,7 +23,6 @@ correction to a GEMV's fp32 result in place.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import shutil
@@ -74,11 +73,6 @@ def cflags() -> list[str]:
     return ["-O3", "-fopenmp", *(["-mavx2", "-mfma", "-mf16c"] if has_avx2() else [])]
 
 
-def _tag(flags: list[str]) -> str:
-    h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(f"{torch.__version__}|{' '.join(flags)}".encode())
-    return h.hexdigest()[:12]
-
 
 def _compiler() -> str | None:
     cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
@@ -93,7 +87,7 @@ def _build() -> tuple[ModuleType | None, str | None]:
     if not cpp_extension.is_ninja_available():
         return None, "ninja is not installed (pip install ninja): torch.utils.cpp_extension needs it"
     flags = cflags()
-    tag = _tag(flags)
+    tag = jit.tag([SOURCE], *flags)
     build_dir = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "compress" / "cpu") / f"cpu_gemv-{tag}"
     return jit.build(f"compress_cpu_gemv_{tag}", SOURCE, build_dir, "CPU GEMV extension", extra_cflags=flags,
                      extra_ldflags=["-fopenmp"])

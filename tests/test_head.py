@@ -135,6 +135,9 @@ def test_the_exports_say_what_they_do_with_the_head() -> None:
     qc = gptq.quantization_config(res.plan, shapes)
     assert qc["lm_head"] is True
     assert gptq.quantization_config(res.plan.without("lm_head"), shapes)["lm_head"] is False
+    # transformers' GPTQ loader ignores lm_head: true (measured: it initialises the head at random): the card says so
+    text = gptq.card(qc, res.plan, shapes, [], "tiny")
+    assert "transformers' GPTQ loader ignores `lm_head: true`" in text and "weights.lm_head=false" in text
 
 
 def test_a_ggml_head_is_written_as_llama_cpps_output_matrix(tmp_path: Path, tokenizer: object) -> None:

@@ -472,6 +472,9 @@ def write(model: nn.Module, tokenizer: Any, plan: Plan, out: Path, *, dtype: tor
         tensors.update({f"{name}.{k}": v for k, v in t.items()})
     if bad:
         raise CompressError(_zero_error(bad))
+    if plan.head is not None:
+        log.warning("this GPTQ export rounds the output head (lm_head: true): vLLM reads it, transformers does not "
+                    "(it initialises lm_head at random); compress with weights.lm_head=false for transformers")
     if worst[0] > 0:
         log.warning("GPTQ stores fp16 scales: converting this model's scales changed them by up to %.3g (relative, "
                     "in %s); the export is not bit-exact", worst[0], worst[1])
@@ -564,6 +567,10 @@ def card(qc: Mapping[str, Any], plan: Plan, shapes: Mapping[str, tuple[int, int]
     if mixed:
         hf = ("not readable: transformers builds every block Linear at the top-level width through optimum, which "
               "ignores the per-module `dynamic` map; load it with GPTQModel, vLLM or SGLang")
+    if plan.head is not None:
+        hf = (f"not readable: transformers' GPTQ loader ignores `lm_head: true`, keeps {plan.head} a plain Linear and "
+              "initialises its weight at random (its logits are unrelated to the model's); load it with vLLM, or "
+              "compress with weights.lm_head=false for an export transformers reads")
     gm = ("" if base[2] else
           " GPTQModel refuses a v1 checkpoint with a `sym: false` top level unless `meta.quantizer` names gptqmodel "
           ">= 0.9.0 (a guard against old AutoGPTQ files whose zero points overflowed): this file's zero points are "

@@ -15,7 +15,6 @@ compiles for Ampere and Hopper without spilling (tests/kernels/test_cuda.py).
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import re
@@ -71,14 +70,6 @@ def _toolkit_root(nvcc_path: str) -> Path:
     return Path(m.group(1)).resolve().parent.parent if m else real.parent.parent
 
 
-def _source_tag() -> str:
-    h = hashlib.sha256()
-    for p in SOURCES:
-        h.update(p.read_bytes())
-    h.update(f"{torch.__version__}|{torch.version.cuda}".encode())
-    return h.hexdigest()[:12]
-
-
 def _build() -> tuple[ModuleType | None, str | None]:
     if torch.version.cuda is None:
         return None, f"torch {torch.__version__} is a CPU build"
@@ -96,7 +87,7 @@ def _build() -> tuple[ModuleType | None, str | None]:
     if home is None or not (Path(home) / "include" / "cuda_runtime.h").is_file():
         log.info("torch.utils.cpp_extension.CUDA_HOME=%s has no include/cuda_runtime.h; using %s", home, root)
         cpp_extension.CUDA_HOME = str(root)
-    tag = _source_tag()
+    tag = jit.tag(list(SOURCES))
     build_dir = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "compress" / "cuda") / f"wq_gemv-{tag}"
     return jit.build(f"compress_wq_gemv_{tag}", EXTENSION, build_dir, "CUDA GEMV extension",
                      extra_include_paths=[str(HERE)], extra_cflags=["-O3"], extra_cuda_cflags=["-O3"])

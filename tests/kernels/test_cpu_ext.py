@@ -231,6 +231,20 @@ def test_a_failed_build_falls_back_to_tinygemm(monkeypatch: pytest.MonkeyPatch, 
         cpu_ext.load.cache_clear()  # the next load() finds the real build again
 
 
+def test_two_checkouts_of_one_source_build_in_two_directories(tmp_path) -> None:
+    """The build directory's tag covers the source's path and bytes and the flags: two checkouts (or venvs) sharing
+    one directory would each see another ninja command line and rebuild the extension back and forth."""
+    from compress.kernels import jit
+
+    a, b = tmp_path / "a.cpp", tmp_path / "b.cpp"
+    a.write_text("int f() { return 1; }")
+    b.write_text("int f() { return 1; }")
+    assert jit.tag([a], "-O3") == jit.tag([a], "-O3")
+    assert len({jit.tag([a], "-O3"), jit.tag([b], "-O3"), jit.tag([a], "-O2")}) == 3
+    a.write_text("int f() { return 2; }")
+    assert jit.tag([a], "-O3") != jit.tag([b], "-O3")
+
+
 @pytest.mark.parametrize(("salient", "group_size"), [(0.0, -1), (0.05, 128), (0.2, 64), (0.1, 48)],
                          ids=["plain-row", "csr-g128", "bitmask-g64", "g48-portable"])
 def test_binary_layers_take_the_gemv_plus_the_salient_correction(ext, salient: float, group_size: int) -> None:
