@@ -23,6 +23,7 @@ ACT = ["round.act_order=true"]  # every row: act-order with static groups
 GPTAQ = ["round.asymmetric=0.25"]
 CLIP = ["round.clip=true"]
 RECON = ["reconstruct.epochs=4", "reconstruct.samples=32"]  # 128 steps of one window a block
+RECON64 = ["reconstruct.epochs=4", "reconstruct.samples=64"]  # twice the windows (256 steps a block)
 DENSE_HEAD = ["weights.lm_head=false", "overrides=[]"]  # the rotate-* recipes round the head: these rows keep it dense
 DISTILL = ("distill={steps: 16, windows_per_step: 4, batch_size: 2, lr: 1.0e-3, warmup: 4, train: scales, "
            "topk: 256}")  # 64 of the 128 calibration windows, once each
@@ -37,16 +38,13 @@ METHODS = {  # label -> (recipe, edits on top of the setting's)
     "rotate+head": ("rotate-gptq-4bit", [*ACT, *HEAD]),
     "all+head": ("rotate-gptq-4bit", [*ACT, *GPTAQ, *CLIP, *RECON, *HEAD]),
     # twice the reconstruction's windows (256 steps a block): whether more data closes the 2-bit gap
-    "all-64win": ("rotate-gptq-4bit", [*ACT, *GPTAQ, *CLIP, "reconstruct.epochs=4", "reconstruct.samples=64",
-                                       *DENSE_HEAD]),
+    "all-64win": ("rotate-gptq-4bit", [*ACT, *GPTAQ, *CLIP, *RECON64, *DENSE_HEAD]),
     # the reconstruction's loss per token, relative to the target's norm (reconstruct.loss=token)
     "all-token": ("rotate-gptq-4bit", [*ACT, *GPTAQ, *CLIP, *RECON, "reconstruct.loss=token", *DENSE_HEAD]),
-    "all-token-64win": ("rotate-gptq-4bit", [*ACT, *GPTAQ, *CLIP, "reconstruct.epochs=4", "reconstruct.samples=64",
-                                             "reconstruct.loss=token", *DENSE_HEAD]),
+    "all-token-64win": ("rotate-gptq-4bit", [*ACT, *GPTAQ, *CLIP, *RECON64, "reconstruct.loss=token", *DENSE_HEAD]),
     # then the scales trained end to end toward the dense model's next-token distributions (EfficientQAT's E2E-QP)
     "all+distill": ("rotate-gptq-4bit", [*ACT, *GPTAQ, *CLIP, *RECON, *DENSE_HEAD, DISTILL]),
-    "all-64win+distill": ("rotate-gptq-4bit", [*ACT, *GPTAQ, *CLIP, "reconstruct.epochs=4", "reconstruct.samples=64",
-                                               *DENSE_HEAD, DISTILL]),
+    "all-64win+distill": ("rotate-gptq-4bit", [*ACT, *GPTAQ, *CLIP, *RECON64, *DENSE_HEAD, DISTILL]),
     # BAQ's widths per group of 128 over {2, 3, 4, 8} at the setting's total bits per weight (spec_of), then all four
     "all-baq": ("rotate-baq-3bit-recon", [*ACT, *GPTAQ, *CLIP, *RECON, *DENSE_HEAD]),
 }

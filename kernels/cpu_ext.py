@@ -73,7 +73,6 @@ def cflags() -> list[str]:
     return ["-O3", "-fopenmp", *(["-mavx2", "-mfma", "-mf16c"] if has_avx2() else [])]
 
 
-
 def _compiler() -> str | None:
     cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
     return shutil.which(cxx.split()[0]) or shutil.which("c++") or shutil.which("g++")
